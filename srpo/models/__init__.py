@@ -1,0 +1,5 @@
+"""Model adapters: a registry of FlowModel factories (name or dotted path)."""
+
+from ..registry import Registry
+
+MODELS = Registry("model")

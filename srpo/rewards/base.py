@@ -1,0 +1,42 @@
+"""The Reward contract.
+
+A reward scores images in [0, 1] (shape [B, 3, H, W]) against prompts, differentiably in the
+images. Text-conditioned rewards are dot products of unit-normalised features times a scale::
+
+    score(x, c) = scale * encode_image(x) . encode_text(c)
+
+so the semantic-relative reward is one dot product against cached text features. Image-only
+rewards (``text_conditioned = False``) implement only :meth:`score`; SRP does not apply to them
+and the trainer falls back to plain Direct-Align on the absolute score.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class Reward(nn.Module):
+    text_conditioned: bool = True
+    scale: float = 1.0  # multiplier on the cosine (HPS: 1; CLIP / PickScore: logit_scale.exp() / 20)
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        """[B, 3, H, W] in [0, 1] -> [B, D] unit-normalised features (differentiable)."""
+        raise NotImplementedError
+
+    def encode_text(self, prompts: list[str]) -> Tensor:
+        """N prompts -> [N, D] unit-normalised features."""
+        raise NotImplementedError
+
+    def score(self, images: Tensor, prompts: list[str]) -> Tensor:
+        """Absolute reward per image, [B]."""
+        f_img = self.encode_image(images)
+        f_txt = self.encode_text(prompts).to(f_img)
+        return self.scale * (f_img * f_txt).sum(-1)
+
+    def frozen(self) -> "Reward":
+        """Eval mode, no parameter gradients (gradients still flow to the input images)."""
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self
