@@ -1,0 +1,249 @@
+"""Typed training configuration: one YAML file, every field documented here and only here.
+
+``load_config(path, overrides)`` reads YAML, applies ``--set dotted.key=value`` overrides, resolves
+relative paths against the config file's folder and validates. Every problem becomes a
+one-line :class:`~srpo.errors.UserError`. ``docs/config.md`` is generated from this module
+(``python -m srpo.config > docs/config.md``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import UserError
+
+REALISM_POS = ["Natural-lighting", "Detail", "Detailed", "Real"]
+REALISM_NEG = ["Concept art", "Painting", "Anime", "Flat", "Oil"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = Field("flux", description="Model adapter: a registered name (flux, tiny_flux) or a dotted path to a factory.")
+    path: str | None = Field(None, description="Local diffusers folder of the base model (FluxPipeline layout).")
+    transformer_path: str | None = Field(None, description="Optional folder with transformer weights that replace the base model's.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Storage dtype of the frozen parts (text encoders, VAE); trainable weights stay float32.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for the model factory (e.g. seed and sizes for tiny_flux).")
+
+
+class RewardConfig(Section):
+    name: str = Field("hps", description="Reward: a registered name (hps, pickscore, clip, aesthetic, tiny_clip) or a dotted path to a factory.")
+    path: str | None = Field(None, description="Local checkpoint file or folder of the reward model.")
+    weight: float = Field(1.0, description="Weight of this term when several rewards are mixed.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for the reward factory.")
+
+
+class SRPConfig(Section):
+    enabled: bool = Field(True, description="Semantic-relative reward. Off: plain Direct-Align on the absolute reward (the only choice for image-only rewards).")
+    pos_words: list[str] = Field(default_factory=lambda: list(REALISM_POS), min_length=1, description="Positive control words, prepended as '<word>. <prompt>'.")
+    neg_words: list[str] = Field(default_factory=lambda: list(REALISM_NEG), min_length=1, description="Negative control words.")
+    word_order: Literal["cycle", "random"] = Field("cycle", description="Pick the update's words by cycling through the lists or at random (seeded).")
+    template: str = Field("{word}. {prompt}", description="How a control word is joined to a prompt; must contain {word} and {prompt}.")
+    weighting: Literal["per_branch", "multiplicative"] = Field("per_branch", description="per_branch: reward (1+k)pos - neg with linear k per branch (reference FLUX trainer); multiplicative: reward times a discount that grows with noise (later single-branch variant).")
+    k_pos: tuple[float, float] = Field((0.10, 0.25), description="Denoise-branch k, linear over the fine grid from low to high noise.")
+    k_inv: tuple[float, float] = Field((0.30, 0.01), description="Inversion-branch k, linear over the fine grid (larger at low noise).")
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        if "{word}" not in v or "{prompt}" not in v:
+            raise ValueError("must contain {word} and {prompt}")
+        return v
+
+
+class MethodConfig(Section):
+    index_range: tuple[int, int] = Field((5, 25), description="Training range in indices of the inference schedule (reference: 5-25; late indices bring reward hacking back).")
+    schedule_steps: int = Field(50, ge=2, description="Step count of the inference schedule the index range refers to.")
+    shift: float = Field(3.0, gt=0, description="Time shift m of the schedule: m t / (1 + (m - 1) t).")
+    cells: int = Field(1000, ge=20, description="Cells T of the fine training grid between the range's two levels.")
+    max_step_cells: int = Field(100, ge=1, description="Largest step K in fine-grid cells (about one coarse step).")
+    ts_margin: int = Field(5, ge=1, description="The step index ts is drawn uniformly in [margin, T - margin].")
+    denoise_branch: bool = Field(True, description="Run the denoise branch (noisier -> cleaner step).")
+    inversion_branch: bool = Field(True, description="Run the inversion branch (cleaner -> noisier step, reward roles swapped).")
+    loss: Literal["hinge", "linear"] = Field("hinge", description="hinge: relu(threshold - r); linear: -r.")
+    hinge_threshold: float = Field(0.7, description="Threshold of the hinge loss.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        i0, i1 = self.index_range
+        if not 0 <= i0 < i1 <= self.schedule_steps:
+            raise ValueError(f"index_range {list(self.index_range)} must satisfy 0 <= start < end <= schedule_steps ({self.schedule_steps})")
+        if not (self.denoise_branch or self.inversion_branch):
+            raise ValueError("at least one of denoise_branch / inversion_branch must be on")
+        if 2 * self.ts_margin >= self.cells:
+            raise ValueError("ts_margin must be below cells / 2")
+        return self
+
+
+class RolloutConfig(Section):
+    steps: int = Field(25, ge=1, description="Euler steps of the online rollout that produces x0.")
+    guidance: float = Field(1.0, ge=0, description="Embedded guidance during the rollout (HPS: 1, PickScore: 2).")
+    height: int = Field(720, ge=8, description="Image height in pixels.")
+    width: int = Field(720, ge=8, description="Image width in pixels.")
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(20, ge=1, description="Number of optimizer updates.")
+    batch_size: int = Field(1, ge=1, description="Prompts per process per micro-step.")
+    grad_accum: int = Field(1, ge=1, description="Micro-steps accumulated per update.")
+    lr: float = Field(5e-6, gt=0, description="AdamW learning rate (constant).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(0.1, gt=0, description="Gradient clipping max norm.")
+    seed: int = Field(0, ge=0, description="Seed: prompts, noise and timesteps derive from (seed, update, sample index).")
+    guidance: float = Field(3.5, ge=0, description="Embedded guidance of the gradient-carrying forward.")
+    shared_noise: bool = Field(True, description="One rollout noise per update shared by all samples and ranks (reference); off: noise per sample.")
+    autocast: Literal["none", "bf16", "fp16"] = Field("none", description="Autocast dtype of the gradient forward (bf16 on GPUs; fp32 master weights either way).")
+    gradient_checkpointing: bool = Field(False, description="Activation checkpointing in the transformer blocks.")
+    device: str = Field("auto", description="auto (cuda if available), cpu or cuda[:N].")
+    max_bad_updates: int = Field(3, ge=1, description="Stop after this many consecutive updates skipped for a NaN/Inf loss, reward or gradient.")
+
+
+class DataConfig(Section):
+    prompts: str | list[str] = Field(..., description="Training prompts: a text file (one per line) or an inline list.")
+    eval_prompts: str | list[str] | None = Field(None, description="Held-out prompts for evaluation (file or list); none: skip evaluation.")
+    eval_seed: int = Field(1234, description="Seed of the evaluation noise (the same before and after training).")
+    eval_steps: int = Field(25, ge=1, description="Sampling steps of evaluation and sample grids.")
+    eval_guidance: float = Field(3.5, ge=0, description="Embedded guidance of evaluation and sample grids.")
+
+
+class LogConfig(Section):
+    sample_every: int = Field(0, ge=0, description="Write a sample grid of the eval prompts every N updates (0: only before and after).")
+    checkpoint_every: int = Field(0, ge=0, description="Write a resumable checkpoint every N updates (0: only at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="How many of the newest checkpoints to keep.")
+    tensorboard: bool = Field(True, description="Write TensorBoard events next to metrics.jsonl.")
+    progress: bool = Field(True, description="Show a progress bar.")
+
+
+class Config(Section):
+    algorithm: str = Field("srpo", description="Training algorithm: srpo (Direct-Align + SRP; with srp.enabled false, plain Direct-Align) or a dotted path to an Algorithm factory.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The flow model to fine-tune.")
+    reward: RewardConfig | list[RewardConfig] = Field(default_factory=RewardConfig, description="One reward, or a list mixed by weight.")
+    srp: SRPConfig = Field(default_factory=SRPConfig, description="Semantic-relative preference: control words and weights.")
+    method: MethodConfig = Field(default_factory=MethodConfig, description="Direct-Align timesteps, branches and loss.")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Online rollout producing x0.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation.")
+    data: DataConfig = Field(..., description="Prompts.")
+    log: LogConfig = Field(default_factory=LogConfig, description="Run-folder outputs.")
+
+
+# ------------------------------------------------------------------ loading
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        if not isinstance(node.get(p, {}), dict):
+            raise UserError(f"--set {key}: '{p}' is not a section")
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set '{item}': expected dotted.key=value, e.g. --set train.lr=1e-5")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _format_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    where = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) or True)
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (see docs/config.md for the valid keys)"
+    elif err["type"] == "missing":
+        msg = "missing required key"
+    more = f" (and {len(e.errors()) - 1} more problems)" if len(e.errors()) > 1 else ""
+    got = err.get("input")
+    shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+    return f"config error at {where or '<root>'}: {msg}{shown}{more}"
+
+
+def _resolve(value: str | None, base: Path) -> str | None:
+    if value is None or Path(value).is_absolute():
+        return value
+    candidate = base / value
+    return str(candidate.resolve()) if candidate.exists() or not Path(value).exists() else value
+
+
+def resolve_paths(cfg: Config, base: Path) -> Config:
+    """Make relative file paths relative to the config file's folder."""
+    cfg.model.path = _resolve(cfg.model.path, base)
+    cfg.model.transformer_path = _resolve(cfg.model.transformer_path, base)
+    for r in cfg.reward if isinstance(cfg.reward, list) else [cfg.reward]:
+        r.path = _resolve(r.path, base)
+    if isinstance(cfg.data.prompts, str):
+        cfg.data.prompts = _resolve(cfg.data.prompts, base)
+    if isinstance(cfg.data.eval_prompts, str):
+        cfg.data.eval_prompts = _resolve(cfg.data.eval_prompts, base)
+    return cfg
+
+
+def validate(tree: dict) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise UserError(_format_error(e)) from None
+
+
+def load_config(source: str | Path | dict, overrides: list[str] | None = None) -> Config:
+    """Load, override, validate. ``source`` is a YAML path or an already-parsed dict."""
+    base = Path.cwd()
+    if isinstance(source, dict):
+        tree = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            line = getattr(getattr(e, "problem_mark", None), "line", None)
+            where = f" near line {line + 1}" if line is not None else ""
+            raise UserError(f"config file {path} is not valid YAML{where}: fix the syntax") from None
+        if tree is None:
+            raise UserError(f"config file {path} is empty")
+        if not isinstance(tree, dict):
+            raise UserError(f"config file {path} must be a mapping of sections (model:, reward:, ...)")
+        base = path.resolve().parent
+    tree = apply_overrides(dict(tree), overrides or [])
+    return resolve_paths(validate(tree), base)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def config_docs() -> str:
+    """Markdown reference of every field (the one place fields are documented)."""
+    lines = ["# Configuration reference", "", "Generated from `srpo/config.py` by `python -m srpo.config`.", ""]
+    for name, field in Config.model_fields.items():
+        if not hasattr(field.annotation, "model_fields") and not isinstance(getattr(field.annotation, "__args__", None), tuple):
+            lines += [f"## `{name}`", "", f"{field.description} Default: `{field.default}`.", ""]
+            continue
+        lines += [f"## `{name}`", "", field.description or "", "", "| key | default | meaning |", "| --- | --- | --- |"]
+        section = field.annotation
+        section = getattr(section, "__args__", (section,))[0] if not hasattr(section, "model_fields") else section
+        for key, f in section.model_fields.items():
+            default = "required" if f.is_required() else (f.default_factory() if f.default_factory else f.default)
+            lines.append(f"| `{name}.{key}` | `{default}` | {f.description} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(config_docs())
