@@ -3,3 +3,5 @@
 from ..registry import Registry
 
 MODELS = Registry("model")
+
+from . import flux, tiny  # noqa: F401,E402  (register the built-in adapters)
