@@ -10,7 +10,7 @@ import sys
 
 from .errors import UserError
 
-COMMANDS = ["train", "sample", "score", "lab", "bench", "plan"]
+COMMANDS = ["train", "sample", "score", "lab", "bench", "plan", "export"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,6 +36,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # library chatter is not the user's problem
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser, modules = build_parser()
     args = parser.parse_args(argv)
     try:

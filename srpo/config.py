@@ -18,6 +18,9 @@ from .errors import UserError
 
 REALISM_POS = ["Natural-lighting", "Detail", "Detailed", "Real"]
 REALISM_NEG = ["Concept art", "Painting", "Anime", "Flat", "Oil"]
+# LoRA targets for FLUX: attention and MLP projections of the double and single blocks.
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]
 
 
 class Section(BaseModel):
@@ -106,12 +109,46 @@ class TrainConfig(Section):
     max_bad_updates: int = Field(3, ge=1, description="Stop after this many consecutive updates skipped for a NaN/Inf loss, reward or gradient.")
 
 
+class OfflineConfig(Section):
+    images: str = Field(..., description="Folder of real images (png/jpg/webp) whose VAE latents replace the rollout's x0 (offline Direct-Align).")
+    captions: str | None = Field(None, description="Text file with one caption per image, in sorted file-name order; none: a same-name .txt next to each image, or metadata.jsonl (file_name, text) in the folder.")
+    switch_to_online_after: int | None = Field(None, ge=0, description="From this update on, x0 comes from online rollouts of data.prompts (or the captions); none: offline throughout.")
+
+
 class DataConfig(Section):
-    prompts: str | list[str] = Field(..., description="Training prompts: a text file (one per line) or an inline list.")
+    prompts: str | list[str] | None = Field(None, description="Training prompts: a text file (one per line) or an inline list (required unless data.offline gives captioned images).")
+    offline: OfflineConfig | None = Field(None, description="Offline mode: x0 from VAE-encoded real images with captions, fresh noise per sample.")
     eval_prompts: str | list[str] | None = Field(None, description="Held-out prompts for evaluation (file or list); none: skip evaluation.")
     eval_seed: int = Field(1234, description="Seed of the evaluation noise (the same before and after training).")
     eval_steps: int = Field(25, ge=1, description="Sampling steps of evaluation and sample grids.")
     eval_guidance: float = Field(3.5, ge=0, description="Embedded guidance of evaluation and sample grids.")
+
+    @model_validator(mode="after")
+    def _need_prompts(self):
+        if self.prompts is None and self.offline is None:
+            raise ValueError("data.prompts is required (a prompts file or list), unless data.offline gives captioned images")
+        return self
+
+
+class ParallelConfig(Section):
+    strategy: Literal["none", "ddp", "fsdp"] = Field("none", description="none: one process; ddp: whole model per rank, gradients averaged; fsdp: FSDP2 (fully_shard per transformer block, then the root) shards weights, gradients and optimizer state. Launch several ranks with torchrun.")
+    reshard_after_forward: bool = Field(True, description="FSDP: free each block's gathered weights after its forward (less memory, one more all-gather in backward).")
+    find_unused_parameters: bool = Field(False, description="DDP: allow trainable parameters that get no gradient in an update (slower).")
+
+
+class LoRAConfig(Section):
+    enabled: bool = Field(False, description="Train LoRA adapters (peft) on the transformer instead of all its weights; the base stays frozen in model.dtype.")
+    rank: int = Field(16, ge=1, description="LoRA rank r.")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS), min_length=1, description="Names (or name suffixes) of the transformer's Linear layers that get adapters.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch input.")
+    init: Literal["zeros", "gaussian"] = Field("zeros", description="zeros: B = 0, training starts exactly at the base model; gaussian: small random B and A.")
+    save_merged: bool = Field(True, description="Also write final/ as full transformer weights with the adapters merged (srpo sample reads it); the adapters alone go to lora/.")
+
+
+class MemoryConfig(Section):
+    cache_text: bool = Field(True, description="Cache text-encoder outputs per prompt (on CPU) so each prompt is encoded once.")
+    offload_frozen: bool = Field(False, description="Keep the text encoders on the CPU and move them to the device only to encode prompts not yet cached.")
 
 
 class LogConfig(Section):
@@ -122,16 +159,58 @@ class LogConfig(Section):
     progress: bool = Field(True, description="Show a progress bar.")
 
 
+class BaselineSection(Section):
+    reward: Literal["absolute", "relative"] = Field("absolute", description="Reward the baseline maximises: absolute (the form ReFL, DRaFT and DanceGRPO were published with) or relative (SRP paper form, f_img . (f_pos - f_neg), with the update's control words).")
+
+
+class ReFLConfig(BaselineSection):
+    step_fraction: tuple[float, float] = Field((0.75, 1.0), description="The gradient step is drawn uniformly among rollout steps floor(f0 T) .. ceil(f1 T) - 1 of the T-step schedule (ImageReward's ReFL: T = 40, steps 30-39, i.e. (0.75, 1.0)).")
+    loss: Literal["relu", "linear"] = Field("relu", description="relu: relu(threshold - r) (ImageReward's ReFL, threshold 2 on ImageReward's scale; below the threshold it is -r + const); linear: -r.")
+    threshold: float = Field(2.0, description="Threshold of the relu loss (ImageReward's ReFL: 2.0).")
+
+    @model_validator(mode="after")
+    def _check(self):
+        f0, f1 = self.step_fraction
+        if not 0 <= f0 < f1 <= 1:
+            raise ValueError(f"step_fraction {list(self.step_fraction)} must satisfy 0 <= f0 < f1 <= 1")
+        return self
+
+
+class DRaFTConfig(BaselineSection):
+    k: int = Field(1, ge=1, description="Back-propagate through the last K rollout steps (DRaFT, Clark et al. 2023: K = 1, 'DRaFT-1', trained best; K = all steps is full DRaFT). Capped at rollout.steps.")
+    checkpoint: bool = Field(True, description="Recompute each of the K steps in the backward pass (torch.utils.checkpoint) so activation memory does not grow with K (DRaFT: on).")
+
+
+class GRPOConfig(BaselineSection):
+    group_size: int = Field(12, ge=2, description="Rollouts per prompt, whose rewards are normalised together (DanceGRPO FLUX: 12; Flow-GRPO: 24).")
+    steps: int | None = Field(None, ge=2, description="SDE sampling steps of the rollouts; null: rollout.steps (DanceGRPO FLUX: 16; Flow-GRPO: 10 for training).")
+    eta: float = Field(0.3, gt=0, description="SDE noise level eta, sigma_t = eta sqrt(t / (1 - t)) (DanceGRPO FLUX: 0.3; Flow-GRPO: 0.7).")
+    timestep_fraction: float = Field(0.6, gt=0, le=1, description="Fraction of the sampling steps trained on, a random subset per prompt (DanceGRPO FLUX: 0.6; Flow-GRPO: 0.99).")
+    ignore_last: bool = Field(True, description="Never train on the last sampling step (DanceGRPO: --ignore_last).")
+    clip_range: float = Field(1e-4, gt=0, description="PPO ratio clip epsilon (DanceGRPO and Flow-GRPO: 1e-4).")
+    adv_clip: float = Field(5.0, gt=0, description="Advantages are clipped to [-adv_clip, adv_clip] (DanceGRPO and Flow-GRPO: 5).")
+    kl_beta: float = Field(0.0, ge=0, description="Weight of the KL penalty to the base model (DanceGRPO: 0, none; Flow-GRPO: 0.04). > 0 keeps a frozen copy of the base transformer.")
+    same_group_noise: bool = Field(True, description="All rollouts of a group start from the same noise and differ by the SDE noise only (DanceGRPO: --init_same_noise); off: one noise per rollout (Flow-GRPO).")
+    log_prob: Literal["mean", "sum"] = Field("mean", description="Per-step log-probability in the ratio: mean over latent elements (DanceGRPO and Flow-GRPO) or the exact sum.")
+    chunk: int | None = Field(None, ge=1, description="Rollouts per gradient forward when recomputing log-probabilities; null: the whole group (DanceGRPO: 1).")
+
+
 class Config(Section):
-    algorithm: str = Field("srpo", description="Training algorithm: srpo (Direct-Align + SRP; with srp.enabled false, plain Direct-Align) or a dotted path to an Algorithm factory.")
+    algorithm: str = Field("srpo", description="Training algorithm: srpo (Direct-Align + SRP; with srp.enabled false, plain Direct-Align), direct_align (SRPO with the absolute reward, for ablations), the baselines refl, draft, grpo (see docs/algorithms.md), or a dotted path to an Algorithm factory.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The flow model to fine-tune.")
     reward: RewardConfig | list[RewardConfig] = Field(default_factory=RewardConfig, description="One reward, or a list mixed by weight.")
     srp: SRPConfig = Field(default_factory=SRPConfig, description="Semantic-relative preference: control words and weights.")
     method: MethodConfig = Field(default_factory=MethodConfig, description="Direct-Align timesteps, branches and loss.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Online rollout producing x0.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation.")
-    data: DataConfig = Field(..., description="Prompts.")
+    data: DataConfig = Field(..., description="Prompts, or captioned images for offline mode.")
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Multi-GPU / multi-node strategy (see docs/scale.md).")
+    lora: LoRAConfig = Field(default_factory=LoRAConfig, description="LoRA fine-tuning instead of full fine-tuning.")
+    memory: MemoryConfig = Field(default_factory=MemoryConfig, description="Text-feature cache and offloading of frozen parts.")
     log: LogConfig = Field(default_factory=LogConfig, description="Run-folder outputs.")
+    refl: ReFLConfig = Field(default_factory=ReFLConfig, description="ReFL baseline (algorithm: refl).")
+    draft: DRaFTConfig = Field(default_factory=DRaFTConfig, description="DRaFT-K baseline (algorithm: draft).")
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="GRPO baseline, DanceGRPO / Flow-GRPO style (algorithm: grpo).")
 
 
 # ------------------------------------------------------------------ loading
@@ -190,6 +269,9 @@ def resolve_paths(cfg: Config, base: Path) -> Config:
         cfg.data.prompts = _resolve(cfg.data.prompts, base)
     if isinstance(cfg.data.eval_prompts, str):
         cfg.data.eval_prompts = _resolve(cfg.data.eval_prompts, base)
+    if cfg.data.offline is not None:
+        cfg.data.offline.images = _resolve(cfg.data.offline.images, base)
+        cfg.data.offline.captions = _resolve(cfg.data.offline.captions, base)
     return cfg
 
 

@@ -38,7 +38,7 @@ def reward_metrics(reward, srp, images: torch.Tensor, prompts: list[str], pos: s
         img = images[s:s + 16].to(device)
         out.append(reward.score(img, prompts[s:s + 16]).float().cpu())
         if srp is not None:
-            srp_vals.append(srp.relative(img, prompts[s:s + 16], pos, neg, 0.0).reward.float().cpu())
+            srp_vals.append(srp.relative(img, prompts[s:s + 16], pos, neg, 0.0).relative.float().cpu())
     metrics = {"reward": torch.cat(out).mean().item()}
     if srp_vals:
         metrics["srp_reward"] = torch.cat(srp_vals).mean().item()

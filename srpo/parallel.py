@@ -1,4 +1,15 @@
-"""The only module that knows about processes, ranks and distributed wrappers."""
+"""The only module that knows about processes, ranks and distributed wrappers.
+
+``torchrun`` sets ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``; :func:`setup` joins the process
+group (NCCL on GPUs, gloo on CPUs), :func:`apply` wraps ``model.transformer`` for the configured
+strategy and everything else (metric means, gradient clipping, full state dicts for checkpoints)
+goes through the small helpers below, so model, algorithm and trainer code never see a rank.
+
+- ``none``: one process.
+- ``ddp``: every rank holds the whole model; gradients are averaged after each backward.
+- ``fsdp``: FSDP2 (``fully_shard``) on every transformer block, then on the root: parameters,
+  gradients and optimizer state are sharded over ranks.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +17,12 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import UserError
+
+STRATEGIES = ("none", "ddp", "fsdp")
 
 
 @dataclass
@@ -13,10 +30,16 @@ class Context:
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
+    strategy: str = "none"
+    owns_group: bool = False  # this process initialised the process group (and tears it down)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.strategy != "none" and dist.is_available() and dist.is_initialized()
 
 
 def pick_device(name: str) -> torch.device:
@@ -24,29 +47,189 @@ def pick_device(name: str) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+def _strategy(cfg) -> str:
+    par = getattr(cfg, "parallel", None)
+    return getattr(par, "strategy", "none") if par is not None else "none"
 
 
 def setup(cfg) -> Context:
-    return Context(0, 1, pick_device(cfg.train.device))
-
-
-def all_mean(values: dict[str, float], ctx: Context) -> dict[str, float]:
-    """Mean of scalar metrics over ranks."""
-    return values
-
-
-def barrier(ctx: Context) -> None:
-    pass
+    """Join the process group torchrun describes (or a one-process group for ``ddp`` / ``fsdp``
+    without torchrun) and pick this rank's device."""
+    strategy = _strategy(cfg)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and strategy == "none":
+        raise UserError(f"launched as {world} processes but parallel.strategy is 'none': "
+                        f"set parallel.strategy to ddp or fsdp (e.g. --set parallel.strategy=fsdp)")
+    device = pick_device(cfg.train.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if strategy == "none":
+        return Context(0, 1, device, strategy)
+    owns = False
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if world > 1 or "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        else:  # one process, no launcher: an in-memory store needs no port
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        owns = True
+    return Context(dist.get_rank(), dist.get_world_size(), device, strategy, owns)
 
 
 def teardown(ctx: Context) -> None:
-    pass
+    """Leave the process group cleanly: wait for every rank, then destroy the group, so no
+    rank exits while a peer still talks to it (the cause of gloo's exit-time aborts)."""
+    if ctx.owns_group and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+        ctx.owns_group = False
+
+
+def barrier(ctx: Context) -> None:
+    if ctx.distributed:
+        dist.barrier()
+
+
+def all_mean(values: dict[str, float], ctx: Context) -> dict[str, float]:
+    """Mean of scalar metrics over ranks (a NaN on any rank makes the mean NaN everywhere, so
+    every rank takes the same skip decision). Every rank must pass the same keys."""
+    if not ctx.distributed or ctx.world == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_comm_device(ctx))
+    dist.all_reduce(t)
+    return {k: v / ctx.world for k, v in zip(keys, t.tolist())}
+
+
+def broadcast_object(obj, ctx: Context):
+    """Rank 0's ``obj`` on every rank."""
+    if not ctx.distributed or ctx.world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=_comm_device(ctx))
+    return box[0]
+
+
+def gather_objects(obj, ctx: Context) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank."""
+    if not ctx.distributed or ctx.world == 1:
+        return [obj]
+    out = [None] * ctx.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _comm_device(ctx: Context) -> torch.device:
+    return ctx.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+# ---------------------------------------------------------------------- wrapping
+
+class _DDP(nn.parallel.DistributedDataParallel):
+    """DDP that still answers the wrapped model's attributes (``config``, ``dtype``, ...)."""
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+def blocks(module: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a transformer: the members of its top-level ModuleLists
+    (``transformer_blocks`` and ``single_transformer_blocks`` for FLUX)."""
+    return [b for child in module.children() if isinstance(child, nn.ModuleList) for b in child]
 
 
 def apply(model, cfg, ctx: Context) -> None:
-    """Wrap ``model.transformer`` for the configured parallel strategy (in place)."""
+    """Wrap ``model.transformer`` for the configured strategy, in place."""
+    if ctx.strategy == "none":
+        return
+    tr = model.transformer
+    if ctx.strategy == "ddp":
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        model.transformer = _DDP(tr, device_ids=ids, broadcast_buffers=False,
+                                 find_unused_parameters=cfg.parallel.find_unused_parameters)
+    elif ctx.strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        parts = blocks(tr)
+        if not parts:
+            raise UserError(f"parallel.strategy fsdp: {type(tr).__name__} has no block lists to shard; use ddp")
+        for b in parts:
+            fully_shard(b, reshard_after_forward=cfg.parallel.reshard_after_forward)
+        fully_shard(tr, reshard_after_forward=False)  # the root's gather is reused by backward
+    else:
+        raise UserError(f"unknown parallel.strategy '{ctx.strategy}': use one of {', '.join(STRATEGIES)}")
 
 
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    return getattr(module, "module", module)
+def unwrap(module: nn.Module) -> nn.Module:
+    """The model under a DDP wrapper (FSDP2 shards in place: the module is itself)."""
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+def model_class(module: nn.Module) -> type:
+    """The model's own class (FSDP2 swaps in a subclass named ``FSDP<Class>``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(unwrap(module)).__mro__ if not issubclass(c, FSDPModule))
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float, ctx: Context) -> float:
+    """Clip the global gradient norm (over all shards) and return it as a float."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if hasattr(norm, "full_tensor"):  # FSDP2: a replicated DTensor
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+# ---------------------------------------------------------------------- state dicts
+
+def _options(ctx: Context, **kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    full = ctx.distributed
+    return StateDictOptions(full_state_dict=full, cpu_offload=full, ignore_frozen_params=True, **kw)
+
+
+def trainable_state(module: nn.Module, optimizer, ctx: Context) -> tuple[dict, dict]:
+    """Full (unsharded) trainable parameters and optimizer state keyed by parameter name, on CPU.
+
+    Collective under FSDP / DDP: every rank calls it; rank 0 gets the dicts, the others may get
+    empty ones."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    module = unwrap(module)
+    opts = _options(ctx)
+    params = get_model_state_dict(module, options=opts)
+    optim = get_optimizer_state_dict(module, optimizer, options=opts) if optimizer is not None else {}
+    return ({k: v.detach().cpu().contiguous() for k, v in params.items()}, optim)
+
+
+def load_trainable_state(module: nn.Module, optimizer, params: dict, optim: dict, ctx: Context) -> None:
+    """Inverse of :func:`trainable_state`; collective. Under a process group only rank 0's dicts
+    are read and broadcast, so the other nodes need no copy of the checkpoint."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    module = unwrap(module)
+    opts = _options(ctx, strict=False, broadcast_from_rank0=ctx.distributed)
+    set_model_state_dict(module, params, options=opts)
+    if optimizer is not None:
+        set_optimizer_state_dict(module, optimizer, optim, options=opts)
+
+
+def full_state_dict(module: nn.Module, ctx: Context) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer, unsharded, on CPU (rank 0; collective under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    opts = StateDictOptions(full_state_dict=ctx.distributed, cpu_offload=ctx.distributed)
+    sd = get_model_state_dict(unwrap(module), options=opts)
+    return {k: v.detach().cpu().contiguous() for k, v in sd.items()}

@@ -36,8 +36,6 @@ class Diverged(UserError):
 
 def build(cfg: Config, device: torch.device):
     """Model, reward, SRP helper and algorithm named by the config."""
-    import srpo.models.flux  # noqa: F401  (registers the built-in adapters)
-    import srpo.models.tiny  # noqa: F401
 
     m = cfg.model
     model = MODELS.get(m.name)(path=m.path, transformer_path=m.transformer_path, device=device,

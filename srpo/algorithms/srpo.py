@@ -30,7 +30,9 @@ class RewardFn:
         if swap:
             pos, neg = neg, pos
         out = self.srp.relative(images, prompts, pos, neg, k)
-        return out.reward, {"pos": out.pos.mean().item(), "neg": out.neg.mean().item()}
+        parts = {"pos": out.pos.mean().item(), "neg": out.neg.mean().item()}
+        parts.update({f"term/{name}": v.mean().item() for name, v in out.terms.items()})
+        return out.relative, parts
 
 
 class SRPO(Algorithm):

@@ -30,8 +30,6 @@ def _load(args):
     from .. import parallel
     from ..trainer import DTYPES
     from ..models import MODELS
-    import srpo.models.flux  # noqa: F401
-    import srpo.models.tiny  # noqa: F401
 
     device = parallel.pick_device(args.device)
     folder = Path(args.model)

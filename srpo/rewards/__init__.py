@@ -3,3 +3,6 @@
 from ..registry import Registry
 
 REWARDS = Registry("reward")
+
+# Register the built-in rewards (these modules import only torch at import time).
+from . import aesthetic, clip, hps, pickscore, tiny  # noqa: E402,F401

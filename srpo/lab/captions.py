@@ -1,0 +1,61 @@
+"""Captions of lab scenes and parsing of lab prompts back into content.
+
+A caption names the content ("a red circle and a blue square") and sometimes the style, in one
+of several phrasings, including the control-word form SRP uses ("Real. a red circle"). Which
+captions say their style is what makes the base model drift away from photos: photo-style
+training images are almost always captioned as photos, cartoon and painting images often not,
+so a prompt without a style word mostly yields cartoons and paintings (see ``docs/lab.md``).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .render import COLOUR_NAMES, SHAPES, Scene
+
+STYLE_TEMPLATES = {
+    "photo": [
+        "a photo of {c}", "a realistic photo of {c}", "a detailed photo of {c}", "{c}, photo",
+        "{c}, natural lighting", "{c}, realistic, detailed", "Real. {c}", "Natural-lighting. {c}",
+        "Detailed. {c}", "Detail. {c}", "Photo. {c}", "Realistic. {c}",
+    ],
+    "cartoon": [
+        "a cartoon of {c}", "a flat illustration of {c}", "an anime drawing of {c}", "{c}, cartoon",
+        "{c}, flat colors", "Flat. {c}", "Anime. {c}", "Cartoon. {c}", "Illustration. {c}",
+    ],
+    "painting": [
+        "a painting of {c}", "an oil painting of {c}", "concept art of {c}", "{c}, oil on canvas",
+        "Painting. {c}", "Oil. {c}", "Concept art. {c}", "Oil painting. {c}",
+    ],
+}
+
+# probability that a training caption of a scene of this style names the style
+STYLE_WORD_PROB = {"photo": 0.9, "cartoon": 0.45, "painting": 0.45}
+
+
+def content_text(content) -> str:
+    """``(("red", "circle"), ("blue", "square"))`` -> ``"a red circle and a blue square"``."""
+    return " and ".join(f"a {colour} {shape}" for colour, shape in content)
+
+
+def caption(scene: Scene, g: torch.Generator, style_prob: float | None = None) -> str:
+    """A random caption of ``scene``; ``style_prob`` overrides :data:`STYLE_WORD_PROB`."""
+    content = scene.content
+    if len(content) == 2 and float(torch.rand(1, generator=g)) < 0.5:
+        content = content[::-1]  # the caption's order says nothing about left and right
+    text = content_text(content)
+    p = STYLE_WORD_PROB[scene.style] if style_prob is None else style_prob
+    if float(torch.rand(1, generator=g)) < p:
+        options = STYLE_TEMPLATES[scene.style]
+        text = options[int(torch.randint(len(options), (1,), generator=g))].format(c=text)
+    return text
+
+
+_OBJECT = re.compile(r"\b(" + "|".join(COLOUR_NAMES) + r")\s+(" + "|".join(SHAPES) + r")\b")
+
+
+def parse_content(prompt: str) -> tuple[tuple[str, str], ...]:
+    """The ``(colour, shape)`` pairs a prompt names, in order (empty if none)."""
+    return tuple(_OBJECT.findall(prompt.lower()))

@@ -1,0 +1,63 @@
+"""Build a Reward from a config: one ``{name, path, weight, options}`` spec or a list of them."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+
+from ..errors import UserError
+from . import REWARDS
+from .base import Reward
+
+SPEC_KEYS = ("name", "path", "weight", "options")
+
+
+def _as_dict(spec) -> dict:
+    if hasattr(spec, "model_dump"):  # a pydantic RewardConfig
+        spec = spec.model_dump()
+    if isinstance(spec, str):
+        return {"name": spec}
+    if not isinstance(spec, Mapping):
+        raise UserError(f"a reward must be a name or a mapping with keys {', '.join(SPEC_KEYS)}, got {spec!r}")
+    unknown = sorted(set(spec) - set(SPEC_KEYS))
+    if unknown:
+        raise UserError(f"reward spec has unknown key(s) {', '.join(unknown)}: use {', '.join(SPEC_KEYS)}")
+    if not spec.get("name"):
+        raise UserError("reward spec needs a name (hps, pickscore, clip, aesthetic, tiny_clip or a dotted path)")
+    return dict(spec)
+
+
+def build_one(spec, device=None) -> Reward:
+    """One reward from its spec: ``REWARDS.get(name)(path=..., device=..., **options)``."""
+    spec = _as_dict(spec)
+    name, options = spec["name"], dict(spec.get("options") or {})
+    factory = REWARDS.get(name)
+    try:
+        inspect.signature(factory).bind(path=spec.get("path"), device=device, **options)
+    except TypeError as e:
+        raise UserError(f"reward '{name}' does not accept these options {sorted(options)}: {e}") from None
+    except ValueError:  # no signature available: let the call decide
+        pass
+    reward = factory(path=spec.get("path"), device=device, **options)
+    if not isinstance(reward, Reward):
+        raise UserError(f"reward '{name}' returned {type(reward).__name__}, not an srpo.rewards.base.Reward")
+    if getattr(reward, "name", None) is None:
+        reward.name = name
+    return reward
+
+
+def build_reward(spec, device=None) -> Reward:
+    """A single reward, or a :class:`~srpo.rewards.mix.MixedReward` for a list of specs (or a
+    single spec with a weight other than 1)."""
+    from .mix import MixedReward
+
+    if isinstance(spec, (list, tuple)):
+        if not spec:
+            raise UserError("the reward list is empty: give at least one reward")
+        specs = [_as_dict(s) for s in spec]
+        terms = [(build_one(s, device), float(s.get("weight", 1.0))) for s in specs]
+        return MixedReward(terms, names=[s["name"].rpartition(".")[2] for s in specs])
+    one = _as_dict(spec)
+    reward = build_one(one, device)
+    weight = float(one.get("weight", 1.0))
+    return reward if weight == 1.0 else MixedReward([(reward, weight)], names=[one["name"].rpartition(".")[2]])

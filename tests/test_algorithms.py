@@ -1,0 +1,144 @@
+"""The baselines (refl, draft, grpo, direct_align): each trains through the real CLI, and ReFL's and
+Direct-Align's gradients equal a direct computation."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from srpo.algorithms import ALGORITHMS, RewardFn
+from srpo.algorithms.base import Batch
+from srpo.algorithms.refl import step_range
+from srpo.config import load_config
+from srpo.method import inference_grid
+from srpo.models.tiny import build_tiny_flux
+from srpo.rewards.srp import SRP
+from srpo.rewards.tiny import build_tiny_clip
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["a red cube on a table", "a small blue ball in the grass"]
+
+
+def srpo_cli(*args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "srpo", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=600)
+
+
+FAST = ["--set", "train.max_steps=2", "--set", "data.eval_prompts=null", "--set", "log.sample_every=0",
+        "--set", "log.checkpoint_every=0", "--set", "log.tensorboard=false", "--set", "log.progress=false"]
+
+
+@pytest.mark.parametrize("algorithm,extra", [
+    ("refl", []),
+    ("draft", ["--set", "draft.k=2"]),
+    ("grpo", ["--set", "grpo.group_size=3", "--set", "grpo.kl_beta=0.04"]),
+    ("direct_align", []),
+])
+def test_trains_through_the_cli(tmp_path, algorithm, extra):
+    out = tmp_path / "run"
+    res = srpo_cli("train", "configs/tiny.yaml", "--output", out, "--set", f"algorithm={algorithm}", *FAST, *extra)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["skipped"] == 0 and r["grad_norm"] > 0 and abs(r["reward"]) < 10
+    if algorithm == "grpo":
+        assert abs(rows[0]["ratio"] - 1) < 1e-4
+        assert rows[0]["kl"] < 1e-10 < rows[1]["kl"]  # the policy left the base after one update
+    from diffusers import FluxTransformer2DModel
+
+    trained = FluxTransformer2DModel.from_pretrained(out / "final")
+    base = build_tiny_flux(seed=0).transformer
+    assert max((a - b).abs().max().item() for a, b in zip(trained.parameters(), base.parameters())) > 1e-4
+
+
+def test_relative_reward_without_srp_is_a_user_error(tmp_path):
+    res = srpo_cli("train", "configs/tiny.yaml", "--output", tmp_path / "run", "--set", "algorithm=refl",
+                   "--set", "refl.reward=relative", "--set", "srp.enabled=false", *FAST)
+    assert res.returncode == 2
+    assert res.stderr.count("\n") == 1 and "srp.enabled" in res.stderr
+
+
+def test_refl_step_range_matches_imagereward():
+    assert step_range(40, (0.75, 1.0)) == (30, 39)  # ImageReward: 40 steps, t in [30, 39]
+    assert step_range(25, (0.75, 1.0)) == (18, 24)
+    assert step_range(8, (0.75, 1.0)) == (6, 7)
+    assert step_range(8, (0.0, 0.1)) == (0, 0)
+
+
+@pytest.fixture(scope="module")
+def parts():
+    model = build_tiny_flux(seed=0)
+    reward = build_tiny_clip(seed=0).frozen()
+    eps = torch.randn(model.latent_shape(2, 32, 32), generator=torch.Generator().manual_seed(1))
+    return model, reward, eps
+
+
+def config(**sections):
+    tree = {"model": {"name": "tiny_flux"}, "reward": {"name": "tiny_clip"},
+            "rollout": {"steps": 8, "height": 32, "width": 32, "guidance": 1.0},
+            "train": {"guidance": 3.5, "device": "cpu", "seed": 4}, "data": {"prompts": PROMPTS}}
+    for key, value in sections.items():
+        tree[key] = {**tree.get(key, {}), **value} if isinstance(value, dict) else value
+    return load_config(tree)
+
+
+def grads(model):
+    return [p.grad.clone() for p in model.transformer.parameters() if p.requires_grad]
+
+
+def close(got, want):
+    norm = torch.sqrt(sum((w**2).sum() for w in want))
+    return norm > 0 and all(torch.allclose(g, w, atol=1e-5 * float(norm), rtol=1e-4) for g, w in zip(got, want))
+
+
+def test_refl_gradient_is_the_one_step_prediction_gradient(parts):
+    """No-grad Euler to a late step j, one step with grad, x0 = x_t - t v, loss relu(2 - r)."""
+    model, reward, eps = parts
+    cfg = config(algorithm="refl")
+    alg = ALGORITHMS.get("refl")(cfg, RewardFn(reward))
+    batch = Batch(PROMPTS, model.encode_prompts(PROMPTS), None, eps, 3, [0, 1], loss_scale=0.5)
+    js = alg.draw_steps(batch)
+    assert all(6 <= j <= 7 for j in js) and js == alg.draw_steps(batch)
+    assert len({tuple(alg.draw_steps(Batch(PROMPTS, batch.cond, None, eps, s, [0, 1]))) for s in range(8)}) > 1
+    model.transformer.zero_grad()
+    out = alg.backward(model, batch)
+    got = grads(model)
+
+    model.transformer.zero_grad()
+    grid = inference_grid(8, 3.0).tolist()
+    for i, j in enumerate(js):
+        cond = {k: v[i:i + 1] for k, v in batch.cond.items()}
+        x = eps[i:i + 1]
+        with torch.no_grad():
+            for n in range(j):
+                x = x + (grid[n + 1] - grid[n]) * model.velocity(x, torch.tensor([grid[n]]), cond, 1.0)
+        x0 = x - grid[j] * model.velocity(x, torch.tensor([grid[j]]), cond, 3.5)
+        r = reward.score(model.decode(x0), PROMPTS[i:i + 1])
+        (torch.relu(2.0 - r).sum() * 0.5).backward()
+    assert close(got, grads(model))
+    assert abs(out["t"] - sum(grid[j] for j in js) / 2) < 1e-6
+
+
+def test_direct_align_is_srpo_with_the_absolute_reward(parts):
+    model, reward, eps = parts
+    srp = SRP(reward, ["Real"], ["Painting"])
+    cond = model.encode_prompts(PROMPTS)
+    x0 = torch.randn_like(eps)
+    batch = Batch(PROMPTS, cond, x0, eps, 1, [0, 1], "Real", "Painting", loss_scale=0.5)
+
+    def run(name, cfg, reward_fn):
+        model.transformer.zero_grad()
+        out = ALGORITHMS.get(name)(cfg, reward_fn).backward(model, batch)
+        return grads(model), out
+
+    da, out = run("direct_align", config(algorithm="direct_align"), RewardFn(reward, srp))
+    plain, _ = run("srpo", config(srp={"enabled": False}), RewardFn(reward, None))
+    with_srp, _ = run("srpo", config(), RewardFn(reward, srp))
+    assert close(da, plain) and not close(da, with_srp)
+    assert "denoise/pos" not in out  # no control words were scored

@@ -1,0 +1,55 @@
+"""Config: typed, validated, overridable, documented in one place."""
+
+from pathlib import Path
+
+import pytest
+
+from srpo.config import Config, config_docs, load_config
+from srpo.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_reference_hyperparameters():
+    cfg = load_config({"data": {"prompts": ["a cat"]}})
+    t, m, s, r = cfg.train, cfg.method, cfg.srp, cfg.rollout
+    assert (t.lr, t.betas, t.eps, t.weight_decay, t.grad_clip, t.guidance) == (5e-6, (0.9, 0.999), 1e-8, 1e-4, 0.1, 3.5)
+    assert (m.index_range, m.shift, m.cells, m.max_step_cells, m.hinge_threshold) == ((5, 25), 3.0, 1000, 100, 0.7)
+    assert (s.k_pos, s.k_inv) == ((0.10, 0.25), (0.30, 0.01))
+    assert s.pos_words == ["Natural-lighting", "Detail", "Detailed", "Real"]
+    assert s.neg_words == ["Concept art", "Painting", "Anime", "Flat", "Oil"]
+    assert (r.steps, r.guidance, r.height) == (25, 1.0, 720)
+    assert m.denoise_branch and m.inversion_branch and t.max_steps == 20
+
+
+def test_overrides_are_typed_and_paths_resolve_against_the_config(tmp_path):
+    cfg = load_config(ROOT / "configs" / "tiny.yaml",
+                      ["train.max_steps=3", "srp.pos_words=[Real, photo]", "method.inversion_branch=false"])
+    assert cfg.train.max_steps == 3 and cfg.srp.pos_words == ["Real", "photo"]
+    assert cfg.method.inversion_branch is False
+    assert Path(cfg.data.prompts).is_file() and Path(cfg.data.prompts).is_absolute()
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.lrr=1", "train.lrr: unknown key"),
+    ("train.max_steps=abc", "train.max_steps"),
+    ("train.lr=0", "train.lr"),
+    ("method.loss=cube", "method.loss"),
+    ("srp.template=no-placeholders", "srp.template"),
+    ("method.index_range=[10,60]", "index_range"),
+])
+def test_bad_values_name_the_key(override, needle):
+    with pytest.raises(UserError) as e:
+        load_config(ROOT / "configs" / "tiny.yaml", [override])
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_every_field_is_documented_and_docs_are_current():
+    for name, field in Config.model_fields.items():
+        assert field.description, name
+        section = field.annotation
+        section = section if hasattr(section, "model_fields") else getattr(section, "__args__", (None,))[0]
+        for key, f in getattr(section, "model_fields", {}).items():
+            assert f.description, f"{name}.{key}"
+    assert (ROOT / "docs" / "config.md").read_text().strip() == config_docs().strip(), \
+        "regenerate with: python -m srpo.config > docs/config.md"
