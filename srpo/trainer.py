@@ -84,8 +84,8 @@ def train(cfg: Config, output: str | Path, resume: bool = False) -> dict:
     if ctx.is_main:
         (output / "config.yaml").write_text(dump_config(cfg))
 
-    if cfg.train.gradient_checkpointing and hasattr(model.transformer, "enable_gradient_checkpointing"):
-        model.transformer.enable_gradient_checkpointing()
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing(True)
     parallel.apply(model, cfg, ctx)
     params = [p for p in model.transformer.parameters() if p.requires_grad]
     t = cfg.train

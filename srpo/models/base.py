@@ -33,6 +33,10 @@ class FlowModel(Protocol):
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
         """Shape of the latents for images of ``height x width`` pixels."""
 
+    def gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute activations in the backward pass (transformer blocks, and the decoder where
+        gradients flow through it)."""
+
     def save_transformer(self, path: str) -> None:
         """Save the transformer so the model's own library loads it from ``path``."""
 
