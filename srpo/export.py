@@ -49,16 +49,20 @@ def write_transformer(path: str | Path, state: dict, config: str, max_shard_size
 def save_final(model, run_dir: str | Path, cfg, ctx) -> None:
     """End of training (collective): ``final/`` holds the transformer (LoRA merged) and, for
     LoRA runs, ``lora/pytorch_lora_weights.safetensors`` the adapters alone."""
+    run_dir = Path(run_dir)
+    if ctx.strategy != "fsdp" and not cfg.lora.enabled:  # plain weights: the adapter's own format
+        if ctx.is_main:
+            model.save_transformer(str(run_dir / "final"))
+        return parallel.barrier(ctx)
     state = parallel.full_state_dict(model.transformer, ctx)
     if not ctx.is_main:
-        return
-    run_dir = Path(run_dir)
+        return parallel.barrier(ctx)
     if cfg.lora.enabled:
         lora.save(run_dir / "lora", state, cfg.lora)
-        if not cfg.lora.save_merged:
-            return
-        state = lora.merge(state, lora.scale_of(cfg.lora))
-    write_transformer(run_dir / "final", state, config_json(model.transformer))
+        state = lora.merge(state, lora.scale_of(cfg.lora)) if cfg.lora.save_merged else None
+    if state is not None:
+        write_transformer(run_dir / "final", state, config_json(model.transformer))
+    parallel.barrier(ctx)
 
 
 # ------------------------------------------------------------------ BFL single file

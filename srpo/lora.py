@@ -30,9 +30,9 @@ def peft_config(cfg):
                       lora_dropout=cfg.dropout, init_lora_weights=True if cfg.init == "zeros" else "gaussian")
 
 
-def apply(transformer: nn.Module, cfg) -> int:
-    """Inject adapters when ``cfg.enabled``; returns the number of trainable parameters.
-    Adapters are created from the global torch RNG (seeded by the caller)."""
+def apply(transformer: nn.Module, cfg, seed: int = 0) -> int:
+    """Inject adapters when ``cfg.enabled``; returns the number of trainable parameters. The
+    adapters' initial values depend only on ``seed`` (the same on every rank)."""
     if not cfg.enabled:
         return sum(p.numel() for p in transformer.parameters() if p.requires_grad)
     linear_names = {n for n, m in transformer.named_modules() if isinstance(m, nn.Linear)}
@@ -40,7 +40,9 @@ def apply(transformer: nn.Module, cfg) -> int:
         raise UserError(f"lora.target_modules {list(cfg.target_modules)} match no Linear layer of "
                         f"{type(transformer).__name__}: use names such as to_q, to_k, to_v, to_out.0")
     transformer.requires_grad_(False)
-    transformer.add_adapter(peft_config(cfg), adapter_name=ADAPTER)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer.add_adapter(peft_config(cfg), adapter_name=ADAPTER)
     n = 0
     for p in transformer.parameters():
         if p.requires_grad:

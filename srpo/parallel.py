@@ -156,7 +156,7 @@ def apply(model, cfg, ctx: Context) -> None:
     tr = model.transformer
     if ctx.strategy == "ddp":
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        model.transformer = _DDP(tr, device_ids=ids, broadcast_buffers=False,
+        model.transformer = _DDP(tr, device_ids=ids, forward_sync_buffers=False,
                                  find_unused_parameters=cfg.parallel.find_unused_parameters)
     elif ctx.strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard

@@ -49,12 +49,8 @@ def sample_images(model: FlowModel, prompts: list[str], noise: Tensor, steps: in
 
 
 # ---- SDE sampler (for the GRPO baseline) -----------------------------------------------------
-# GRPO (DanceGRPO / Flow-GRPO) needs a *stochastic* rollout whose every step is Gaussian, with the
-# log-probability of each step under the current policy:
-#
+# The stochastic rollout GRPO needs (Flow-GRPO's SDE on the same `inference_grid`, per-step
+# Gaussian log-probabilities, the Euler step as eta -> 0) lives in srpo/sde.py:
 #     sde_rollout(model, cond, noise, steps, shift, guidance, eta, generator)
 #         -> x0, trajectory [B, steps + 1, ...], log_probs [B, steps]
-#     step_log_prob(model, x_a, x_b, a, b, cond, guidance, eta) -> [B]   (with gradient)
-#
-# This is its place: on the same `inference_grid` as `rollout`, which it must reduce to as
-# eta -> 0. (A parallel draft exists in srpo/sde.py; the lead decides where it finally lives.)
+#     step_log_prob(model, x_a, x_b, a, b, cond, guidance, eta, cap) -> [B]   (with gradient)

@@ -14,13 +14,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, parallel
+from . import checkpoint, export, lora, memory, parallel
 from .algorithms import ALGORITHMS, RewardFn
 from .algorithms.base import Batch, sample_rng, torch_seed
 from .config import Config, dump_config
 from .data import load_prompts
 from .errors import UserError
 from .evaluate import generate, reward_metrics
+from .offline import OfflineData
 from .models import MODELS
 from .rewards.factory import build_reward
 from .rewards.srp import SRP
@@ -77,29 +78,25 @@ def train(cfg: Config, output: str | Path, resume: bool = False) -> dict:
     output = Path(output)
     ctx = parallel.setup(cfg)
     t_start = time.perf_counter()
-    prompts = load_prompts(cfg.data.prompts)  # every input is checked before anything is written
+    offline = OfflineData.from_config(cfg)  # captioned real images for x0 (data.offline), or None
+    prompts = load_prompts(cfg.data.prompts) or offline.captions  # every input is checked before anything is written
     eval_prompts = load_prompts(cfg.data.eval_prompts, "eval prompts")
     model, reward, srp, algorithm = build(cfg, ctx.device)
     log = RunLog(output, enabled=ctx.is_main, tensorboard=cfg.log.tensorboard, resume=resume)
     if ctx.is_main:
         (output / "config.yaml").write_text(dump_config(cfg))
 
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing(True)
+    lora.apply(model.transformer, cfg.lora, seed=cfg.train.seed)  # adapters; no-op unless lora.enabled
+    memory.prepare(model, cfg)  # fp32 master weights, checkpointing, frozen parts, text cache
     parallel.apply(model, cfg, ctx)
     params = [p for p in model.transformer.parameters() if p.requires_grad]
     t = cfg.train
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
 
     start = 0
-    if resume:
-        last = checkpoint.latest(output)
-        if last is None:
-            print(f"--resume: no checkpoint in {output / 'checkpoints'}; starting from update 0")
-        else:
-            start = checkpoint.load(last, parallel.unwrap(model.transformer), optimizer)["step"]
-            log.truncate(start + 1)
-            print(f"--resume: continuing after update {start} from {last}")
+    if resume:  # weights, optimizer, RNG states and data position of the newest checkpoint
+        start = checkpoint.resume(output, model.transformer, optimizer, cfg, ctx)
+        log.truncate(start + 1)
 
     summary: dict = {"algorithm": cfg.algorithm}
     if eval_prompts and start == 0:
@@ -120,15 +117,19 @@ def train(cfg: Config, output: str | Path, resume: bool = False) -> dict:
         stats = []
         for micro in range(t.grad_accum):
             indices = [ctx.rank * per_rank + micro * t.batch_size + j for j in range(t.batch_size)]
-            batch_prompts = [prompts[order[(step * global_batch + i) % len(prompts)]] for i in indices]
-            eps = rollout_noise(model, cfg, step, indices)
-            with torch.no_grad():
+            if offline is not None and offline.active(step):  # x0: VAE latents of real images, fresh noise
+                batch_prompts, x0, eps = offline.batch(model, step, indices, global_batch)
                 cond = model.encode_prompts(batch_prompts)
-                x0 = rollout(model, cond, eps, steps=cfg.rollout.steps, shift=cfg.method.shift,
-                             guidance=cfg.rollout.guidance) if algorithm.needs_rollout else None
+            else:
+                batch_prompts = [prompts[order[(step * global_batch + i) % len(prompts)]] for i in indices]
+                eps = rollout_noise(model, cfg, step, indices)
+                with torch.no_grad():
+                    cond = model.encode_prompts(batch_prompts)
+                    x0 = rollout(model, cond, eps, steps=cfg.rollout.steps, shift=cfg.method.shift,
+                                 guidance=cfg.rollout.guidance) if algorithm.needs_rollout else None
             batch = Batch(batch_prompts, cond, x0, eps, step, indices, pos, neg, loss_scale=1.0 / per_rank)
             stats.append(algorithm.backward(model, batch))
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.grad_clip))
+        grad_norm = parallel.clip_grad_norm(params, t.grad_clip, ctx)
         row = {k: sum(s[k] for s in stats if k in s) / len(stats) for k in stats[0]}
         row = parallel.all_mean({**row, "grad_norm": grad_norm}, ctx)
         finite = all(math.isfinite(row[k]) for k in ("loss", "reward", "grad_norm"))
@@ -139,10 +140,12 @@ def train(cfg: Config, output: str | Path, resume: bool = False) -> dict:
             optimizer.zero_grad(set_to_none=True)
             bad += 1
         row = {"step": step + 1, **row, "skipped": int(not finite), "lr": t.lr,
+               "offline": int(offline is not None and offline.active(step)),
                "seconds": time.perf_counter() - t0, "pos_word": pos, "neg_word": neg}
         log.log(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", reward=f"{row['reward']:.3f}")
         if bad >= t.max_bad_updates:
+            save_checkpoint(output, step + 1 - bad, model, optimizer, cfg, ctx)  # skipped updates changed nothing
             raise Diverged(f"{bad} consecutive updates had a NaN/Inf loss, reward or gradient (last at update {step + 1}); "
                            f"lower train.lr or check the reward; the last good checkpoint is in {output / 'checkpoints'}")
         done = step + 1
@@ -154,8 +157,7 @@ def train(cfg: Config, output: str | Path, resume: bool = False) -> dict:
     bar.close()
 
     save_checkpoint(output, t.max_steps, model, optimizer, cfg, ctx)
-    if ctx.is_main:
-        model.save_transformer(str(output / "final"))
+    export.save_final(model, output, cfg, ctx)  # final/ (LoRA merged) and lora/; gathers FSDP shards
     if eval_prompts:
         summary["eval_after"], images = evaluate(model, reward, srp, cfg, eval_prompts)
         log.grid(images, "after.png")
@@ -164,12 +166,11 @@ def train(cfg: Config, output: str | Path, resume: bool = False) -> dict:
     if ctx.is_main:
         plot_curves(log.rows, ["loss", "reward", "grad_norm"], output / "curves.png", title="srpo train")
     log.close()
-    parallel.barrier(ctx)
+    parallel.teardown(ctx)  # all ranks leave together, then the process group is destroyed
     return summary
 
 
 def save_checkpoint(output: Path, step: int, model, optimizer, cfg: Config, ctx) -> None:
-    if ctx.is_main:
-        checkpoint.save(output, step, parallel.unwrap(model.transformer), optimizer,
-                        keep=cfg.log.keep_checkpoints)
-    parallel.barrier(ctx)
+    """Collective: every rank contributes its shards and RNG states, rank 0 writes."""
+    checkpoint.save(output, step, model.transformer, optimizer, extra=checkpoint.data_position(cfg, ctx, step),
+                    keep=cfg.log.keep_checkpoints, ctx=ctx)

@@ -2,15 +2,13 @@
 Direct-Align's gradients equal a direct computation."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from srpo.algorithms import ALGORITHMS, RewardFn
+from srpo.cli import main as srpo_main
 from srpo.algorithms.base import Batch
 from srpo.algorithms.refl import step_range
 from srpo.config import load_config
@@ -24,9 +22,8 @@ PROMPTS = ["a red cube on a table", "a small blue ball in the grass"]
 
 
 def srpo_cli(*args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "srpo", *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=600)
+    """The CLI entry point `python -m srpo` calls, in this process (saves the imports per run)."""
+    return srpo_main([str(a) for a in args])
 
 
 FAST = ["--set", "train.max_steps=2", "--set", "data.eval_prompts=null", "--set", "log.sample_every=0",
@@ -41,8 +38,9 @@ FAST = ["--set", "train.max_steps=2", "--set", "data.eval_prompts=null", "--set"
 ])
 def test_trains_through_the_cli(tmp_path, algorithm, extra):
     out = tmp_path / "run"
-    res = srpo_cli("train", "configs/tiny.yaml", "--output", out, "--set", f"algorithm={algorithm}", *FAST, *extra)
-    assert res.returncode == 0, res.stderr[-3000:]
+    code = srpo_cli("train", ROOT / "configs/tiny.yaml", "--output", out, "--set", f"algorithm={algorithm}",
+                    *FAST, *extra)
+    assert code == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
@@ -57,11 +55,13 @@ def test_trains_through_the_cli(tmp_path, algorithm, extra):
     assert max((a - b).abs().max().item() for a, b in zip(trained.parameters(), base.parameters())) > 1e-4
 
 
-def test_relative_reward_without_srp_is_a_user_error(tmp_path):
-    res = srpo_cli("train", "configs/tiny.yaml", "--output", tmp_path / "run", "--set", "algorithm=refl",
-                   "--set", "refl.reward=relative", "--set", "srp.enabled=false", *FAST)
-    assert res.returncode == 2
-    assert res.stderr.count("\n") == 1 and "srp.enabled" in res.stderr
+def test_relative_reward_without_srp_is_a_user_error(tmp_path, capsys):
+    code = srpo_cli("train", ROOT / "configs/tiny.yaml", "--output", tmp_path / "run", "--set", "algorithm=refl",
+                    "--set", "refl.reward=relative", "--set", "srp.enabled=false", *FAST)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "refl.reward" in err and "srp.enabled" in err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_refl_step_range_matches_imagereward():
@@ -142,3 +142,57 @@ def test_direct_align_is_srpo_with_the_absolute_reward(parts):
     with_srp, _ = run("srpo", config(), RewardFn(reward, srp))
     assert close(da, plain) and not close(da, with_srp)
     assert "denoise/pos" not in out  # no control words were scored
+
+
+# ---- srpo bench: its instruments and curve readings ---------------------------------------------
+
+def test_bench_instruments_measure_known_quantities():
+    from srpo.bench.measure import flops, peak_memory, saved_activations
+
+    a, b = torch.randn(64, 128), torch.randn(128, 32)
+    assert flops(lambda: a @ b) == 2 * 64 * 128 * 32
+    x = torch.randn(1_000_000, requires_grad=True)
+    assert saved_activations(lambda: torch.exp(x).sum()) == pytest.approx(4e6 / 2**20)  # exp saves its output
+    assert saved_activations(lambda: (x * 2).sum()) == 0  # a constant factor saves nothing
+    assert peak_memory(lambda: torch.ones(50_000_000).sum()) > 150  # a 191 MiB temporary
+
+
+def test_bench_curve_readings():
+    from srpo.bench.measure import best_within, time_to_target, value_at_gain
+    from srpo.bench.runs import equal_gain_table, time_to_target_table
+
+    fast = [{"step": 0, "seconds": 0, "flops": 0, "realism": 0.1, "reward": 1.0, "hack_index": 0.0},
+            {"step": 5, "seconds": 2, "flops": 10, "realism": 0.4, "reward": 1.2, "hack_index": 0.2},
+            {"step": 10, "seconds": 4, "flops": 20, "realism": 0.6, "reward": 1.4, "hack_index": 0.4}]
+    slow = [{"step": 0, "seconds": 0, "flops": 0, "realism": 0.1, "reward": 1.0, "hack_index": 0.0},
+            {"step": 5, "seconds": 100, "flops": 900, "realism": 0.2, "reward": 1.1, "hack_index": 2.0},
+            {"step": 10, "seconds": 200, "flops": 1800, "realism": 0.3, "reward": 1.3, "hack_index": 3.0}]
+    assert time_to_target(fast, "realism", 0.3) == 2 and time_to_target(fast, "realism", 0.7) is None
+    assert time_to_target(slow, "realism", 0.3, cost="flops") == 1800
+    assert best_within(slow, "realism", 150) == 0.2
+    assert value_at_gain(fast, "reward", 0.3, "hack_index") == pytest.approx(0.3)  # halfway 1.2 -> 1.4
+    assert value_at_gain(slow, "reward", 0.3, "hack_index") == pytest.approx(3.0)
+    assert value_at_gain(slow, "reward", 0.5, "hack_index") is None
+
+    a = time_to_target_table({"srpo": fast, "grpo": slow})
+    assert a["target"] == 0.3 and a["budget_seconds"] == 4
+    assert a["runs"]["grpo"]["seconds_to_target"] / a["runs"]["srpo"]["seconds_to_target"] == 100
+    assert a["runs"]["grpo"]["best_within_budget"] == 0.1
+    e = equal_gain_table({"srpo": fast, "grpo": slow})
+    assert e["gain"] == pytest.approx(0.3)
+    assert e["runs"]["srpo"]["hack_index_at_gain"] == pytest.approx(0.3)
+    assert e["runs"]["grpo"]["hack_index_at_gain"] == pytest.approx(3.0)
+
+
+def test_bench_cli_on_a_user_config(tmp_path, capsys):
+    """Part (c) on the tiny config: SRPO's parts are timed and add up; bad --parts is a user error."""
+    out = tmp_path / "bench"
+    assert srpo_cli("bench", "--quick", "--config", ROOT / "configs/tiny.yaml", "--parts", "c", "--output", out) == 0
+    result = json.loads((out / "bench.json").read_text())
+    c = result["c"]
+    assert set(c["parts"]) == {"encode_prompts", "noise", "rollout", "denoise_branch", "inversion_branch", "optimizer"}
+    assert all(v > 0 for v in c["parts"].values()) and c["update"] > 0
+    assert c["sum_of_parts"] == pytest.approx(sum(c["parts"].values()))
+    assert result["headline"]["srpo_update_over_parts"] == pytest.approx(c["update"] / c["sum_of_parts"])
+    assert "srpo_update_over_parts" in capsys.readouterr().out
+    assert srpo_cli("bench", "--parts", "x", "--output", out) == 2

@@ -1,6 +1,5 @@
 """CLIPReward against transformers' own CLIPModel forward + CLIPProcessor on a tiny real CLIP."""
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -41,7 +40,7 @@ def reference(folder):
 
 def reference_scores(reference, images, prompts):
     model, processor = reference
-    inputs = processor(text=prompts, images=to_pil(images), return_tensors="pt", padding=True)
+    inputs = processor(text=prompts, images=to_pil(images), return_tensors="pt", padding=True, truncation=True)
     with torch.no_grad():
         logits = model(**inputs).logits_per_image
     return torch.diag(logits)

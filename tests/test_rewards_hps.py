@@ -93,9 +93,9 @@ def test_gradients_and_text_cache(setup):
     calls = []
     encode = reward._encode_text_uncached
     reward._encode_text_uncached = lambda p: calls.append(list(p)) or encode(p)
-    reward.encode_text(PROMPTS)
-    reward.encode_text(PROMPTS[::-1])
-    assert calls == [PROMPTS]
+    reward.encode_text(PROMPTS + ["a new prompt"])  # the score above cached PROMPTS
+    reward.encode_text(["a new prompt"] + PROMPTS[::-1])
+    assert calls == [["a new prompt"]]
 
 
 def test_open_clip_clip_score_file(setup):
@@ -137,6 +137,6 @@ class NotWeights:
 def test_pickles_beyond_weights_are_refused(tmp_path):
     evil = tmp_path / "evil.pt"
     with open(evil, "wb") as f:
-        pickle.dump({"state_dict": NotWeights()}, f)
+        pickle.dump({"state_dict": NotWeights()}, f, protocol=2)
     with pytest.raises(UserError, match="weights-only"):
         REWARDS.get("hps")(path=str(evil))

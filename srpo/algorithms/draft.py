@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from .. import method as M
 from ..config import Config
 from .base import Algorithm, Batch
-from .refl import baseline_reward, denoise_to, forward_ctx, levels
+from .refl import baseline_reward, check_reward_mode, denoise_to, forward_ctx, levels
 
 
 def unrolled_steps(model, x, cond, grid: list[float], start: int, guidance: float, cfg: Config,
@@ -37,6 +37,7 @@ class DRaFT(Algorithm):
     needs_rollout = False  # the no-grad part of the chain is its own rollout
 
     def __init__(self, cfg: Config, reward_fn):
+        check_reward_mode(reward_fn, cfg.draft.reward, "draft")
         self.cfg, self.reward_fn = cfg, reward_fn
         self.grid = M.inference_grid(cfg.rollout.steps, cfg.method.shift).tolist()
         self.k = min(cfg.draft.k, cfg.rollout.steps)

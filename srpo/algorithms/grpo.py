@@ -24,7 +24,7 @@ from .. import sde
 from ..config import Config
 from ..models.base import select_cond
 from .base import Algorithm, Batch, sample_rng, torch_seed
-from .refl import baseline_reward, forward_ctx, levels
+from .refl import baseline_reward, check_reward_mode, forward_ctx, levels
 
 
 def group_advantages(rewards: Tensor, clip: float, eps: float = 1e-8) -> Tensor:
@@ -48,6 +48,7 @@ class GRPO(Algorithm):
     needs_rollout = False  # it samples its own groups with the SDE
 
     def __init__(self, cfg: Config, reward_fn):
+        check_reward_mode(reward_fn, cfg.grpo.reward, "grpo")
         self.cfg, self.reward_fn = cfg, reward_fn
         self.steps = cfg.grpo.steps or cfg.rollout.steps
         self.grid = M.inference_grid(self.steps, cfg.method.shift).tolist()

@@ -46,14 +46,18 @@ def denoise_to(model, cond, noise: Tensor, grid: list[float], stops: list[int], 
     return x
 
 
+def check_reward_mode(reward_fn, mode: str, section: str) -> None:
+    """A relative baseline reward needs the SRP helper the trainer builds when srp.enabled."""
+    if mode == "relative" and reward_fn.srp is None:
+        raise UserError(f"{section}.reward is 'relative' but srp.enabled is false: set srp.enabled true "
+                        f"(with a text-conditioned reward) or {section}.reward to absolute")
+
+
 def baseline_reward(reward_fn, mode: str, images: Tensor, batch: Batch, prompts=None) -> Tensor:
     """Per-image reward ``[B]``: the absolute score, or the SRP paper form ``RM(pos) - RM(neg)``."""
     prompts = batch.prompts if prompts is None else prompts
     if mode == "absolute":
         return reward_fn.reward.score(images, prompts)
-    if reward_fn.srp is None:
-        raise UserError("a baseline's reward is 'relative' but srp.enabled is false (or the reward is "
-                        "image-only): set srp.enabled true or the baseline's reward to absolute")
     r, _ = reward_fn(images, prompts, batch.pos_word, batch.neg_word, 0.0, False)
     return r
 
@@ -70,6 +74,7 @@ class ReFL(Algorithm):
     needs_rollout = False  # it denoises only as far as the step it trains
 
     def __init__(self, cfg: Config, reward_fn):
+        check_reward_mode(reward_fn, cfg.refl.reward, "refl")
         self.cfg, self.reward_fn = cfg, reward_fn
         self.grid = M.inference_grid(cfg.rollout.steps, cfg.method.shift).tolist()
 

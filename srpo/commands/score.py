@@ -63,6 +63,14 @@ def image_files(folder: str) -> list[Path]:
     files = sorted(f for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise UserError(f"--images {d} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    from PIL import Image
+
+    for f in files:  # a cheap header check, before any model is loaded
+        try:
+            with Image.open(f) as im:
+                im.verify()
+        except Exception:  # noqa: BLE001 - PIL raises many types for a broken file
+            raise UserError(f"cannot read image {f}: not a valid image file") from None
     return files
 
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..tokenizer import write_clip_vocab
 from .captions import caption
 from .render import render, sample_scenes
 
@@ -34,8 +35,8 @@ WEIGHTS = Path(__file__).parent / "weights"
 THREADS = 1  # single-threaded: the same weights on any machine with the same CPU kind
 
 # stage sizes: (full, quick)
-STEPS = {"vae": (1500, 60), "judge": (1500, 60), "base": (4000, 60), "reward": (1500, 60)}
-POOL = {"vae": (24000, 512), "judge": (24000, 512), "base": (60000, 512), "reward": (40000, 512)}
+STEPS = {"vae": (1000, 8), "judge": (1500, 8), "base": (3000, 8), "reward": (1500, 8)}
+POOL = {"vae": (24000, 256), "judge": (24000, 256), "base": (60000, 256), "reward": (40000, 256)}
 SEEDS = {"vae": 11, "judge": 23, "base": 37, "reward": 51}
 
 
@@ -80,7 +81,7 @@ def make_vae():
     return AutoencoderKL(
         in_channels=3, out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=16,
+        block_out_channels=(32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=16,
         sample_size=32, mid_block_add_attention=False, use_quant_conv=False, use_post_quant_conv=False,
     )
 
@@ -267,7 +268,7 @@ def train_judge(vae, quick: bool = False, progress: bool = True):
 
 # ----------------------------------------------------------------------------- base model
 
-MAX_SEQUENCE_LENGTH = 24  # T5 tokens per prompt (lab prompts are at most ~18)
+MAX_SEQUENCE_LENGTH = 16  # T5 tokens per prompt (lab captions have at most 13)
 
 
 def make_base_parts():
@@ -276,8 +277,8 @@ def make_base_parts():
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=32,
-        num_attention_heads=3, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=False,
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=32,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=False,
         axes_dims_rope=(8, 12, 12),
     )
     clip = CLIPTextModel(CLIPTextConfig(
@@ -361,3 +362,97 @@ def train_base(vae, quick: bool = False, progress: bool = True):
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False)
     return FluxModel(transformer, vae, clip, tok, t5, tok, scheduler=scheduler,
                      max_sequence_length=MAX_SEQUENCE_LENGTH)
+
+
+# ----------------------------------------------------------------------------- saving
+
+def round_fp16(module):
+    """Round every floating parameter / buffer to float16 precision in place (kept float32), so
+    the in-memory model equals what the float16 files load back as."""
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            if t.is_floating_point():
+                t.copy_(t.half().float())
+    return module
+
+
+def store_fp16(folder) -> None:
+    """Rewrite every safetensors file under ``folder`` in float16 (the configs keep float32:
+    diffusers and transformers load them back as float32)."""
+    from safetensors.torch import load_file, save_file
+
+    for f in Path(folder).rglob("*.safetensors"):
+        state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in load_file(str(f)).items()}
+        save_file(state, str(f), metadata={"format": "pt"})
+
+
+def save_vae(vae, out: Path) -> None:
+    round_fp16(vae)
+    vae.save_pretrained(str(out / "base" / "vae"), safe_serialization=True)
+    store_fp16(out / "base" / "vae")
+
+
+def load_vae(out: Path):
+    from diffusers import AutoencoderKL
+
+    folder = out / "base" / "vae"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} is missing: run the vae stage first")
+    return AutoencoderKL.from_pretrained(str(folder), torch_dtype=torch.float32).eval().requires_grad_(False)
+
+
+def save_base(model, out: Path) -> None:
+    for m in (model.transformer, model.text_encoder, model.text_encoder_2):
+        round_fp16(m)
+    folder = out / "base"
+    model.pipeline().save_pretrained(str(folder), safe_serialization=True)
+    store_fp16(folder)
+    for name in ("tokenizer", "tokenizer_2"):  # vocab.json + merges.txt: 1.5 MB instead of 3.6 MB
+        (folder / name / "tokenizer.json").unlink(missing_ok=True)
+        write_clip_vocab(folder / name)
+
+
+def save_reward(model, proc, out: Path) -> None:
+    round_fp16(model)
+    folder = out / "reward"
+    model.save_pretrained(str(folder), safe_serialization=True)
+    proc.save_pretrained(str(folder))
+    store_fp16(folder)
+
+
+STAGES = ("vae", "judge", "base", "reward")
+
+
+def build(out=WEIGHTS, stages=STAGES, quick: bool = False, progress: bool = True) -> dict:
+    """Run the given stages in order, writing under ``out``; returns seconds per stage."""
+    from .prompts import write_prompt_sets
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    info_file = out / "build.json"
+    info: dict = {}
+    threads = torch.get_num_threads()
+    try:
+        for stage in stages:
+            t0 = time.perf_counter()
+            if stage == "vae":
+                shutil.rmtree(out / "base", ignore_errors=True)
+                save_vae(train_vae(quick, progress), out)
+            elif stage == "judge":
+                train_judge(load_vae(out), quick, progress).save(out / "judge")
+            elif stage == "base":
+                save_base(train_base(load_vae(out), quick, progress), out)
+            elif stage == "reward":
+                save_reward(*train_reward(quick, progress), out)
+            else:
+                raise ValueError(f"unknown stage {stage}: use {', '.join(STAGES)}")
+            info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+            info[stage] = {"seconds": round(time.perf_counter() - t0, 1), "steps": STEPS[stage][int(quick)],
+                           "pool": POOL[stage][int(quick)], "seed": SEEDS[stage], "threads": THREADS}
+            info_file.write_text(json.dumps(info, indent=1))
+        if out.resolve() == WEIGHTS.resolve():
+            write_prompt_sets()
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(False)
+    return info

@@ -37,7 +37,7 @@ STYLE_WORD_PROB = {"photo": 0.9, "cartoon": 0.45, "painting": 0.45}
 
 def content_text(content) -> str:
     """``(("red", "circle"), ("blue", "square"))`` -> ``"a red circle and a blue square"``."""
-    return " and ".join(f"a {colour} {shape}" for colour, shape in content)
+    return " and ".join(f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape}" for colour, shape in content)
 
 
 def caption(scene: Scene, g: torch.Generator, style_prob: float | None = None) -> str:

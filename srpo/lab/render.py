@@ -200,7 +200,7 @@ def _photo(scene: Scene, g: torch.Generator) -> Tensor:
 def _cartoon(scene: Scene, g: torch.Generator) -> Tensor:
     bg = torch.tensor(scene.background).view(3, 1, 1)
     img = bg.expand(3, SIZE, SIZE).clone()
-    ink = torch.tensor([0.08, 0.07, 0.10]).view(3, 1, 1)
+    ink = torch.tensor([0.17, 0.15, 0.19]).view(3, 1, 1)
     for o in scene.objects:
         sdf = _sdf(o)
         outer = _cover(sdf - 1.1, 0.8)
@@ -214,12 +214,12 @@ def _painting(scene: Scene, g: torch.Generator) -> Tensor:
     bg = torch.tensor(scene.background).view(3, 1, 1)
     angle = float(torch.rand(1, generator=g)) * math.pi
     tex = _strokes(g, angle, length=9)
-    img = bg * (1 + 0.08 * tex) + 0.03 * torch.randn(3, 1, 1, generator=g)
+    img = bg * (1.16 - 0.4 * (_Y / SIZE)) * (1 + 0.06 * tex) + 0.03 * torch.randn(3, 1, 1, generator=g)
     for o in scene.objects:
-        wobble = 6.0 * _blur(torch.randn(1, SIZE, SIZE, generator=g), 2.5)[0]
+        wobble = 4.0 * _blur(torch.randn(1, SIZE, SIZE, generator=g), 2.5)[0]
         cover = _cover(_sdf(o) + wobble, 1.0)
         tex_o = _strokes(g, angle + 1.2 + 0.6 * float(torch.rand(1, generator=g)), length=5)
-        body = _rgb(o.colour) * (1 + 0.16 * tex_o)
+        body = _rgb(o.colour) * (1 + 0.09 * tex_o)
         # oily highlight: a short bright streak inside the shape
         hx, hy = o.x - 0.3 * o.r, o.y - 0.35 * o.r
         streak = torch.exp(-(((_X - hx) * 0.9 + (_Y - hy) * 0.45) ** 2) / 3.0 - (((_Y - hy) * 0.9 - (_X - hx) * 0.45) ** 2) / 0.8)

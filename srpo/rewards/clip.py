@@ -52,11 +52,12 @@ def load_clip_tokenizer(folder: Path | None):
 
 
 def load_image_transform(folder: Path, config, uint8: str | None = "auto") -> ImageTransform:
-    """The folder's ``preprocessor_config.json`` if any, else OpenAI CLIP's defaults at the
-    model's input size. ``uint8``: see :meth:`ImageTransform.from_clip_processor`."""
+    """The folder's image processor (``preprocessor_config.json`` or, as transformers 5 saves a
+    processor, ``processor_config.json``), else OpenAI CLIP's defaults at the model's input
+    size. ``uint8``: see :meth:`ImageTransform.from_clip_processor`."""
     from transformers import CLIPImageProcessor
 
-    if (folder / "preprocessor_config.json").exists():
+    if any((folder / f).exists() for f in ("preprocessor_config.json", "processor_config.json")):
         processor = CLIPImageProcessor.from_pretrained(str(folder))
     else:
         size = int(config.vision_config.image_size)
@@ -145,11 +146,15 @@ class CLIPReward(Reward):
 
 
 @REWARDS.register("clip")
-def clip(path=None, device=None, **options) -> Reward:
-    """CLIP score from a local checkpoint: a transformers CLIPModel folder, or an open_clip
-    checkpoint file (``arch`` option, e.g. ``ViT-L-14``)."""
+def clip(path=None, device=None, processor_path=None, arch: str = "ViT-L-14", dtype=None,
+         divide_by: float = 20.0, uint8: str | None = "auto", resize_mode: str | None = None) -> Reward:
+    """CLIP score (``logit_scale.exp() * cos / divide_by``) from a local checkpoint: a
+    transformers CLIPModel folder (``processor_path`` optional), or an open_clip checkpoint file
+    of architecture ``arch`` (``resize_mode`` optional)."""
     if path is not None and Path(path).expanduser().is_file():
         from .openclip import OpenCLIPReward
 
-        return OpenCLIPReward.from_checkpoint(path, device=device, what="CLIP reward", **options)
-    return CLIPReward.from_pretrained(path, device=device, **options)
+        return OpenCLIPReward.from_checkpoint(path, arch=arch, device=device, dtype=dtype, divide_by=divide_by,
+                                              resize_mode=resize_mode, uint8="pil" if uint8 == "auto" else uint8)
+    return CLIPReward.from_pretrained(path, processor_path=processor_path, device=device, dtype=dtype,
+                                      divide_by=divide_by, uint8=uint8)

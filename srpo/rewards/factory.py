@@ -35,7 +35,8 @@ def build_one(spec, device=None) -> Reward:
     try:
         inspect.signature(factory).bind(path=spec.get("path"), device=device, **options)
     except TypeError as e:
-        raise UserError(f"reward '{name}' does not accept these options {sorted(options)}: {e}") from None
+        raise UserError(f"reward '{name}' cannot be called as factory(path=..., device=..., **options) "
+                        f"with options {sorted(options)}: {e}") from None
     except ValueError:  # no signature available: let the call decide
         pass
     reward = factory(path=spec.get("path"), device=device, **options)

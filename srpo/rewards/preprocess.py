@@ -3,15 +3,16 @@
 Reproduces the eval transforms reward models were trained and evaluated with:
 
 - open_clip: ``Resize(shortest side, bicubic)`` on a PIL image, ``CenterCrop``, ``ToTensor``,
-  ``Normalize``;
+  ``Normalize`` (or, HPSv2, longer side resized and zero-padded to a square);
 - transformers ``CLIPImageProcessor``: shortest-side resize (torchvision's uint8 kernel on PIL
   input, or PIL itself with the ``Pil`` backend), centre crop, rescale by 1/255, normalise.
 
 Resizing is an antialiased separable filter (PIL's: bicubic with ``a = -0.5`` or the triangle
 filter, support scaled by the downscale factor), written as two small weight matrices so that
 it runs on any device and dtype and is differentiable. Both references resize 8-bit images and
-round after each pass; ``uint8="pil"`` / ``uint8="torch"`` reproduces that fixed-point
-arithmetic exactly in the forward pass (straight-through: the gradient is the float filter's),
+round after each pass, which moves normalised pixels by up to a few hundredths;
+``uint8="pil"`` / ``uint8="torch"`` reproduces that fixed-point arithmetic (and the pass order)
+exactly in the forward pass, straight-through: the gradient is the float filter's.
 ``uint8=None`` is the plain float filter (equal to ``F.interpolate(..., antialias=True)``).
 """
 
@@ -172,7 +173,8 @@ def center_crop(images: Tensor, size: tuple[int, int], rounding: str = "floor") 
 
 @dataclass(frozen=True)
 class ImageTransform:
-    """Resize (shortest side or squash), centre crop, normalise: images in [0, 1] -> model input."""
+    """Resize (shortest side; longest side, then pad; or squash), centre crop, normalise:
+    images in [0, 1] -> model input."""
 
     size: int | tuple[int, int]  # shortest / longest side length, or (h, w) for "squash"
     crop: tuple[int, int]  # (h, w) of the centre crop (zero padding where the image is smaller)
@@ -182,6 +184,13 @@ class ImageTransform:
     resize_mode: str = "shortest"  # "shortest" | "longest" (then pad) | "squash"
     crop_rounding: str = "floor"  # "floor" (transformers) | "round" (torchvision)
     uint8: str | None = None  # None | "pil" | "torch": emulate the 8-bit reference resize
+
+    def __post_init__(self):
+        allowed = {"uint8": (None, "pil", "torch"), "resize_mode": ("shortest", "longest", "squash"),
+                   "interpolation": tuple(_SUPPORT), "crop_rounding": ("floor", "round")}
+        for name, values in allowed.items():
+            if getattr(self, name) not in values:
+                raise UserError(f"image transform {name}={getattr(self, name)!r}: use one of {values}")
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         if self.resize_mode == "squash":
@@ -232,6 +241,7 @@ class ImageTransform:
     def from_open_clip(cls, preprocess_cfg: dict, uint8: str | None = "pil") -> "ImageTransform":
         """From an open_clip model's ``visual.preprocess_cfg`` (its eval transform, on PIL input).
         'longest' resizes the longer side and zero-pads to a square, as HPSv2 scores images."""
+        uint8 = "pil" if uint8 == "auto" else uint8  # open_clip's transform runs on PIL images
         size = preprocess_cfg.get("size", 224)
         size = (size, size) if isinstance(size, int) else tuple(size)
         mode = preprocess_cfg.get("resize_mode", "shortest") or "shortest"

@@ -1,0 +1,187 @@
+"""``srpo bench``: SRPO against its baselines on the lab world, and the cost of its parts.
+
+(a) time / FLOPs to a judge target and best score within a budget (:mod:`.runs`);
+(b) time per update and peak memory against rollout steps and DRaFT's K (:mod:`.parts`);
+(c) SRPO's update against the sum of its parts timed alone;
+(d) rollout speed against diffusers' FluxPipeline on the same weights;
+(e) hack_index at equal reward gain, with SRPO's ablations.
+
+Every ratio is measured within one run of this command, on one machine.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+
+PARTS = ("a", "b", "c", "d", "e")
+ALGORITHMS = ("srpo", "direct_align", "refl", "draft", "grpo")
+
+# Budgets: updates per run (and checkpoint spacing) for (a) / (e); repeats and sizes for (b)-(d).
+FULL = {"updates": 20, "grpo_updates": 40, "eval_every": 4, "eval_prompts": None, "repeats": 3,
+        "draft_ks": (1, 2, 4, 8), "steps": (25, 50), "overrides": []}
+QUICK = {"updates": 3, "grpo_updates": 3, "eval_every": 1, "eval_prompts": 8, "repeats": 1,
+         "draft_ks": (1, 4), "steps": (25, 50),
+         "overrides": ["rollout.steps=8", "data.eval_steps=8", "grpo.group_size=4", "train.batch_size=2"]}
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+def _ratio(num, den):
+    return None if num is None or den in (None, 0) else num / den
+
+
+def headline(result: dict) -> dict:
+    """The ratios the issue names, each from measurements of this run (None where not measured)."""
+    out: dict = {}
+    a, b, c, d, e = (result.get(k) for k in PARTS)
+    if a:
+        runs = a["runs"]
+        out["grpo_over_srpo_time_to_target"] = _ratio(runs["grpo"]["seconds_to_target"],
+                                                      runs["srpo"]["seconds_to_target"])
+        out["grpo_over_srpo_flops_to_target"] = _ratio(runs["grpo"]["flops_to_target"],
+                                                       runs["srpo"]["flops_to_target"])
+    if c:
+        out["srpo_update_over_parts"] = c["update_over_parts"]
+    if b:
+        srpo = b["by_steps"]["srpo"]
+        steps = sorted(srpo, key=int)
+        out["srpo_memory_50_over_25"] = _ratio(srpo[steps[-1]]["peak_mib"], srpo[steps[0]]["peak_mib"])
+        k_max = max(int(k) for k in b["draft_k"] if k.isdigit())
+        out["draft_memory_over_srpo"] = _ratio(b["draft_k"][str(k_max)]["peak_mib"], srpo[steps[0]]["peak_mib"])
+        out["draft_plain_memory_over_srpo"] = _ratio(b["draft_k"][f"{k_max}-plain"]["peak_mib"],
+                                                     srpo[steps[0]]["peak_mib"])
+    if d and "skipped" not in d:
+        out["rollout_speed_over_diffusers"] = min(row["speed_over_diffusers"] for row in d.values())
+    if e:
+        out["hack_index"] = {name: row["hack_index_at_gain"] for name, row in e["runs"].items()}
+    return out
+
+
+def targets(h: dict) -> dict:
+    """The issue's targets, pass / fail (absent where not measured)."""
+    checks = {
+        "grpo_over_srpo_time_to_target >= 75": ("grpo_over_srpo_time_to_target", lambda v: v >= 75),
+        "srpo_update_over_parts <= 1.10": ("srpo_update_over_parts", lambda v: v <= 1.10),
+        "srpo_memory_50_over_25 <= 1.05": ("srpo_memory_50_over_25", lambda v: v <= 1.05),
+        "rollout_speed_over_diffusers >= 1.0": ("rollout_speed_over_diffusers", lambda v: v >= 1.0),
+    }
+    out = {name: bool(fn(h[key])) for name, (key, fn) in checks.items() if h.get(key) is not None}
+    hi = h.get("hack_index") or {}
+    if hi.get("srpo") is not None:
+        others = [v for n, v in hi.items() if n != "srpo" and v is not None]
+        out["srpo hack_index lowest at equal gain"] = all(hi["srpo"] <= v for v in others)
+        for n in ("no_inversion", "late_timesteps", "absolute_reward"):
+            if hi.get(n) is not None:
+                out[f"ablation {n} raises hack_index"] = hi[n] > hi["srpo"]
+    return out
+
+
+def run_bench(output, quick: bool = False, parts=PARTS, config=None, overrides=(), progress: bool = True) -> dict:
+    """Run the chosen parts, print tables, write ``output/bench.json``; returns the result."""
+    from .parts import Bench, rollout_speed, srpo_parts, update_costs
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    budget = QUICK if quick else FULL
+    say = print if progress else (lambda *a, **k: None)
+    cfg, judge = _config(config, list(budget["overrides"]) + list(overrides))
+    if judge is None and ({"a", "e"} & set(parts)):
+        say("(a) and (e) need the lab world's judge: skipped for this config")
+        parts = [p for p in parts if p not in ("a", "e")]
+    t0 = time.perf_counter()
+    result: dict = {"machine": machine(), "quick": quick, "config": str(config or "configs/lab.yaml"),
+                    "overrides": list(budget["overrides"]) + list(overrides)}
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
+    bench = Bench(cfg, device)
+    if "b" in parts:
+        say("(b) time and memory per update")
+        result["b"] = update_costs(bench, ALGORITHMS, budget["steps"], budget["draft_ks"], budget["repeats"], say)
+    if "c" in parts:
+        say("(c) SRPO update against its parts")
+        result["c"] = srpo_parts(bench, repeats=max(3, budget["repeats"]))
+    if "d" in parts:
+        say("(d) rollout against FluxPipeline")
+        result["d"] = rollout_speed(bench, budget["steps"], repeats=budget["repeats"])
+    if "a" in parts or "e" in parts:
+        _training_parts(result, bench, cfg, judge, config, parts, budget, output, overrides, say, progress)
+    result["headline"] = headline(result)
+    result["targets"] = targets(result["headline"])
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    (output / "bench.json").write_text(json.dumps(result, indent=1))
+    say(report(result))
+    return result
+
+
+def _config(config, overrides):
+    """The config (default: the lab's) and its judge folder, ``weights/judge`` next to the base
+    model's folder; ``None`` when there is none (then only parts b-d can run)."""
+    from ..config import load_config
+    from ..lab.run import lab_config
+
+    if config is None:
+        cfg = lab_config(None, overrides)  # says how to build the lab weights when they are missing
+    else:
+        if not Path(config).is_file():
+            raise UserError(f"bench config {config} not found")
+        cfg = load_config(config, overrides)
+    judge = Path(cfg.model.path).parent / "judge" if cfg.model.path else None
+    return cfg, judge if judge is not None and judge.is_dir() else None
+
+
+def _training_parts(result, bench, cfg, judge, config, parts, budget, output, overrides, say, progress) -> None:
+    from ..data import load_prompts
+    from ..lab.judge import Judge
+    from ..lab.run import Evaluator
+    from .measure import flops
+    from .runs import ABLATIONS, PUBLISHED, SAME_REWARD, equal_gain_table, time_to_target_table, train_and_judge
+
+    heldout = load_prompts(cfg.data.eval_prompts, "lab held-out prompts")
+    if budget["eval_prompts"]:
+        heldout = heldout[: budget["eval_prompts"]]
+    evaluator = Evaluator(cfg, heldout, Judge.load(judge))
+    before, _ = evaluator()
+    wanted = {}
+    if "a" in parts:
+        wanted.update(SAME_REWARD)
+    if "e" in parts:
+        wanted.update({"srpo": []}, **PUBLISHED, **{k: v for k, v in ABLATIONS.items() if k != "absolute_reward"})
+    curves = {}
+    for name, extra in wanted.items():
+        updates = budget["grpo_updates"] if name.startswith("grpo") else budget["updates"]
+        run_overrides = list(budget["overrides"]) + list(overrides) + extra + [
+            f"train.max_steps={updates}", f"log.checkpoint_every={budget['eval_every']}", "log.keep_checkpoints=10000",
+            "log.sample_every=0", "data.eval_prompts=null", f"log.progress={str(progress).lower()}"]
+        run_cfg, _ = _config(config, run_overrides)
+        f = flops(bench.update_fn(run_cfg))
+        bench.restore()
+        say(f"(a/e) training {name}: {updates} updates, {f / 1e9:.2f} GFLOP per update")
+        curves[name] = train_and_judge(run_cfg, output / "runs" / name, evaluator, before, f, progress)
+    result["curves"] = curves
+    if "a" in parts:
+        result["a"] = time_to_target_table({k: curves[k] for k in SAME_REWARD})
+    if "e" in parts:
+        names = ["srpo", *PUBLISHED, "no_inversion", "late_timesteps"]
+        table = equal_gain_table({k: curves[k] for k in names})
+        table["runs"]["absolute_reward"] = table["runs"]["direct_align"]
+        result["e"] = table
+
+
+def report(result: dict) -> str:
+    """Plain-text tables of a bench result."""
+    from .tables import render
+
+    return render(result)

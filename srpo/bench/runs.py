@@ -1,0 +1,95 @@
+"""Benchmarks (a) and (e): training runs on the lab world, judged at every checkpoint.
+
+(a) every algorithm maximises the *same* reward, the semantic-relative one with the realism
+    words (the baselines with ``<algo>.reward: relative``), so the comparison is of optimisers:
+    wall time and FLOPs to reach a judge realism target, and the best realism within a budget.
+(e) the algorithms in their published form (baselines on the absolute reward) and SRPO's
+    ablations, each switched on alone: hack_index at an equal gain of the held-out absolute reward.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from .measure import best_within, time_to_target, value_at_gain
+
+# name -> config overrides (on top of configs/lab.yaml)
+SAME_REWARD = {
+    "srpo": [],
+    "refl": ["algorithm=refl", "refl.reward=relative"],
+    "draft": ["algorithm=draft", "draft.reward=relative"],
+    "grpo": ["algorithm=grpo", "grpo.reward=relative"],
+}
+PUBLISHED = {
+    "direct_align": ["algorithm=direct_align"],
+    "refl_absolute": ["algorithm=refl"],
+    "draft_absolute": ["algorithm=draft"],
+    "grpo_absolute": ["algorithm=grpo"],
+}
+ABLATIONS = {
+    "no_inversion": ["method.inversion_branch=false"],
+    "late_timesteps": ["method.index_range=[35, 49]"],
+    "absolute_reward": ["algorithm=direct_align"],  # the same run as direct_align
+}
+METRICS = ("realism", "fidelity", "hack_index", "reward", "srp_reward")
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def train_and_judge(cfg, output: Path, evaluator, before: dict, flops_per_update: float, progress: bool) -> list[dict]:
+    """Train with the real trainer, then judge every checkpoint. Returns the curve: points with
+    the update, cumulative training seconds (the trainer's own per-update times) and FLOPs."""
+    from .. import checkpoint
+    from ..trainer import train
+
+    train(cfg, output)
+    seconds, total = {}, 0.0
+    for row in _rows(output):
+        total += row["seconds"]
+        seconds[row["step"]] = total
+    curve = [{"step": 0, "seconds": 0.0, "flops": 0.0, **{k: before[k] for k in METRICS}}]
+    for ckpt in checkpoint.checkpoint_dirs(output):
+        step = json.loads((ckpt / "state.json").read_text())["step"]
+        metrics, _ = evaluator(load_file(str(ckpt / "trainable.safetensors")))
+        curve.append({"step": step, "seconds": seconds[step], "flops": flops_per_update * step,
+                      **{k: metrics[k] for k in METRICS}})
+    evaluator.load(None)
+    return curve
+
+
+def time_to_target_table(curves: dict[str, list[dict]], key: str = "realism", reference: str = "grpo") -> dict:
+    """(a): target = the reference's final score; each algorithm's seconds / FLOPs to reach it and
+    its best score within the shortest run's training time."""
+    target = curves[reference][-1][key]
+    budget = min(c[-1]["seconds"] for c in curves.values())
+    table = {}
+    for name, curve in curves.items():
+        table[name] = {
+            "final": curve[-1][key], "best": max(p[key] for p in curve),
+            "seconds_to_target": time_to_target(curve, key, target),
+            "flops_to_target": time_to_target(curve, key, target, cost="flops"),
+            "best_within_budget": best_within(curve, key, budget),
+            "train_seconds": curve[-1]["seconds"], "updates": curve[-1]["step"],
+        }
+    return {"key": key, "target": target, "reference": reference, "budget_seconds": budget, "runs": table}
+
+
+def equal_gain_table(curves: dict[str, list[dict]], gain_key: str = "reward") -> dict:
+    """(e): hack_index of each run where its held-out ``gain_key`` has risen by the same amount:
+    the largest gain every run that gains at all reaches (runs that never gain are reported
+    without a value)."""
+    gains = {n: max(p[gain_key] for p in c) - c[0][gain_key] for n, c in curves.items()}
+    positive = [g for g in gains.values() if g > 0]
+    level = min(positive) if positive else None
+    table = {}
+    for name, curve in curves.items():
+        at = value_at_gain(curve, gain_key, level, "hack_index") if level is not None else None
+        table[name] = {"max_gain": gains[name], "hack_index_at_gain": at,
+                       "final_hack_index": curve[-1]["hack_index"], "final_realism": curve[-1]["realism"],
+                       "final_fidelity": curve[-1]["fidelity"]}
+    return {"gain_key": gain_key, "gain": level, "runs": table}

@@ -1,0 +1,65 @@
+"""Plain-text (Markdown) tables of a ``srpo bench`` result, printed and pasted into BENCHMARKS.md."""
+
+from __future__ import annotations
+
+
+def _f(v, fmt=".3f"):
+    if v is None:
+        return "-"
+    return format(v, fmt) if isinstance(v, (int, float)) else str(v)
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def render(result: dict) -> str:
+    out: list[str] = []
+    m = result.get("machine", {})
+    out.append(f"machine: {m.get('platform')}, {m.get('cpus')} CPUs, torch {m.get('torch')}, "
+               f"GPU {m.get('gpu')}, {m.get('date')}; quick={result.get('quick')}")
+    if "a" in result:
+        a = result["a"]
+        out += ["", f"(a) time to {a['key']} >= {a['target']:.3f} ({a['reference']}'s final); "
+                    f"budget {a['budget_seconds']:.1f}s of training", ""]
+        out += _table(["algorithm", "updates", "train s", "final", "best", "s to target", "GFLOP to target",
+                       "best within budget"],
+                      [[n, r["updates"], _f(r["train_seconds"], ".1f"), _f(r["final"]), _f(r["best"]),
+                        _f(r["seconds_to_target"], ".2f"),
+                        _f(None if r["flops_to_target"] is None else r["flops_to_target"] / 1e9, ".1f"),
+                        _f(r["best_within_budget"])] for n, r in a["runs"].items()])
+    if "b" in result:
+        b = result["b"]
+        out += ["", "(b) one update: seconds, peak MiB (process), saved activations MiB, GFLOP", ""]
+        rows = [[n, s, _f(r["seconds"]), _f(r["peak_mib"], ".1f"), _f(r["saved_mib"], ".1f"), _f(r["flops"] / 1e9, ".2f")]
+                for n, by in b["by_steps"].items() for s, r in by.items()]
+        rows += [[f"draft K={k}", "25" if "plain" not in k else "25 (no checkpointing)", _f(r["seconds"]),
+                  _f(r["peak_mib"], ".1f"), _f(r["saved_mib"], ".1f"), _f(r["flops"] / 1e9, ".2f")]
+                 for k, r in b["draft_k"].items()]
+        out += _table(["algorithm", "rollout steps", "s / update", "peak MiB", "saved MiB", "GFLOP"], rows)
+    if "c" in result:
+        c = result["c"]
+        out += ["", f"(c) SRPO update {c['update']:.3f}s vs parts {c['sum_of_parts']:.3f}s: "
+                    f"ratio {c['update_over_parts']:.3f}", ""]
+        out += _table(["part", "seconds"], [[k, _f(v, ".4f")] for k, v in c["parts"].items()])
+    if "d" in result and "skipped" not in result["d"]:
+        out += ["", "(d) rollout + decode vs FluxPipeline (same weights, noise, prompt embeddings)", ""]
+        out += _table(["steps", "ours s", "diffusers s", "speed over diffusers", "max pixel diff"],
+                      [[s, _f(r["ours"]), _f(r["diffusers"]), _f(r["speed_over_diffusers"], ".2f"),
+                        _f(r["max_pixel_difference"], ".1e")] for s, r in result["d"].items()])
+    if "e" in result:
+        e = result["e"]
+        out += ["", f"(e) hack_index at equal held-out {e['gain_key']} gain {_f(e['gain'])}", ""]
+        out += _table(["run", "max gain", "hack_index at gain", "final hack_index", "final realism", "final fidelity"],
+                      [[n, _f(r["max_gain"]), _f(r["hack_index_at_gain"]), _f(r["final_hack_index"]),
+                        _f(r["final_realism"]), _f(r["final_fidelity"])] for n, r in e["runs"].items()])
+    h = result.get("headline", {})
+    if h:
+        out += ["", "headline ratios:"]
+        out += [f"  {k}: {_f(v, '.3f') if not isinstance(v, dict) else {n: _f(x) for n, x in v.items()}}"
+                for k, v in h.items()]
+    t = result.get("targets", {})
+    if t:
+        out += ["targets: " + "; ".join(f"{k} {'PASS' if v else 'MISS'}" for k, v in t.items())]
+    return "\n".join(out)

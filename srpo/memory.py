@@ -1,0 +1,280 @@
+"""Memory: fp32 master weights, activation checkpointing, frozen parts, the text-feature cache
+with optional offloading, and the per-GPU memory estimate behind ``srpo plan``.
+
+The estimate counts bytes, it does not measure them: weights and optimizer state exactly from
+parameter counts, activations from per-block formulas (saved tensors per token and channel,
+checked against autograd's saved tensors in tests/test_parallel.py), plus a fixed CUDA overhead
+and 10 % for allocator fragmentation. ``benchmarks/gpu_update.py`` prints it next to the
+measured peak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+GiB = 1024**3
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+# ---------------------------------------------------------------------- training-time setup
+
+def frozen_modules(model) -> dict[str, nn.Module]:
+    """The model's modules other than the transformer (VAE, text encoders)."""
+    return {k: v for k, v in vars(model).items() if isinstance(v, nn.Module) and k != "transformer"}
+
+
+def text_encoders(model) -> list[nn.Module]:
+    return [m for k, m in frozen_modules(model).items() if k.startswith("text_encoder")]
+
+
+def prepare(model, cfg) -> None:
+    """Before wrapping: trainable weights in float32 (master weights; autocast computes in
+    bf16), frozen parts without parameter gradients, activation checkpointing, text cache."""
+    for p in model.transformer.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    for m in frozen_modules(model).values():
+        m.requires_grad_(False)
+    if cfg.train.gradient_checkpointing:
+        if hasattr(model, "gradient_checkpointing"):
+            model.gradient_checkpointing(True)  # every transformer block and the VAE decoder
+        elif hasattr(model.transformer, "enable_gradient_checkpointing"):
+            model.transformer.enable_gradient_checkpointing()
+    if cfg.memory.cache_text:
+        model.encode_prompts = TextCache(model, offload=cfg.memory.offload_frozen)
+
+
+class TextCache:
+    """``model.encode_prompts`` with per-prompt caching. Every prompt is encoded alone, so its
+    features never depend on which prompts shared a batch (runs stay bit-reproducible however
+    ranks or resumes group them). With ``offload`` the text encoders live on the CPU and visit
+    the model's device only to encode prompts not seen before."""
+
+    def __init__(self, model, offload: bool = False):
+        self.model, self.offload = model, offload
+        self.encode = model.encode_prompts  # the adapter's own method
+        self.store: dict[str, dict[str, torch.Tensor]] = {}
+        if offload:
+            for m in text_encoders(model):
+                m.to("cpu")
+
+    def __call__(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.store]
+        if missing:
+            device = self.model.device
+            encoders = text_encoders(self.model) if self.offload else []
+            for m in encoders:
+                m.to(device)
+            try:
+                for p in missing:
+                    self.store[p] = {k: v.detach().cpu() for k, v in self.encode([p]).items()}
+            finally:
+                for m in encoders:
+                    m.to("cpu")
+        device = self.model.device
+        keys = self.store[prompts[0]].keys()
+        return {k: torch.cat([self.store[p][k] for p in prompts]).to(device) for k in keys}
+
+
+# ---------------------------------------------------------------------- sizes for the plan
+
+@dataclass
+class Sizes:
+    """What the estimate needs to know about a model, reward and image size."""
+
+    name: str
+    transformer: int  # parameters
+    blocks: int
+    largest_block: int  # parameters of the largest block
+    root: int  # parameters outside the blocks (embedders, final layer)
+    hidden: int  # transformer width
+    lora_params: int  # adapter parameters for the configured LoRA
+    text_encoders: int
+    vae: int
+    vae_levels: list[tuple[int, int]] = field(default_factory=list)  # decoder (channels, upsample factor)
+    vae_resnets: int = 3
+    reward: int = 0
+    reward_layers: int = 32
+    reward_width: int = 1280
+    reward_tokens: int = 257
+    image_tokens: int = 0
+    text_tokens: int = 512
+
+
+FLUX_DEV = dict(in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+FLUX_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16)
+T5_XXL, CLIP_L = 4_762_310_656, 123_060_480  # encoder parameters (FLUX.1's text_encoder_2 / text_encoder)
+# (parameters, vision layers, vision width, vision tokens) of the reward models by registry name
+REWARD_ARCH = {"hps": (986_109_441, 32, 1280, 257), "pickscore": (986_109_441, 32, 1280, 257),
+               "clip": (427_616_513, 24, 1024, 257), "aesthetic": (427_616_513 + 1_000_000, 24, 1024, 257)}
+
+
+def _meta_transformer(options: dict):
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        return FluxTransformer2DModel(**options)
+
+
+def _lora_params(transformer: nn.Module, cfg) -> int:
+    total = 0
+    for name, m in transformer.named_modules():
+        if isinstance(m, nn.Linear) and any(name == t or name.endswith("." + t) for t in cfg.target_modules):
+            total += cfg.rank * (m.in_features + m.out_features)
+    return total
+
+
+def model_sizes(cfg) -> Sizes:
+    """Sizes of the configured model and reward: counted on the meta device (no weights are
+    read or allocated); ``flux`` without a local folder means FLUX.1-dev's dimensions."""
+    import json
+    from pathlib import Path
+
+    m = cfg.model
+    if m.name == "tiny_flux":
+        from .models.tiny import build_tiny_flux
+
+        with torch.device("meta"):
+            model = build_tiny_flux(**m.options)
+        tr, vae = model.transformer, model.vae
+        n_text = sum(p.numel() for e in text_encoders(model) for p in e.parameters())
+        vae_cfg = dict(vae.config)
+        text_tokens, name = model.max_sequence_length, "tiny_flux"
+    else:
+        folder = Path(m.path) if m.path else None
+        if folder is not None and (folder / "transformer" / "config.json").is_file():
+            tcfg = json.loads((folder / "transformer" / "config.json").read_text())
+            tcfg = {k: v for k, v in tcfg.items() if not k.startswith("_")}
+            vae_cfg = json.loads((folder / "vae" / "config.json").read_text())
+            name = str(folder)
+        else:
+            tcfg, vae_cfg, name = FLUX_DEV, FLUX_VAE, "FLUX.1-dev dimensions"
+        tr = _meta_transformer(tcfg)
+        n_text = T5_XXL + CLIP_L
+        text_tokens = int(m.options.get("max_sequence_length", 512))
+        from diffusers import AutoencoderKL
+
+        with torch.device("meta"):
+            n = len(vae_cfg["block_out_channels"])
+            vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                                block_out_channels=tuple(vae_cfg["block_out_channels"]),
+                                layers_per_block=vae_cfg["layers_per_block"],
+                                latent_channels=vae_cfg["latent_channels"])
+    chans = list(reversed(vae_cfg["block_out_channels"]))
+    factor = 2 ** (len(chans) - 1)
+    levels = [(c, 2**i) for i, c in enumerate(chans)]
+    from .parallel import blocks
+
+    parts = blocks(tr)
+    tc = tr.config
+    sizes = Sizes(
+        name=name, transformer=sum(p.numel() for p in tr.parameters()), blocks=len(parts),
+        largest_block=max(sum(p.numel() for p in b.parameters()) for b in parts),
+        root=sum(p.numel() for p in tr.parameters()) - sum(p.numel() for b in parts for p in b.parameters()),
+        hidden=tc.num_attention_heads * tc.attention_head_dim, lora_params=_lora_params(tr, cfg.lora),
+        text_encoders=n_text, vae=sum(p.numel() for p in vae.parameters()), vae_levels=levels,
+        vae_resnets=vae_cfg["layers_per_block"] + 1, text_tokens=text_tokens,
+        image_tokens=(cfg.rollout.height // (factor * 2)) * (cfg.rollout.width // (factor * 2)),
+    )
+    _reward_sizes(cfg, sizes)
+    return sizes
+
+
+def _reward_sizes(cfg, sizes: Sizes) -> None:
+    specs = cfg.reward if isinstance(cfg.reward, list) else [cfg.reward]
+    total, arch = 0, None
+    for spec in specs:
+        if spec.name == "tiny_clip":
+            from .rewards.tiny import tiny_clip_config
+
+            vc = tiny_clip_config(int(spec.options.get("image_size", 32))).vision_config
+            with torch.device("meta"):
+                from transformers import CLIPModel
+
+                n = sum(p.numel() for p in CLIPModel(tiny_clip_config(vc.image_size)).parameters())
+            a = (n, vc.num_hidden_layers, vc.hidden_size, (vc.image_size // vc.patch_size) ** 2 + 1)
+        else:
+            a = REWARD_ARCH.get(spec.name, REWARD_ARCH["hps"])  # unknown: assume a ViT-H CLIP
+        total += a[0]
+        arch = a if arch is None or a[1] * a[2] > arch[1] * arch[2] else arch
+    sizes.reward = total
+    _, sizes.reward_layers, sizes.reward_width, sizes.reward_tokens = arch
+
+
+# ---------------------------------------------------------------------- the estimate
+
+BLOCK_UNITS = 26  # tensors of size tokens x width a transformer block keeps for backward
+RESNET_UNITS = 6  # tensors of size pixels x channels a VAE resnet keeps for backward
+VIT_UNITS = 26  # per reward ViT layer, in tokens x width
+OVERHEAD = 1.5 * GiB  # CUDA context, cuBLAS / NCCL workspaces
+FRAGMENTATION = 1.10
+
+
+def transformer_activations(s: Sizes, batch: int, act_bytes: int, checkpointing: bool) -> int:
+    """Saved activations of one gradient forward: every block's tensors, or with checkpointing
+    each block's input plus one block recomputed (and its gradients) at a time."""
+    unit = (s.image_tokens + s.text_tokens) * s.hidden * act_bytes * batch
+    return int(unit * ((s.blocks + BLOCK_UNITS + 8) if checkpointing else s.blocks * BLOCK_UNITS))
+
+
+def vae_activations(s: Sizes, batch: int, height: int, width: int, act_bytes: int, checkpointing: bool) -> int:
+    """Decoder tensors kept for backward (decoding with gradient)."""
+    base = (height // s.vae_levels[-1][1]) * (width // s.vae_levels[-1][1])  # latent pixels
+    per_level = []
+    for i, (ch, up) in enumerate(s.vae_levels):
+        pixels = base * up * up
+        units = s.vae_resnets * RESNET_UNITS + (1 if i else 2 * RESNET_UNITS + 4)  # level 0 adds the mid block
+        per_level.append(pixels * ch * units)
+    top = base * s.vae_levels[-1][1] ** 2 * s.vae_levels[-1][0] * 3  # norm_out, silu, conv_out
+    total = max(per_level) + top if checkpointing else sum(per_level) + top
+    return int(total * act_bytes * batch)
+
+
+def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, height: int, width: int,
+             model_bytes: int, reward_bytes: int = 4, act_bytes: int = 2, checkpointing: bool = True,
+             offload_text: bool = False) -> dict[str, float]:
+    """Expected peak bytes per GPU by component (and ``total``)."""
+    shard = gpus if strategy == "fsdp" else 1
+    trainable = s.lora_params if lora else s.transformer
+    out: dict[str, float] = {}
+    out["trainable weights + grads + AdamW (fp32)"] = 16 * trainable / shard
+    out["optimizer-step temporaries"] = 4 * trainable / shard
+    if lora:
+        out["frozen transformer base"] = model_bytes * s.transformer / shard
+    if strategy == "fsdp":
+        block_bytes = model_bytes if lora else 4
+        out["FSDP gathered blocks (2) + block grads"] = s.largest_block * (2 * block_bytes + (0 if lora else 4))
+        out["FSDP unsharded root"] = s.root * (model_bytes if lora else 4)
+    out["text encoders"] = 0 if offload_text else model_bytes * s.text_encoders
+    out["VAE"] = model_bytes * s.vae
+    out["reward model"] = reward_bytes * s.reward
+    out["activations: transformer"] = transformer_activations(s, batch, act_bytes, checkpointing)
+    out["activations: VAE decode"] = vae_activations(s, batch, height, width, model_bytes, checkpointing)
+    out["activations: reward"] = VIT_UNITS * s.reward_layers * s.reward_tokens * s.reward_width * reward_bytes * batch
+    out["CUDA context + workspaces"] = OVERHEAD
+    subtotal = sum(out.values())
+    if offload_text:  # encoding a new prompt brings the encoders over, between gradient steps
+        idle = subtotal - sum(v for k, v in out.items() if k.startswith("activations"))
+        subtotal = max(subtotal, idle + model_bytes * s.text_encoders)
+    out["fragmentation (10 %)"] = subtotal * (FRAGMENTATION - 1)
+    out["total"] = subtotal * FRAGMENTATION
+    return out
+
+
+def estimate_for(cfg, s: Sizes, gpus: int, strategy: str | None = None, lora: bool | None = None) -> dict[str, float]:
+    """:func:`estimate` with the config's settings (strategy and LoRA overridable)."""
+    strategy = strategy or cfg.parallel.strategy
+    lora = cfg.lora.enabled if lora is None else lora
+    specs = cfg.reward if isinstance(cfg.reward, list) else [cfg.reward]
+    reward_bytes = max(BYTES.get(str(sp.options.get("dtype", "float32")), 4) for sp in specs)
+    return estimate(s, gpus=gpus, strategy="none" if gpus == 1 and strategy == "ddp" else strategy, lora=lora,
+                    batch=cfg.train.batch_size, height=cfg.rollout.height, width=cfg.rollout.width,
+                    model_bytes=BYTES[cfg.model.dtype], reward_bytes=reward_bytes,
+                    act_bytes=2 if cfg.train.autocast != "none" else 4,
+                    checkpointing=cfg.train.gradient_checkpointing, offload_text=cfg.memory.offload_frozen)

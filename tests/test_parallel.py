@@ -1,0 +1,236 @@
+"""Distributed training on CPU with gloo, the memory plan and the GPU benchmark's dry run.
+
+Two launches run the real CLI under torchrun while the one-process reference trains in this
+process: DDP with 2 processes on one node, and FSDP2 on 2 simulated nodes of 1 process each
+joined by torchrun's c10d rendezvous on localhost. All use the same global batch (2 samples)
+as the reference, so they must land on the same weights.
+
+Tolerance: 5e-5 absolute on weights after 3 AdamW updates at lr 3e-3. The ranks compute the
+same sums in another order (batch 1 vs batch 2 matmuls, a gloo all-reduce / reduce-scatter),
+which moves gradients by ~1e-7 relative; Adam divides by sqrt(v) so each update is ~lr in
+size and such differences reach the weights at ~1e-6 (measured: DDP 1.7e-6, FSDP 8.8e-6).
+A wrong rank layout, a missing gradient average or a dropped shard changes weights by ~lr.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from srpo import memory, parallel
+from srpo.cli import main
+from srpo.config import load_config
+from srpo.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "tiny.yaml"
+STEPS = 3
+QUICK = [f"train.max_steps={STEPS}", "data.eval_prompts=null", "log.sample_every=0", "rollout.steps=4",
+         "log.tensorboard=false", "log.progress=false", "log.checkpoint_every=0"]
+TOL = 5e-5
+
+
+def _sets(items):
+    return [a for item in items for a in ("--set", item)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _torchrun(args, out: Path, extra_sets, log: Path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", *args, "-m", "srpo", "train", str(CONFIG),
+           "--output", str(out), *_sets(QUICK + extra_sets)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(next((run / "final").glob("*.safetensors"))))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Start the distributed launches, train the reference meanwhile, wait for all."""
+    from srpo.trainer import train
+
+    tmp = tmp_path_factory.mktemp("parallel")
+    ddp = _torchrun(["--standalone", "--nproc_per_node", "2"], tmp / "ddp",
+                    ["train.batch_size=1", "parallel.strategy=ddp"], tmp / "ddp.log")
+    port = _free_port()
+    nodes = [_torchrun(["--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(r), "--rdzv-backend", "c10d",
+                        "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "srpo-test"],
+                       tmp / "fsdp", ["train.batch_size=1", "parallel.strategy=fsdp"], tmp / f"node{r}.log")
+             for r in (0, 1)]
+    train(load_config(CONFIG, QUICK + ["train.batch_size=2"]), tmp / "ref")
+    codes = {"ddp": ddp.wait(timeout=240), "node0": nodes[0].wait(timeout=240), "node1": nodes[1].wait(timeout=240)}
+    logs = {k: (tmp / f"{k}.log").read_text()[-3000:] for k in ("ddp", "node0", "node1")}
+    return tmp, codes, logs
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp"])
+def test_distributed_run_matches_one_process(runs, name):
+    tmp, codes, logs = runs
+    procs = ["ddp"] if name == "ddp" else ["node0", "node1"]
+    for p in procs:  # a finished run exits 0 on every rank: no gloo abort at exit
+        assert codes[p] == 0, logs[p]
+    ref, got = _weights(tmp / "ref"), _weights(tmp / name)
+    assert set(ref) == set(got)
+    diff = max((ref[k] - got[k]).abs().max().item() for k in ref)
+    assert diff < TOL, f"{name}: max abs weight difference {diff:.3g} vs one process"
+    from srpo.models.tiny import build_tiny_flux
+
+    init = build_tiny_flux(0).transformer.state_dict()
+    moved = max((ref[k] - init[k]).abs().max().item() for k in ref)
+    assert moved > 50 * TOL  # training moved the weights far more than the tolerance
+    rows = [json.loads(ln) for ln in (tmp / name / "metrics.jsonl").read_text().splitlines()]
+    ref_rows = [json.loads(ln) for ln in (tmp / "ref" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # rank 0 alone wrote the log
+    for a, b in zip(rows, ref_rows):
+        assert a["skipped"] == 0 and abs(a["loss"] - b["loss"]) < 1e-4 and a["ts"] == b["ts"]
+    ckpt = load_file(str(tmp / name / "checkpoints" / f"step-{STEPS:06d}" / "trainable.safetensors"))
+    assert all(torch.equal(ckpt[k], got[k]) for k in got)  # gathered full state = final weights
+
+
+def test_setup_refuses_several_processes_without_a_strategy(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="parallel.strategy"):
+        parallel.setup(load_config(CONFIG))
+
+
+# ---------------------------------------------------------------------- the plan
+
+FLUX_DEV_CFG = {"model": {"name": "flux", "dtype": "bfloat16"}, "reward": {"name": "hps"},
+                "rollout": {"height": 720, "width": 720},
+                "train": {"batch_size": 1, "autocast": "bf16", "gradient_checkpointing": True},
+                "data": {"prompts": ["a cat"]}, "parallel": {"strategy": "fsdp"}}
+
+
+def test_plan_flux_dev_full_needs_fsdp_on_8_gpus_lora_fits_one():
+    cfg = load_config(FLUX_DEV_CFG)
+    sizes = memory.model_sizes(cfg)
+    assert sizes.transformer == 11_901_408_320  # FLUX.1-dev's transformer (diffusers, meta device)
+    assert (sizes.blocks, sizes.hidden, sizes.image_tokens, sizes.text_tokens) == (57, 3072, 2025, 512)
+    from transformers import T5Config, T5EncoderModel
+
+    with torch.device("meta"):  # the text-encoder constant is T5-XXL's encoder (+ CLIP-L)
+        t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                                     num_heads=64, feed_forward_proj="gated-gelu"))
+    assert sum(p.numel() for p in t5.parameters()) == memory.T5_XXL
+
+    def total(gpus, strategy, lora):
+        return memory.estimate_for(cfg, sizes, gpus, strategy, lora)["total"] / memory.GiB
+
+    parts = memory.estimate_for(cfg, sizes, 8, "fsdp", False)
+    assert parts["trainable weights + grads + AdamW (fp32)"] == 16 * sizes.transformer / 8
+    assert total(8, "fsdp", False) < 80 and total(16, "fsdp", False) < total(8, "fsdp", False)
+    assert total(1, "fsdp", False) > 80 and total(8, "ddp", False) > 80  # full FT never fits unsharded
+    assert total(1, "none", True) < 80  # LoRA on one GPU
+
+
+def test_plan_cli_prints_a_breakdown(tmp_path, capsys):
+    path = tmp_path / "flux.yaml"
+    path.write_text(json.dumps(FLUX_DEV_CFG))  # JSON is YAML
+    assert main(["plan", str(path), "--gpus", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "fits in 80 GiB per GPU" in out and "does NOT fit" not in out.split("per-GPU GiB by layout")[0]
+    assert "full fsdp" in out and "lora ddp" in out
+    assert main(["plan", str(path), "--gpus", "0"]) == 2
+
+
+def _saved_bytes(fn, params) -> int:
+    """Bytes of the distinct activation tensors autograd keeps for backward during ``fn()``."""
+    ptrs = {p.data_ptr() for p in params}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if t.data_ptr() not in ptrs and t.numel() > 1:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_activation_estimates_track_autograd_saved_tensors():
+    from srpo.models.tiny import build_tiny_flux
+
+    opts = dict(num_layers=2, num_single_layers=2, attention_head_dim=32, num_attention_heads=4,
+                axes_dims_rope=(8, 12, 12), text_dim=32, max_sequence_length=16, vae_channels=(16, 32, 32))
+    cfg = load_config(CONFIG, ["rollout.height=64", "rollout.width=64"])
+    cfg.model.options = opts
+    sizes = memory.model_sizes(cfg)
+    model = build_tiny_flux(0, **opts)
+    lat = torch.randn(1, *model.latent_shape(1, 64, 64)[1:], requires_grad=True)
+    cond = model.encode_prompts(["a red fox"])
+    got = _saved_bytes(lambda: model.velocity(lat, torch.tensor([0.5]), cond, 3.5), model.transformer.parameters())
+    want = memory.transformer_activations(sizes, 1, 4, checkpointing=False)
+    assert 0.75 < got / want < 1.33, (got, want)  # measured 0.91 (transformer), 1.17 (VAE)
+    got = _saved_bytes(lambda: model.decode(lat), model.vae.parameters())
+    want = memory.vae_activations(sizes, 1, 64, 64, 4, checkpointing=False)
+    assert 0.75 < got / want < 1.33, (got, want)  # measured 0.91 (transformer), 1.17 (VAE)
+
+
+# ---------------------------------------------------------------------- the GPU benchmark
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("gpu_update", ROOT / "benchmarks" / "gpu_update.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_flop_formula_matches_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from srpo import lora
+    from srpo.config import LoRAConfig
+    from srpo.models.tiny import build_tiny_flux
+
+    bench = _bench()
+    for use_lora in (False, True):
+        model = build_tiny_flux(0, **bench.TINY_FLUX)
+        if use_lora:
+            lora.apply(model.transformer, LoRAConfig(enabled=True, rank=4, init="gaussian"))
+        f = bench.transformer_flops(model.transformer, 16, model.max_sequence_length)
+        lat = torch.randn(1, 4, 8, 8)
+        cond = model.encode_prompts(["a cat"])
+        with FlopCounterMode(display=False) as fwd:  # CPU attention is not counted: linears only
+            v = model.velocity(lat, torch.tensor([0.5]), cond, 3.5)
+        with FlopCounterMode(display=False) as bwd:
+            v.square().sum().backward()
+        assert f["linear_forward"] == fwd.get_total_flops()
+        if not use_lora:
+            assert f["linear_backward"] == bwd.get_total_flops()
+        else:  # LoRA: the frozen conditioning path gets no input gradients; the formula counts them
+            assert 0 <= f["linear_backward"] / bwd.get_total_flops() - 1 < 0.1
+
+
+def test_benchmark_tiny_dry_run(capsys):
+    results = _bench().main(["--tiny", "--steps", "1", "--warmup", "0"])
+    assert [r["mode"] for r in results] == ["lora", "full"]
+    lora_run, full = results
+    assert lora_run["optimizer"] == "AdamW" and full["optimizer"] == "SGD"
+    assert 0 < lora_run["trainable_params"] < full["trainable_params"] == full["transformer_params"]
+    for r in results:
+        assert math.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["update_s"] > 0
+        assert r["grad_step_tflop"] > 0 and r["plan_gib"] > 0
+    assert "| lora | AdamW |" in capsys.readouterr().out
