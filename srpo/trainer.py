@@ -145,7 +145,7 @@ def train(cfg: Config, output: str | Path, resume: bool = False) -> dict:
         log.log(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", reward=f"{row['reward']:.3f}")
         if bad >= t.max_bad_updates:
-            save_checkpoint(output, step + 1 - bad, model, optimizer, cfg, ctx)  # skipped updates changed nothing
+            save_checkpoint(output, step + 1, model, optimizer, cfg, ctx)  # = the last good weights: skips change nothing
             raise Diverged(f"{bad} consecutive updates had a NaN/Inf loss, reward or gradient (last at update {step + 1}); "
                            f"lower train.lr or check the reward; the last good checkpoint is in {output / 'checkpoints'}")
         done = step + 1

@@ -161,12 +161,12 @@ def test_bench_curve_readings():
     from srpo.bench.measure import best_within, time_to_target, value_at_gain
     from srpo.bench.runs import equal_gain_table, time_to_target_table
 
-    fast = [{"step": 0, "seconds": 0, "flops": 0, "realism": 0.1, "reward": 1.0, "hack_index": 0.0},
-            {"step": 5, "seconds": 2, "flops": 10, "realism": 0.4, "reward": 1.2, "hack_index": 0.2},
-            {"step": 10, "seconds": 4, "flops": 20, "realism": 0.6, "reward": 1.4, "hack_index": 0.4}]
-    slow = [{"step": 0, "seconds": 0, "flops": 0, "realism": 0.1, "reward": 1.0, "hack_index": 0.0},
-            {"step": 5, "seconds": 100, "flops": 900, "realism": 0.2, "reward": 1.1, "hack_index": 2.0},
-            {"step": 10, "seconds": 200, "flops": 1800, "realism": 0.3, "reward": 1.3, "hack_index": 3.0}]
+    fast = [{"step": 0, "seconds": 0, "flops": 0, "realism": 0.1, "reward": 1.0, "hack_index": 0.0, "fidelity": 1},
+            {"step": 5, "seconds": 2, "flops": 10, "realism": 0.4, "reward": 1.2, "hack_index": 0.2, "fidelity": 1},
+            {"step": 10, "seconds": 4, "flops": 20, "realism": 0.6, "reward": 1.4, "hack_index": 0.4, "fidelity": 1}]
+    slow = [{"step": 0, "seconds": 0, "flops": 0, "realism": 0.1, "reward": 1.0, "hack_index": 0.0, "fidelity": 1},
+            {"step": 5, "seconds": 100, "flops": 900, "realism": 0.2, "reward": 1.1, "hack_index": 2.0, "fidelity": 1},
+            {"step": 10, "seconds": 200, "flops": 1800, "realism": 0.3, "reward": 1.3, "hack_index": 3.0, "fidelity": 1}]
     assert time_to_target(fast, "realism", 0.3) == 2 and time_to_target(fast, "realism", 0.7) is None
     assert time_to_target(slow, "realism", 0.3, cost="flops") == 1800
     assert best_within(slow, "realism", 150) == 0.2

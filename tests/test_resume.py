@@ -1,7 +1,7 @@
 """Resume: a run killed with SIGKILL and resumed ends bit-identical to an uninterrupted run.
 
 The killed runs are real ``srpo train`` processes: one is SIGKILLed from outside as soon as its
-metrics log shows one update (wherever it then is: inside update 2 or writing checkpoint 1),
+metrics log shows two updates (wherever it then is: inside update 3 or writing checkpoint 2),
 the other kills itself in the middle of writing checkpoint 2 (``SRPO_TEST_KILL_IN_SAVE``), which
 must leave checkpoint 1 loadable. Both are resumed with ``--resume`` semantics in this process.
 """
@@ -65,15 +65,15 @@ def killed(tmp_path_factory):
     outside = _launch(tmp / "outside")
     inside = _launch(tmp / "inside", SRPO_TEST_KILL_IN_SAVE="2")
 
-    def kill_after_one_update():
+    def kill_after_two_updates():
         metrics, deadline = tmp / "outside" / "metrics.jsonl", time.time() + 240
         while outside.poll() is None and time.time() < deadline:
-            if metrics.is_file() and len(metrics.read_text().splitlines()) >= 1:
+            if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
                 os.kill(outside.pid, signal.SIGKILL)
                 return
             time.sleep(0.005)
 
-    killer = threading.Thread(target=kill_after_one_update)
+    killer = threading.Thread(target=kill_after_two_updates)
     killer.start()
     train(_cfg(), tmp / "ref")
     killer.join()
