@@ -53,3 +53,9 @@ def test_every_field_is_documented_and_docs_are_current():
             assert f.description, f"{name}.{key}"
     assert (ROOT / "docs" / "config.md").read_text().strip() == config_docs().strip(), \
         "regenerate with: python -m srpo.config > docs/config.md"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_shipped_configs_validate(name):
+    cfg = load_config(ROOT / "configs" / name)
+    assert cfg.train.max_steps >= 1
