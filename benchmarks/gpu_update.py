@@ -212,7 +212,9 @@ def run_mode(mode: str, args) -> dict:
         pos, neg = control_words(cfg, step)
         eps = rollout_noise(model, cfg, step, [0])
         cond = model.encode_prompts(prompts)
-        x0 = rollout(model, cond, eps, steps=cfg.rollout.steps, shift=cfg.method.shift, guidance=cfg.rollout.guidance)
+        with torch.no_grad(), memory.autocast(cfg, device):  # as the trainer rolls out
+            x0 = rollout(model, cond, eps, steps=cfg.rollout.steps, shift=cfg.method.shift,
+                         guidance=cfg.rollout.guidance)
         _sync(device)
         t1 = time.perf_counter()
         stats = algorithm.backward(model, Batch(prompts, cond, x0, eps, step, [0], pos, neg, loss_scale=1.0))

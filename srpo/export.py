@@ -175,8 +175,6 @@ def run_weights(run_dir: str | Path):
     from .config import load_config
     from .models import MODELS
     from .trainer import DTYPES
-    import srpo.models.flux  # noqa: F401
-    import srpo.models.tiny  # noqa: F401
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():

@@ -47,6 +47,17 @@ def prepare(model, cfg) -> None:
         model.encode_prompts = TextCache(model, offload=cfg.memory.offload_frozen)
 
 
+def autocast(cfg, device):
+    """The configured autocast (bf16 / fp16 compute over fp32 master weights) for no-grad model
+    calls such as rollouts; a null context for ``train.autocast: none``."""
+    import contextlib
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.autocast)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
 class TextCache:
     """``model.encode_prompts`` with per-prompt caching. Every prompt is encoded alone, so its
     features never depend on which prompts shared a batch (runs stay bit-reproducible however

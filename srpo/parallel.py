@@ -48,8 +48,8 @@ def pick_device(name: str) -> torch.device:
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
     device = torch.device(name)
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if device.type == "cuda" and device.index is None:  # this rank's GPU
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return device
 
 
@@ -74,7 +74,7 @@ def setup(cfg) -> Context:
     owns = False
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        if world > 1 or "MASTER_ADDR" in os.environ:
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
             dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
         else:  # one process, no launcher: an in-memory store needs no port
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)

@@ -125,8 +125,9 @@ def train(cfg: Config, output: str | Path, resume: bool = False) -> dict:
                 eps = rollout_noise(model, cfg, step, indices)
                 with torch.no_grad():
                     cond = model.encode_prompts(batch_prompts)
-                    x0 = rollout(model, cond, eps, steps=cfg.rollout.steps, shift=cfg.method.shift,
-                                 guidance=cfg.rollout.guidance) if algorithm.needs_rollout else None
+                    with memory.autocast(cfg, model.device):  # bf16 rollouts over fp32 master weights
+                        x0 = rollout(model, cond, eps, steps=cfg.rollout.steps, shift=cfg.method.shift,
+                                     guidance=cfg.rollout.guidance) if algorithm.needs_rollout else None
             batch = Batch(batch_prompts, cond, x0, eps, step, indices, pos, neg, loss_scale=1.0 / per_rank)
             stats.append(algorithm.backward(model, batch))
         grad_norm = parallel.clip_grad_norm(params, t.grad_clip, ctx)

@@ -154,6 +154,12 @@ def test_bench_instruments_measure_known_quantities():
     x = torch.randn(1_000_000, requires_grad=True)
     assert saved_activations(lambda: torch.exp(x).sum()) == pytest.approx(4e6 / 2**20)  # exp saves its output
     assert saved_activations(lambda: (x * 2).sum()) == 0  # a constant factor saves nothing
+
+    def two_passes():  # activations are freed by each backward: the peak is one pass's
+        for _ in range(2):
+            torch.exp(x).sum().backward()
+
+    assert saved_activations(two_passes) == pytest.approx(4e6 / 2**20)
     assert peak_memory(lambda: torch.ones(50_000_000).sum()) > 150  # a 191 MiB temporary
 
 
@@ -178,10 +184,12 @@ def test_bench_curve_readings():
     assert a["target"] == 0.3 and a["budget_seconds"] == 4
     assert a["runs"]["grpo"]["seconds_to_target"] / a["runs"]["srpo"]["seconds_to_target"] == 100
     assert a["runs"]["grpo"]["best_within_budget"] == 0.1
-    e = equal_gain_table({"srpo": fast, "grpo": slow})
+    flat = [dict(p, reward=1.0 - 0.01 * p["step"]) for p in slow]  # never gains: read at its end
+    e = equal_gain_table({"srpo": fast, "grpo": slow, "flat": flat})
     assert e["gain"] == pytest.approx(0.3)
     assert e["runs"]["srpo"]["hack_index_at_gain"] == pytest.approx(0.3)
     assert e["runs"]["grpo"]["hack_index_at_gain"] == pytest.approx(3.0)
+    assert not e["runs"]["flat"]["reached"] and e["runs"]["flat"]["hack_index"] == 3.0
 
 
 def test_bench_cli_on_a_user_config(tmp_path, capsys):

@@ -108,7 +108,7 @@ def test_group_advantages_and_clipped_surrogate():
 def setup():
     cfg = load_config({
         "algorithm": "grpo", "model": {"name": "tiny_flux"}, "reward": {"name": "tiny_clip"},
-        "rollout": {"steps": 6, "height": 32, "width": 32, "guidance": 1.0},
+        "rollout": {"steps": 4, "height": 32, "width": 32, "guidance": 1.0},
         "grpo": {"group_size": 4, "timestep_fraction": 0.5, "chunk": 3, "same_group_noise": False},
         "train": {"seed": 3, "device": "cpu"}, "data": {"prompts": PROMPTS},
     })
@@ -128,11 +128,11 @@ def test_rollout_log_probs_are_reproduced_by_the_policy(setup):
     alg = ALGORITHMS.get("grpo")(cfg, RewardFn(reward))
     batch = make_batch(model, cfg)
     cond, traj, old_lp, r = alg.sample_group(model, batch, 0)
-    assert traj.shape[:2] == (4, 7) and old_lp.shape == (4, 6) and r.shape == (4,)
+    assert traj.shape[:2] == (4, 5) and old_lp.shape == (4, 4) and r.shape == (4,)
     assert (traj[0, -1] - traj[1, -1]).abs().max() > 0.05  # the group's rollouts differ
-    grid = inference_grid(6, 3.0).tolist()
+    grid = inference_grid(4, 3.0).tolist()
     worst = 0.0
-    for j in range(6):
+    for j in range(4):
         with torch.no_grad():
             lp = sde.step_log_prob(model, traj[:, j], traj[:, j + 1], grid[j], grid[j + 1], cond, 1.0,
                                    0.3, grid[1])
@@ -160,12 +160,12 @@ def test_update_gradient_is_the_group_policy_gradient(setup):
     assert abs(out["ratio"] - 1) < 1e-4 and out["clip_frac"] == 0 and out["kl"] == 0
 
     model.transformer.zero_grad()
-    grid = inference_grid(6, 3.0).tolist()
+    grid = inference_grid(4, 3.0).tolist()
     for i, index in enumerate(batch.indices):
         cond, traj, _, r = alg.sample_group(model, batch, i)
         adv = (r - r.mean()) / r.std(unbiased=False)
         steps = alg.train_steps(batch, index)
-        assert len(steps) == 3 and max(steps) < 5  # int(6 * 0.5) steps, never the last
+        assert len(steps) == 2 and max(steps) < 3  # int(4 * 0.5) steps, never the last
         for j in steps:
             a, b = grid[j], grid[j + 1]
             v = model.velocity(traj[:, j], torch.full((4,), a), cond, 1.0)

@@ -1,4 +1,4 @@
-"""Distributed training on CPU with gloo, the memory plan and the GPU benchmark's dry run.
+"""Distributed training on CPU with gloo, memory preparation and the memory plan.
 
 Two launches run the real CLI under torchrun while the one-process reference trains in this
 process: DDP with 2 processes on one node, and FSDP2 on 2 simulated nodes of 1 process each
@@ -14,9 +14,7 @@ A wrong rank layout, a missing gradient average or a dropped shard changes weigh
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import math
 import os
 import socket
 import subprocess
@@ -155,6 +153,43 @@ def test_plan_cli_prints_a_breakdown(tmp_path, capsys):
     assert main(["plan", str(path), "--gpus", "0"]) == 2
 
 
+def test_memory_prepare_master_weights_frozen_parts_and_text_cache():
+    from srpo import lora
+    from srpo.models.flux import FluxModel
+    from srpo.models.tiny import tiny_flux_factory
+    from srpo.rewards.tiny import build_tiny_clip
+
+    cfg = load_config(CONFIG, ["model.dtype=bfloat16", "train.gradient_checkpointing=true",
+                               "memory.offload_frozen=true"])
+    model = tiny_flux_factory(seed=0, dtype="bfloat16")
+    model.text_encoder.requires_grad_(True)  # prepare freezes every part but the transformer
+    memory.prepare(model, cfg)
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in model.transformer.parameters())
+    frozen = [model.vae, model.text_encoder, model.text_encoder_2]
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for m in frozen for p in m.parameters())
+    assert model.transformer.is_gradient_checkpointing
+
+    prompts = ["a red fox", "a blue boat", "a red fox"]
+    cond = model.encode_prompts(prompts)
+    assert sorted(model.encode_prompts.store) == ["a blue boat", "a red fox"]  # each prompt once
+    for i, p in enumerate(prompts):  # equal to the adapter's own encoding of that prompt alone
+        own = FluxModel.encode_prompts(model, [p])
+        assert all(torch.equal(cond[k][i], own[k][0]) for k in own)
+
+    reward = build_tiny_clip(seed=0).frozen()
+    x = torch.randn(1, 4, 4, 4)
+    v = model.velocity(x, torch.tensor([0.5]), model.encode_prompts(["a red fox"]), 3.5)
+    reward.score(model.decode(x - 0.5 * v), ["a red fox"]).sum().backward()
+    assert all(p.grad is not None for p in model.transformer.parameters() if p.requires_grad)
+    assert all(p.grad is None for m in [*frozen, reward] for p in m.parameters())  # frozen: no grads
+
+    model = tiny_flux_factory(seed=0, dtype="bfloat16")  # LoRA: bf16 base stays frozen, fp32 adapters
+    lora.apply(model.transformer, load_config(CONFIG, ["lora.enabled=true"]).lora)
+    memory.prepare(model, cfg)
+    for n, p in model.transformer.named_parameters():
+        assert (p.dtype, p.requires_grad) == ((torch.float32, True) if ".lora_" in n else (torch.bfloat16, False))
+
+
 def _saved_bytes(fn, params) -> int:
     """Bytes of the distinct activation tensors autograd keeps for backward during ``fn()``."""
     ptrs = {p.data_ptr() for p in params}
@@ -187,50 +222,3 @@ def test_activation_estimates_track_autograd_saved_tensors():
     got = _saved_bytes(lambda: model.decode(lat), model.vae.parameters())
     want = memory.vae_activations(sizes, 1, 64, 64, 4, checkpointing=False)
     assert 0.75 < got / want < 1.33, (got, want)  # measured 0.91 (transformer), 1.17 (VAE)
-
-
-# ---------------------------------------------------------------------- the GPU benchmark
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("gpu_update", ROOT / "benchmarks" / "gpu_update.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_benchmark_flop_formula_matches_flop_counter():
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from srpo import lora
-    from srpo.config import LoRAConfig
-    from srpo.models.tiny import build_tiny_flux
-
-    bench = _bench()
-    for use_lora in (False, True):
-        model = build_tiny_flux(0, **bench.TINY_FLUX)
-        if use_lora:
-            lora.apply(model.transformer, LoRAConfig(enabled=True, rank=4, init="gaussian"))
-        f = bench.transformer_flops(model.transformer, 16, model.max_sequence_length)
-        lat = torch.randn(1, 4, 8, 8)
-        cond = model.encode_prompts(["a cat"])
-        with FlopCounterMode(display=False) as fwd:  # CPU attention is not counted: linears only
-            v = model.velocity(lat, torch.tensor([0.5]), cond, 3.5)
-        with FlopCounterMode(display=False) as bwd:
-            v.square().sum().backward()
-        assert f["linear_forward"] == fwd.get_total_flops()
-        if not use_lora:
-            assert f["linear_backward"] == bwd.get_total_flops()
-        else:  # LoRA: the frozen conditioning path gets no input gradients; the formula counts them
-            assert 0 <= f["linear_backward"] / bwd.get_total_flops() - 1 < 0.1
-
-
-def test_benchmark_tiny_dry_run(capsys):
-    results = _bench().main(["--tiny", "--steps", "1", "--warmup", "0"])
-    assert [r["mode"] for r in results] == ["lora", "full"]
-    lora_run, full = results
-    assert lora_run["optimizer"] == "AdamW" and full["optimizer"] == "SGD"
-    assert 0 < lora_run["trainable_params"] < full["trainable_params"] == full["transformer_params"]
-    for r in results:
-        assert math.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["update_s"] > 0
-        assert r["grad_step_tflop"] > 0 and r["plan_gib"] > 0
-    assert "| lora | AdamW |" in capsys.readouterr().out

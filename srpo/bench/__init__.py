@@ -25,8 +25,9 @@ from ..errors import UserError
 PARTS = ("a", "b", "c", "d", "e")
 ALGORITHMS = ("srpo", "direct_align", "refl", "draft", "grpo")
 
-# Budgets: updates per run (and checkpoint spacing) for (a) / (e); repeats and sizes for (b)-(d).
-FULL = {"updates": 20, "grpo_updates": 40, "eval_every": 4, "eval_prompts": None, "repeats": 3,
+# Budgets: updates per run and checkpoint spacing for (a) / (e) (None: the config's train.max_steps
+# and log.checkpoint_every); repeats and sizes for (b)-(d); overrides applied to every measurement.
+FULL = {"updates": None, "grpo_updates": None, "eval_every": None, "eval_prompts": None, "repeats": 3,
         "draft_ks": (1, 2, 4, 8), "steps": (25, 50), "overrides": []}
 QUICK = {"updates": 3, "grpo_updates": 3, "eval_every": 1, "eval_prompts": 8, "repeats": 1,
          "draft_ks": (1, 4), "steps": (25, 50),
@@ -67,7 +68,8 @@ def headline(result: dict) -> dict:
     if d and "skipped" not in d:
         out["rollout_speed_over_diffusers"] = min(row["speed_over_diffusers"] for row in d.values())
     if e:
-        out["hack_index"] = {name: row["hack_index_at_gain"] for name, row in e["runs"].items()}
+        out["hack_index"] = {name: row["hack_index"] for name, row in e["runs"].items()}
+        out["hack_index_at_equal_gain"] = {name: row["reached"] for name, row in e["runs"].items()}
     return out
 
 
@@ -95,6 +97,8 @@ def run_bench(output, quick: bool = False, parts=PARTS, config=None, overrides=(
     from .parts import Bench, rollout_speed, srpo_parts, update_costs
 
     output = Path(output)
+    if (output / "runs").exists():
+        raise UserError(f"{output} already holds a bench run: choose another --output or delete it")
     output.mkdir(parents=True, exist_ok=True)
     budget = QUICK if quick else FULL
     say = print if progress else (lambda *a, **k: None)
@@ -115,9 +119,9 @@ def run_bench(output, quick: bool = False, parts=PARTS, config=None, overrides=(
         result["c"] = srpo_parts(bench, repeats=max(3, budget["repeats"]))
     if "d" in parts:
         say("(d) rollout against FluxPipeline")
-        result["d"] = rollout_speed(bench, budget["steps"], repeats=budget["repeats"])
+        result["d"] = rollout_speed(bench, budget["steps"], repeats=max(3, budget["repeats"]))
     if "a" in parts or "e" in parts:
-        _training_parts(result, bench, cfg, judge, config, parts, budget, output, overrides, say, progress)
+        _training_parts(result, bench, cfg, judge, config, parts, budget, output, overrides, say)
     result["headline"] = headline(result)
     result["targets"] = targets(result["headline"])
     result["seconds"] = round(time.perf_counter() - t0, 1)
@@ -142,7 +146,7 @@ def _config(config, overrides):
     return cfg, judge if judge is not None and judge.is_dir() else None
 
 
-def _training_parts(result, bench, cfg, judge, config, parts, budget, output, overrides, say, progress) -> None:
+def _training_parts(result, bench, cfg, judge, config, parts, budget, output, overrides, say) -> None:
     from ..data import load_prompts
     from ..lab.judge import Judge
     from ..lab.run import Evaluator
@@ -161,15 +165,19 @@ def _training_parts(result, bench, cfg, judge, config, parts, budget, output, ov
         wanted.update({"srpo": []}, **PUBLISHED, **{k: v for k, v in ABLATIONS.items() if k != "absolute_reward"})
     curves = {}
     for name, extra in wanted.items():
-        updates = budget["grpo_updates"] if name.startswith("grpo") else budget["updates"]
+        updates = (budget["grpo_updates"] if name.startswith("grpo") else budget["updates"]) or cfg.train.max_steps
+        every = budget["eval_every"] or cfg.log.checkpoint_every or max(1, updates // 4)
         run_overrides = list(budget["overrides"]) + list(overrides) + extra + [
-            f"train.max_steps={updates}", f"log.checkpoint_every={budget['eval_every']}", "log.keep_checkpoints=10000",
-            "log.sample_every=0", "data.eval_prompts=null", f"log.progress={str(progress).lower()}"]
+            f"train.max_steps={updates}", f"log.checkpoint_every={every}", "log.keep_checkpoints=10000",
+            "log.sample_every=0", "data.eval_prompts=null", "log.progress=false"]
         run_cfg, _ = _config(config, run_overrides)
         f = flops(bench.update_fn(run_cfg))
         bench.restore()
         say(f"(a/e) training {name}: {updates} updates, {f / 1e9:.2f} GFLOP per update")
-        curves[name] = train_and_judge(run_cfg, output / "runs" / name, evaluator, before, f, progress)
+        curves[name] = train_and_judge(run_cfg, output / "runs" / name, evaluator, before, f)
+        end = curves[name][-1]
+        say(f"      {end['seconds']:.1f}s of training; realism {before['realism']:.3f} -> {end['realism']:.3f}, "
+            f"reward {before['reward']:.3f} -> {end['reward']:.3f}, hack_index {end['hack_index']:.2f}")
     result["curves"] = curves
     if "a" in parts:
         result["a"] = time_to_target_table({k: curves[k] for k in SAME_REWARD})

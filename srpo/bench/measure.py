@@ -30,6 +30,23 @@ def timed(fn, device="cpu", repeats: int = 3, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def timed_together(fns: dict, device="cpu", repeats: int = 3, warmup: int = 1) -> dict:
+    """Median wall seconds of each function, measured in interleaved rounds (one call of each per
+    round) so that a machine whose load drifts weighs on all of them alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def _status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -63,17 +80,25 @@ def peak_memory(fn, device="cpu") -> float:
     return (_status_kb("VmHWM") - base) / 1024
 
 
+class _Saved:
+    """A tensor saved for backward, counted while autograd holds it."""
+
+    def __init__(self, tensor, live):
+        self.tensor, self.live, self.size = tensor, live, tensor.numel() * tensor.element_size()
+        live[0] += self.size
+        live[1] = max(live[1], live[0])
+
+    def __del__(self):
+        self.live[0] -= self.size
+
+
 def saved_activations(fn) -> float:
-    """MiB of tensors autograd saves for the backward pass during ``fn()`` (outside checkpoints)."""
-    total = [0]
-
-    def pack(t):
-        total[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    """Peak MiB of tensors autograd holds for backward passes during ``fn()`` (outside
+    checkpointed regions, whose inputs only are counted): the activation memory of training."""
+    live = [0, 0]  # bytes held now, peak
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: _Saved(t, live), lambda s: s.tensor):
         fn()
-    return total[0] / 2**20
+    return live[1] / 2**20
 
 
 def flops(fn) -> float:

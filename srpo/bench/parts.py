@@ -14,7 +14,7 @@ from ..algorithms.base import Batch
 from ..data import load_prompts
 from ..sampling import rollout
 from ..trainer import control_words, rollout_noise
-from .measure import flops, peak_memory, saved_activations, timed
+from .measure import flops, peak_memory, saved_activations, timed, timed_together
 
 
 class Bench:
@@ -93,10 +93,9 @@ def update_costs(bench: Bench, algorithms, steps=(25, 50), draft_ks=(1, 2, 4, 8)
 
 
 def srpo_parts(bench: Bench, repeats: int = 5) -> dict:
-    """(c): SRPO's whole update against the sum of its parts timed alone."""
+    """(c): SRPO's whole update against the sum of its parts timed alone (interleaved rounds)."""
     model, cfg = bench.model, bench.config("srpo", {})
-    full = timed(bench.update_fn(cfg), bench.device, repeats=repeats)
-    bench.restore()
+    update = bench.update_fn(cfg)
     n = len(bench.prompts)
     eps = rollout_noise(model, cfg, 0, list(range(n)))
     pos, neg = control_words(cfg, 0)
@@ -111,10 +110,8 @@ def srpo_parts(bench: Bench, repeats: int = 5) -> dict:
         return rollout(model, cond, eps, steps=cfg.rollout.steps, shift=cfg.method.shift, guidance=cfg.rollout.guidance)
 
     batch = Batch(bench.prompts, cond, sample(), eps, 0, list(range(n)), pos, neg, loss_scale=1.0 / n)
-    branches = {}
-    for name, key in (("denoise", "method.inversion_branch"), ("inversion", "method.denoise_branch")):
-        alg = ALGORITHMS.get("srpo")(bench.config("srpo", {key: False}), bench.reward_fn)
-        branches[name] = timed(lambda: alg.backward(model, batch), bench.device, repeats=repeats)
+    branch = {name: ALGORITHMS.get("srpo")(bench.config("srpo", {key: False}), bench.reward_fn)
+              for name, key in (("denoise", "method.inversion_branch"), ("inversion", "method.denoise_branch"))}
     params = [p for p in model.transformer.parameters() if p.requires_grad]
     t = cfg.train
     opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
@@ -124,17 +121,19 @@ def srpo_parts(bench: Bench, repeats: int = 5) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=False)
 
-    parts = {
-        "encode_prompts": timed(encode, bench.device, repeats=repeats),
-        "noise": timed(lambda: rollout_noise(model, cfg, 0, list(range(n))), bench.device, repeats=repeats),
-        "rollout": timed(sample, bench.device, repeats=repeats),
-        "denoise_branch": branches["denoise"],
-        "inversion_branch": branches["inversion"],
-        "optimizer": timed(step, bench.device, repeats=repeats),
-    }
+    times = timed_together({
+        "update": update,
+        "encode_prompts": encode,
+        "noise": lambda: rollout_noise(model, cfg, 0, list(range(n))),
+        "rollout": sample,
+        "denoise_branch": lambda: branch["denoise"].backward(model, batch),
+        "inversion_branch": lambda: branch["inversion"].backward(model, batch),
+        "optimizer": step,
+    }, bench.device, repeats=repeats)
     bench.restore()
-    return {"update": full, "parts": parts, "sum_of_parts": sum(parts.values()),
-            "update_over_parts": full / sum(parts.values())}
+    full = times.pop("update")
+    return {"update": full, "parts": times, "sum_of_parts": sum(times.values()),
+            "update_over_parts": full / sum(times.values())}
 
 
 def rollout_speed(bench: Bench, steps=(25, 50), repeats: int = 3) -> dict:
@@ -164,8 +163,8 @@ def rollout_speed(bench: Bench, steps=(25, 50), repeats: int = 3) -> dict:
                         output_type="pt", max_sequence_length=model.max_sequence_length).images
 
         diff = (ours().float() - theirs().float()).abs().max().item()
-        t_ours = timed(ours, bench.device, repeats=repeats)
-        t_theirs = timed(theirs, bench.device, repeats=repeats)
+        times = timed_together({"ours": ours, "theirs": theirs}, bench.device, repeats=repeats)
+        t_ours, t_theirs = times["ours"], times["theirs"]
         out[str(s)] = {"ours": t_ours, "diffusers": t_theirs, "speed_over_diffusers": t_theirs / t_ours,
                        "max_pixel_difference": diff}
     return out

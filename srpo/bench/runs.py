@@ -41,7 +41,7 @@ def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def train_and_judge(cfg, output: Path, evaluator, before: dict, flops_per_update: float, progress: bool) -> list[dict]:
+def train_and_judge(cfg, output: Path, evaluator, before: dict, flops_per_update: float) -> list[dict]:
     """Train with the real trainer, then judge every checkpoint. Returns the curve: points with
     the update, cumulative training seconds (the trainer's own per-update times) and FLOPs."""
     from .. import checkpoint
@@ -81,15 +81,16 @@ def time_to_target_table(curves: dict[str, list[dict]], key: str = "realism", re
 
 def equal_gain_table(curves: dict[str, list[dict]], gain_key: str = "reward") -> dict:
     """(e): hack_index of each run where its held-out ``gain_key`` has risen by the same amount:
-    the largest gain every run that gains at all reaches (runs that never gain are reported
-    without a value)."""
+    the largest gain every run that gains at all reaches. A run that never gains is read at its
+    end instead (``reached`` false): for it the comparison is conservative."""
     gains = {n: max(p[gain_key] for p in c) - c[0][gain_key] for n, c in curves.items()}
     positive = [g for g in gains.values() if g > 0]
     level = min(positive) if positive else None
     table = {}
     for name, curve in curves.items():
         at = value_at_gain(curve, gain_key, level, "hack_index") if level is not None else None
-        table[name] = {"max_gain": gains[name], "hack_index_at_gain": at,
+        table[name] = {"max_gain": gains[name], "hack_index_at_gain": at, "reached": at is not None,
+                       "hack_index": at if at is not None else curve[-1]["hack_index"],
                        "final_hack_index": curve[-1]["hack_index"], "final_realism": curve[-1]["realism"],
                        "final_fidelity": curve[-1]["fidelity"]}
     return {"gain_key": gain_key, "gain": level, "runs": table}

@@ -6,6 +6,8 @@ from __future__ import annotations
 def _f(v, fmt=".3f"):
     if v is None:
         return "-"
+    if isinstance(v, bool):
+        return str(v).lower()
     return format(v, fmt) if isinstance(v, (int, float)) else str(v)
 
 
@@ -31,13 +33,13 @@ def render(result: dict) -> str:
                         _f(r["best_within_budget"])] for n, r in a["runs"].items()])
     if "b" in result:
         b = result["b"]
-        out += ["", "(b) one update: seconds, peak MiB (process), saved activations MiB, GFLOP", ""]
+        out += ["", "(b) one update: seconds, peak MiB (process), peak activations held for backward MiB, GFLOP", ""]
         rows = [[n, s, _f(r["seconds"]), _f(r["peak_mib"], ".1f"), _f(r["saved_mib"], ".1f"), _f(r["flops"] / 1e9, ".2f")]
                 for n, by in b["by_steps"].items() for s, r in by.items()]
         rows += [[f"draft K={k}", "25" if "plain" not in k else "25 (no checkpointing)", _f(r["seconds"]),
                   _f(r["peak_mib"], ".1f"), _f(r["saved_mib"], ".1f"), _f(r["flops"] / 1e9, ".2f")]
                  for k, r in b["draft_k"].items()]
-        out += _table(["algorithm", "rollout steps", "s / update", "peak MiB", "saved MiB", "GFLOP"], rows)
+        out += _table(["algorithm", "rollout steps", "s / update", "peak MiB", "activations MiB", "GFLOP"], rows)
     if "c" in result:
         c = result["c"]
         out += ["", f"(c) SRPO update {c['update']:.3f}s vs parts {c['sum_of_parts']:.3f}s: "
@@ -51,13 +53,15 @@ def render(result: dict) -> str:
     if "e" in result:
         e = result["e"]
         out += ["", f"(e) hack_index at equal held-out {e['gain_key']} gain {_f(e['gain'])}", ""]
+        out += ["(a run that never reaches the gain is read at its end: 'at end')", ""]
         out += _table(["run", "max gain", "hack_index at gain", "final hack_index", "final realism", "final fidelity"],
-                      [[n, _f(r["max_gain"]), _f(r["hack_index_at_gain"]), _f(r["final_hack_index"]),
+                      [[n, _f(r["max_gain"]), _f(r["hack_index_at_gain"]) if r["reached"] else
+                        f"{_f(r['hack_index'])} at end", _f(r["final_hack_index"]),
                         _f(r["final_realism"]), _f(r["final_fidelity"])] for n, r in e["runs"].items()])
     h = result.get("headline", {})
     if h:
         out += ["", "headline ratios:"]
-        out += [f"  {k}: {_f(v, '.3f') if not isinstance(v, dict) else {n: _f(x) for n, x in v.items()}}"
+        out += [f"  {k}: {_f(v, '.3f') if not isinstance(v, dict) else ', '.join(f'{n} {_f(x)}' for n, x in v.items())}"
                 for k, v in h.items()]
     t = result.get("targets", {})
     if t:
