@@ -69,8 +69,9 @@ def rollout_noise(model, cfg: Config, step: int, indices: list[int]) -> torch.Te
 
 def evaluate(model, reward, srp, cfg: Config, prompts: list[str]) -> tuple[dict, torch.Tensor]:
     d = cfg.data
-    images = generate(model, prompts, d.eval_seed, d.eval_steps, d.eval_guidance, cfg.method.shift,
-                      cfg.rollout.height, cfg.rollout.width)
+    with memory.autocast(cfg, model.device):
+        images = generate(model, prompts, d.eval_seed, d.eval_steps, d.eval_guidance, cfg.method.shift,
+                          cfg.rollout.height, cfg.rollout.width)
     return reward_metrics(reward, srp, images, prompts, cfg.srp.pos_words[0], cfg.srp.neg_words[0]), images
 
 

@@ -17,15 +17,12 @@ from .. import method as M
 from ..config import Config
 from ..errors import UserError
 from .base import Algorithm, Batch, sample_rng
-from .srpo import AUTOCAST
+from .. import memory
 
 
 def forward_ctx(cfg: Config, device):
     """Autocast of gradient-carrying forwards (``train.autocast``), else a no-op."""
-    dtype = AUTOCAST[cfg.train.autocast]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+    return memory.autocast(cfg, device)
 
 
 def levels(values, like: Tensor) -> Tensor:

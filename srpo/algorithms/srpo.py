@@ -3,15 +3,12 @@ accumulated micro-steps (denoise and inversion branch) on the same rollout sampl
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
+from .. import memory
 from .. import method as M
 from ..config import Config
 from .base import Algorithm, Batch, sample_rng
-
-AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class RewardFn:
@@ -46,17 +43,11 @@ class SRPO(Algorithm):
         self.k_inv = M.linear_weights(*s.k_inv, m.cells)
         self.discount = M.noise_discount(100, m.shift) if s.weighting == "multiplicative" else None
         self.branches = [name for name, on in (("denoise", m.denoise_branch), ("inversion", m.inversion_branch)) if on]
-        self.autocast = AUTOCAST[cfg.train.autocast]
 
     def draw_ts(self, batch: Batch) -> list[int]:
         m = self.cfg.method
         return [int(sample_rng(self.cfg.train.seed, batch.step, i, 1).integers(m.ts_margin, m.cells - m.ts_margin + 1))
                 for i in batch.indices]
-
-    def _forward_ctx(self, device):
-        if self.autocast is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=torch.device(device).type, dtype=self.autocast)
 
     def loss(self, r):
         if self.cfg.method.loss == "hinge":
@@ -69,7 +60,7 @@ class SRPO(Algorithm):
         a = torch.tensor([lv[0] for lv in levels], device=x0.device, dtype=x0.dtype)
         b = torch.tensor([lv[1] for lv in levels], device=x0.device, dtype=x0.dtype)
         x_a = M.add_noise(x0, eps, a).detach()
-        with self._forward_ctx(x0.device):
+        with memory.autocast(self.cfg, x0.device):
             v = model.velocity(x_a, a, batch.cond, self.cfg.train.guidance)
         x0_hat = M.recover_x0(M.euler_step(x_a, v.float(), a, b), eps, b)
         images = model.decode(x0_hat)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..errors import UserError
@@ -27,6 +28,8 @@ def run(args) -> int:
     if not args.resume and (output / "checkpoints").is_dir() and any((output / "checkpoints").iterdir()):
         raise UserError(f"{output} already holds a run: pass --resume to continue it or choose another --output")
     summary = train(cfg, output, resume=args.resume)
+    if int(os.environ.get("RANK", 0)) != 0:
+        return 0
     if "eval_after" in summary:
         before, after = summary.get("eval_before", {}), summary["eval_after"]
         for key in after:
