@@ -26,8 +26,9 @@ def srpo_cli(*args):
     return srpo_main([str(a) for a in args])
 
 
-FAST = ["--set", "train.max_steps=2", "--set", "data.eval_prompts=null", "--set", "log.sample_every=0",
-        "--set", "log.checkpoint_every=0", "--set", "log.tensorboard=false", "--set", "log.progress=false"]
+FAST = ["--set", "train.max_steps=2", "--set", "rollout.steps=4", "--set", "data.eval_prompts=null",
+        "--set", "log.sample_every=0", "--set", "log.checkpoint_every=0", "--set", "log.tensorboard=false",
+        "--set", "log.progress=false"]
 
 
 @pytest.mark.parametrize("algorithm,extra", [
@@ -172,7 +173,8 @@ def test_bench_curve_readings():
             {"step": 10, "seconds": 4, "flops": 20, "realism": 0.6, "reward": 1.4, "hack_index": 0.4, "fidelity": 1}]
     slow = [{"step": 0, "seconds": 0, "flops": 0, "realism": 0.1, "reward": 1.0, "hack_index": 0.0, "fidelity": 1},
             {"step": 5, "seconds": 100, "flops": 900, "realism": 0.2, "reward": 1.1, "hack_index": 2.0, "fidelity": 1},
-            {"step": 10, "seconds": 200, "flops": 1800, "realism": 0.3, "reward": 1.3, "hack_index": 3.0, "fidelity": 1}]
+            {"step": 10, "seconds": 200, "flops": 1800, "realism": 0.3, "reward": 1.3, "hack_index": 3.0,
+             "fidelity": 1}]
     assert time_to_target(fast, "realism", 0.3) == 2 and time_to_target(fast, "realism", 0.7) is None
     assert time_to_target(slow, "realism", 0.3, cost="flops") == 1800
     assert best_within(slow, "realism", 150) == 0.2
@@ -195,7 +197,8 @@ def test_bench_curve_readings():
 def test_bench_cli_on_a_user_config(tmp_path, capsys):
     """Part (c) on the tiny config: SRPO's parts are timed and add up; bad --parts is a user error."""
     out = tmp_path / "bench"
-    assert srpo_cli("bench", "--quick", "--config", ROOT / "configs/tiny.yaml", "--parts", "c", "--output", out) == 0
+    assert srpo_cli("bench", "--quick", "--config", ROOT / "configs/tiny.yaml", "--parts", "c", "--output", out,
+                    "--set", "rollout.steps=3", "--set", "train.batch_size=1") == 0
     result = json.loads((out / "bench.json").read_text())
     c = result["c"]
     assert set(c["parts"]) == {"encode_prompts", "noise", "rollout", "denoise_branch", "inversion_branch", "optimizer"}

@@ -47,7 +47,8 @@ class DRaFT(Algorithm):
         start = cfg.rollout.steps - self.k
         x = batch.eps
         if start > 0:
-            x = denoise_to(model, batch.cond, x, self.grid, [start] * x.shape[0], cfg.rollout.guidance)
+            with forward_ctx(cfg, x.device):
+                x = denoise_to(model, batch.cond, x, self.grid, [start] * x.shape[0], cfg.rollout.guidance)
         x0 = unrolled_steps(model, x.detach(), batch.cond, self.grid, start, cfg.train.guidance, cfg,
                             cfg.draft.checkpoint)
         r = baseline_reward(self.reward_fn, cfg.draft.reward, model.decode(x0), batch)

@@ -7,17 +7,16 @@ gradient-forward autocast context and the baseline reward (absolute or semantic-
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 from torch import Tensor
 
+from .. import memory
 from .. import method as M
 from ..config import Config
 from ..errors import UserError
 from .base import Algorithm, Batch, sample_rng
-from .. import memory
 
 
 def forward_ctx(cfg: Config, device):
@@ -86,7 +85,8 @@ class ReFL(Algorithm):
     def backward(self, model, batch: Batch) -> dict[str, float]:
         cfg = self.cfg
         js = self.draw_steps(batch)
-        x = denoise_to(model, batch.cond, batch.eps, self.grid, js, cfg.rollout.guidance)
+        with forward_ctx(cfg, batch.eps.device):
+            x = denoise_to(model, batch.cond, batch.eps, self.grid, js, cfg.rollout.guidance)
         t = levels([self.grid[j] for j in js], x)
         with forward_ctx(cfg, x.device):
             v = model.velocity(x, t, batch.cond, cfg.train.guidance)

@@ -109,6 +109,9 @@ def run_bench(output, quick: bool = False, parts=PARTS, config=None, overrides=(
     t0 = time.perf_counter()
     result: dict = {"machine": machine(), "quick": quick, "config": str(config or "configs/lab.yaml"),
                     "overrides": list(budget["overrides"]) + list(overrides)}
+    build_info = Path(cfg.model.path).parent / "build.json" if cfg.model.path else None
+    if build_info is not None and build_info.is_file():
+        result["weights"] = json.loads(build_info.read_text())  # which lab build was measured
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
     bench = Bench(cfg, device)
     if "b" in parts:

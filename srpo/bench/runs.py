@@ -64,9 +64,9 @@ def train_and_judge(cfg, output: Path, evaluator, before: dict, flops_per_update
 
 def time_to_target_table(curves: dict[str, list[dict]], key: str = "realism", reference: str = "grpo") -> dict:
     """(a): target = the reference's final score; each algorithm's seconds / FLOPs to reach it and
-    its best score within the shortest run's training time."""
+    its best score within SRPO's whole training time (the shortest run's without an SRPO run)."""
     target = curves[reference][-1][key]
-    budget = min(c[-1]["seconds"] for c in curves.values())
+    budget = curves["srpo"][-1]["seconds"] if "srpo" in curves else min(c[-1]["seconds"] for c in curves.values())
     table = {}
     for name, curve in curves.items():
         table[name] = {

@@ -34,9 +34,10 @@ def render(result: dict) -> str:
     if "b" in result:
         b = result["b"]
         out += ["", "(b) one update: seconds, peak MiB (process), peak activations held for backward MiB, GFLOP", ""]
-        rows = [[n, s, _f(r["seconds"]), _f(r["peak_mib"], ".1f"), _f(r["saved_mib"], ".1f"), _f(r["flops"] / 1e9, ".2f")]
+        rows = [[n, s, _f(r["seconds"]), _f(r["peak_mib"], ".1f"), _f(r["saved_mib"], ".1f"),
+                 _f(r["flops"] / 1e9, ".2f")]
                 for n, by in b["by_steps"].items() for s, r in by.items()]
-        rows += [[f"draft K={k}", "25" if "plain" not in k else "25 (no checkpointing)", _f(r["seconds"]),
+        rows += [[f"draft K={k.split('-')[0]}", "25" if "plain" not in k else "25, no checkpointing", _f(r["seconds"]),
                   _f(r["peak_mib"], ".1f"), _f(r["saved_mib"], ".1f"), _f(r["flops"] / 1e9, ".2f")]
                  for k, r in b["draft_k"].items()]
         out += _table(["algorithm", "rollout steps", "s / update", "peak MiB", "activations MiB", "GFLOP"], rows)

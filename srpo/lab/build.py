@@ -35,7 +35,7 @@ WEIGHTS = Path(__file__).parent / "weights"
 THREADS = 1  # single-threaded: the same weights on any machine with the same CPU kind
 
 # stage sizes: (full, quick)
-STEPS = {"vae": (1000, 8), "judge": (1500, 8), "base": (3000, 8), "reward": (1500, 8)}
+STEPS = {"vae": (1000, 8), "judge": (1500, 8), "base": (4500, 8), "reward": (1500, 8)}
 POOL = {"vae": (24000, 256), "judge": (24000, 256), "base": (60000, 256), "reward": (40000, 256)}
 SEEDS = {"vae": 11, "judge": 23, "base": 37, "reward": 51}
 
@@ -278,7 +278,7 @@ def make_base_parts():
 
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=32,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=False,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
         axes_dims_rope=(8, 12, 12),
     )
     clip = CLIPTextModel(CLIPTextConfig(
@@ -309,14 +309,33 @@ def encode_latents(vae, images_u8, batch: int = 500, progress: bool = True):
     return torch.cat(out)
 
 
+CAPTION_DROPOUT = 0.1  # empty prompt: the unconditional velocity that guidance needs
+GUIDANCE_RANGE = (1.0, 5.0)  # embedded guidance scales learnt by distillation (FLUX.1-dev style)
+DISTILL_FROM = 0.6  # fraction of the steps after which half of each batch learns guided targets
+
+
+def _velocity(parts, xs, sigma, ids, guidance, img_ids, txt_ids):
+    """Velocity of FLUX parts (transformer, clip, t5) on unpacked latents, as the adapter calls it."""
+    from ..models.flux import pack, unpack
+
+    transformer, clip, t5 = parts
+    v = transformer(hidden_states=pack(xs), timestep=sigma, guidance=guidance,
+                    pooled_projections=clip(ids).pooler_output, encoder_hidden_states=t5(ids)[0],
+                    txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+    return unpack(v, xs.shape[-2], xs.shape[-1])
+
+
 def train_base(vae, quick: bool = False, progress: bool = True):
-    """Transformer and text encoders trained jointly with the rectified-flow loss; returns a
-    FluxModel over their EMA weights and the given VAE."""
+    """Transformer and text encoders trained jointly with the rectified-flow loss, then guidance
+    distilled: for half of each batch the target is the EMA teacher's classifier-free-guided
+    velocity ``v(empty) + g (v(prompt) - v(empty))`` at a random scale ``g``, given to the
+    transformer's guidance embedding (how FLUX.1-dev samples guided in one pass). Returns a
+    FluxModel over the EMA weights and the given VAE."""
     import copy
 
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from ..models.flux import FluxModel, image_ids, pack, unpack
+    from ..models.flux import FluxModel, image_ids
     from ..tokenizer import clip_tokenizer
 
     q = int(quick)
@@ -328,29 +347,40 @@ def train_base(vae, quick: bool = False, progress: bool = True):
     modules = torch.nn.ModuleList([transformer, clip, t5])
     ema = copy.deepcopy(modules).requires_grad_(False)
     tok = clip_tokenizer()
+
+    def ids_of(texts):  # CLIP is causal: padding after the end token leaves its pooled output as is
+        return tok(texts, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True,
+                   return_tensors="pt").input_ids
+
     opt = torch.optim.AdamW(modules.parameters(), lr=5e-4, weight_decay=0.01)
     steps, batch = STEPS["base"][q], 64
-    img_ids = image_ids(16, 16, "cpu", torch.float32)
-    txt_ids = torch.zeros(MAX_SEQUENCE_LENGTH, 3)
+    ids = dict(img_ids=image_ids(16, 16, "cpu", torch.float32), txt_ids=torch.zeros(MAX_SEQUENCE_LENGTH, 3))
+    empty = ids_of([""])
     bar = tqdm(range(steps), desc="base", disable=not progress)
     for step in bar:
         _set_lr(opt, _cosine_lr(step, steps, 5e-4, warmup=200))
         idx = torch.randint(len(latents), (batch,), generator=g)
         x0 = latents[idx]
         texts = [caption(scenes[i], g) for i in idx.tolist()]
-        # CLIP is causal: padding after the end token does not change its pooled output
-        ids = tok(texts, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True,
-                  return_tensors="pt").input_ids
-        pooled = clip(ids).pooler_output
-        seq = t5(ids)[0]
-        sigma = torch.sigmoid(torch.randn(batch, generator=g))
-        sigma = 3 * sigma / (1 + 2 * sigma)  # the sampler's shift-3 schedule puts steps here
+        drop = torch.rand(batch, generator=g) < CAPTION_DROPOUT
+        sigma = torch.sigmoid(torch.randn(batch, generator=g))  # logit-normal, no shift at 64 tokens
         eps = torch.randn(x0.shape, generator=g)
         s = sigma.view(-1, 1, 1, 1)
         xs = (1 - s) * x0 + s * eps
-        v = transformer(hidden_states=pack(xs), timestep=sigma, pooled_projections=pooled,
-                        encoder_hidden_states=seq, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
-        loss = F.mse_loss(unpack(v, 16, 16), eps - x0)
+        target, guidance = eps - x0, torch.ones(batch)
+        half = batch // 2 if step >= DISTILL_FROM * steps else 0
+        if half:
+            drop[:half] = False
+            lo, hi = GUIDANCE_RANGE
+            guidance[:half] = lo + (hi - lo) * torch.rand(half, generator=g)
+            with torch.no_grad():
+                both = torch.cat([ids_of(texts[:half]), empty.expand(half, -1)])
+                v_c, v_u = _velocity(ema, xs[:half].repeat(2, 1, 1, 1), sigma[:half].repeat(2),
+                                     both, torch.ones(2 * half), **ids).chunk(2)
+            target = torch.cat([v_u + guidance[:half].view(-1, 1, 1, 1) * (v_c - v_u), target[half:]])
+        texts = ["" if d else t for t, d in zip(texts, drop.tolist())]
+        v = _velocity(modules, xs, sigma, ids_of(texts), guidance, **ids)
+        loss = F.mse_loss(v, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
