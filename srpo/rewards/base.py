@@ -24,9 +24,23 @@ class Reward(nn.Module):
         """[B, 3, H, W] in [0, 1] -> [B, D] unit-normalised features (differentiable)."""
         raise NotImplementedError
 
-    def encode_text(self, prompts: list[str]) -> Tensor:
-        """N prompts -> [N, D] unit-normalised features."""
+    def _encode_text_uncached(self, prompts: list[str]) -> Tensor:
+        """N prompts -> [N, D] unit-normalised features (no cache; subclasses implement this)."""
         raise NotImplementedError
+
+    def encode_text(self, prompts: list[str]) -> Tensor:
+        """N prompts -> [N, D] unit-normalised features, cached per prompt (they are constants)."""
+        if not hasattr(self, "_text_cache"):
+            self._text_cache: dict[str, Tensor] = {}
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
+        if missing:
+            for p, f in zip(missing, self._encode_text_uncached(missing)):
+                self._text_cache[p] = f
+        device = next(self.parameters()).device
+        return torch.stack([self._text_cache[p].to(device) for p in prompts])
+
+    def clear_cache(self) -> None:
+        self._text_cache = {}
 
     def score(self, images: Tensor, prompts: list[str]) -> Tensor:
         """Absolute reward per image, [B]."""

@@ -76,7 +76,6 @@ class CLIPReward(Reward):
         self.tokenizer = tokenizer
         self.divide_by = float(divide_by)
         self.scale = float(model.logit_scale.detach().exp()) / self.divide_by
-        self._text_cache: dict[str, Tensor] = {}
         self.frozen()
 
     @classmethod
@@ -133,16 +132,6 @@ class CLIPReward(Reward):
         return _features(self.model.get_text_features(
             input_ids=tok["input_ids"].to(device), attention_mask=tok["attention_mask"].to(device)))
 
-    def encode_text(self, prompts: list[str]) -> Tensor:
-        device, _ = self._device_dtype()
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
-        if missing:
-            for p, f in zip(missing, self._encode_text_uncached(missing)):
-                self._text_cache[p] = f
-        return torch.stack([self._text_cache[p].to(device) for p in prompts])
-
-    def clear_cache(self) -> None:
-        self._text_cache.clear()
 
 
 @REWARDS.register("clip")

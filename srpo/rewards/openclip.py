@@ -88,7 +88,6 @@ class OpenCLIPReward(Reward):
         self.transform = transform
         self.divide_by = divide_by
         self.scale = 1.0 if divide_by is None else float(model.logit_scale.detach().exp()) / divide_by
-        self._text_cache: dict[str, Tensor] = {}
         self.frozen()
 
     @classmethod
@@ -132,13 +131,3 @@ class OpenCLIPReward(Reward):
         tokens = self.tokenizer(list(prompts)).to(self._param().device)
         return self.model.encode_text(tokens, normalize=True).float()
 
-    def encode_text(self, prompts: list[str]) -> Tensor:
-        device = self._param().device
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
-        if missing:
-            for p, f in zip(missing, self._encode_text_uncached(missing)):
-                self._text_cache[p] = f
-        return torch.stack([self._text_cache[p].to(device) for p in prompts])
-
-    def clear_cache(self) -> None:
-        self._text_cache.clear()
