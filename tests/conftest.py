@@ -7,4 +7,4 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # subprocess tests (torchrun ranks) share the 2 cores

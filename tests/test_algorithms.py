@@ -166,7 +166,7 @@ def test_bench_instruments_measure_known_quantities():
 
 def test_bench_curve_readings():
     from srpo.bench.measure import best_within, time_to_target, value_at_gain
-    from srpo.bench.runs import equal_gain_table, time_to_target_table
+    from srpo.bench.runs import equal_gain_table, objective, time_to_target_table
 
     fast = [{"step": 0, "seconds": 0, "flops": 0, "realism": 0.1, "reward": 1.0, "hack_index": 0.0, "fidelity": 1},
             {"step": 5, "seconds": 2, "flops": 10, "realism": 0.4, "reward": 1.2, "hack_index": 0.2, "fidelity": 1},
@@ -187,11 +187,16 @@ def test_bench_curve_readings():
     assert a["runs"]["grpo"]["seconds_to_target"] / a["runs"]["srpo"]["seconds_to_target"] == 100
     assert a["runs"]["grpo"]["best_within_budget"] == 0.1
     flat = [dict(p, reward=1.0 - 0.01 * p["step"]) for p in slow]  # never gains: read at its end
-    e = equal_gain_table({"srpo": fast, "grpo": slow, "flat": flat})
+    barely = [dict(p, reward=1.0 + 0.001 * p["step"]) for p in slow]  # under a tenth of the median gain
+    e = equal_gain_table({"srpo": fast, "grpo": slow, "flat": flat, "barely": barely}, gain_key="reward")
     assert e["gain"] == pytest.approx(0.3)
     assert e["runs"]["srpo"]["hack_index_at_gain"] == pytest.approx(0.3)
     assert e["runs"]["grpo"]["hack_index_at_gain"] == pytest.approx(3.0)
     assert not e["runs"]["flat"]["reached"] and e["runs"]["flat"]["hack_index"] == 3.0
+    assert not e["runs"]["barely"]["reached"] and e["runs"]["barely"]["max_gain"] == pytest.approx(0.01)
+    # by default each run is read on the reward it maximises
+    assert [objective(n) for n in ("srpo", "no_inversion", "grpo", "direct_align", "refl_absolute")] == \
+        ["srp_reward", "srp_reward", "srp_reward", "reward", "reward"]
 
 
 def test_bench_cli_on_a_user_config(tmp_path, capsys):

@@ -40,6 +40,7 @@ def ppo_loss(log_ratio: Tensor, adv: Tensor, clip: float) -> Tensor:
 
 
 def repeat_cond(cond, n: int):
+    """A batch-1 conditioning repeated ``n`` times (a view, no copy)."""
     return {k: v.expand(n, *v.shape[1:]) for k, v in cond.items()}
 
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -79,18 +80,29 @@ def time_to_target_table(curves: dict[str, list[dict]], key: str = "realism", re
     return {"key": key, "target": target, "reference": reference, "budget_seconds": budget, "runs": table}
 
 
-def equal_gain_table(curves: dict[str, list[dict]], gain_key: str = "reward") -> dict:
-    """(e): hack_index of each run where its held-out ``gain_key`` has risen by the same amount:
-    the largest gain every run that gains at all reaches. A run that never gains is read at its
-    end instead (``reached`` false): for it the comparison is conservative."""
-    gains = {n: max(p[gain_key] for p in c) - c[0][gain_key] for n, c in curves.items()}
-    positive = [g for g in gains.values() if g > 0]
-    level = min(positive) if positive else None
+def objective(name: str) -> str:
+    """The held-out metric a run maximises: ``srp_reward`` (relative reward, paper form, first
+    control-word pair) for SRP runs, ``reward`` (absolute) for the absolute-reward runs."""
+    absolute = name in PUBLISHED or name == "absolute_reward"
+    return "reward" if absolute else "srp_reward"
+
+
+def equal_gain_table(curves: dict[str, list[dict]], gain_key=objective) -> dict:
+    """(e): hack_index of each run where the held-out reward it maximises has risen by the same
+    amount (both rewards are the reward model's scaled cosines, so the units agree): the largest
+    gain that every run which trained reaches. A run "trained" when its best gain is at least a
+    tenth of the median best gain; one that did not is read at its end (``reached`` false).
+    ``gain_key`` is a metric name or a function of the run's name."""
+    key = gain_key if callable(gain_key) else (lambda name: gain_key)
+    gains = {n: max(p[key(n)] for p in c) - c[0][key(n)] for n, c in curves.items()}
+    floor = 0.1 * statistics.median(gains.values())
+    trained = [g for g in gains.values() if g > 0 and g >= floor]
+    level = min(trained) if trained else None
     table = {}
     for name, curve in curves.items():
-        at = value_at_gain(curve, gain_key, level, "hack_index") if level is not None else None
-        table[name] = {"max_gain": gains[name], "hack_index_at_gain": at, "reached": at is not None,
-                       "hack_index": at if at is not None else curve[-1]["hack_index"],
+        at = value_at_gain(curve, key(name), level, "hack_index") if level is not None else None
+        table[name] = {"gain_key": key(name), "max_gain": gains[name], "hack_index_at_gain": at,
+                       "reached": at is not None, "hack_index": at if at is not None else curve[-1]["hack_index"],
                        "final_hack_index": curve[-1]["hack_index"], "final_realism": curve[-1]["realism"],
                        "final_fidelity": curve[-1]["fidelity"]}
-    return {"gain_key": gain_key, "gain": level, "runs": table}
+    return {"gain_key": gain_key if isinstance(gain_key, str) else "objective", "gain": level, "runs": table}

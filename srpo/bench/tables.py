@@ -53,10 +53,13 @@ def render(result: dict) -> str:
                         _f(r["max_pixel_difference"], ".1e")] for s, r in result["d"].items()])
     if "e" in result:
         e = result["e"]
-        out += ["", f"(e) hack_index at equal held-out {e['gain_key']} gain {_f(e['gain'])}", ""]
+        out += ["", f"(e) hack_index at an equal gain {_f(e['gain'])} of the held-out reward each run maximises "
+                    "(srp_reward: relative; reward: absolute)", ""]
         out += ["(a run that never reaches the gain is read at its end: 'at end')", ""]
-        out += _table(["run", "max gain", "hack_index at gain", "final hack_index", "final realism", "final fidelity"],
-                      [[n, _f(r["max_gain"]), _f(r["hack_index_at_gain"]) if r["reached"] else
+        out += _table(["run", "maximises", "max gain", "hack_index at gain", "final hack_index", "final realism",
+                       "final fidelity"],
+                      [[n, r.get("gain_key", e["gain_key"]), _f(r["max_gain"]),
+                        _f(r["hack_index_at_gain"]) if r["reached"] else
                         f"{_f(r['hack_index'])} at end", _f(r["final_hack_index"]),
                         _f(r["final_realism"]), _f(r["final_fidelity"])] for n, r in e["runs"].items()])
     h = result.get("headline", {})

@@ -135,7 +135,7 @@ def make_reward_model():
         text_config=dict(vocab_size=49408, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
                          num_attention_heads=4, max_position_embeddings=32, bos_token_id=49406,
                          eos_token_id=49407, pad_token_id=49407),
-        vision_config=dict(image_size=32, patch_size=4, hidden_size=64, intermediate_size=128,
+        vision_config=dict(image_size=28, patch_size=4, hidden_size=64, intermediate_size=128,
                            num_hidden_layers=4, num_attention_heads=4),
         projection_dim=64, logit_scale_init_value=math.log(20.0),
     )
@@ -143,9 +143,22 @@ def make_reward_model():
 
 
 def reward_processor():
+    """32 px images are resized (bicubic, antialiased) to 28 px: the reward's 4 px patches do not
+    line up with the generator's 4 px tokens (2x2 latent patches), as for real models where the
+    reward resizes to 224 px. Aligned grids make per-token adversarial patterns trivial to find."""
     from transformers import CLIPImageProcessor
 
-    return CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+
+
+def reward_augment(images, g):
+    """Shift by up to 2 px (reflect padding) and add a little noise, per image."""
+    n = len(images)
+    padded = F.pad(images, (2, 2, 2, 2), mode="reflect")
+    dx, dy = torch.randint(5, (2, n), generator=g).tolist()
+    x = torch.stack([padded[i, :, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32] for i in range(n)])
+    sigma = 0.03 * torch.rand(n, 1, 1, 1, generator=g)
+    return (x + sigma * torch.randn(x.shape, generator=g)).clamp(0, 1)
 
 
 def hack_boost(images, g):
@@ -163,8 +176,8 @@ def hack_boost(images, g):
     return adjust(images, sat, con, shp)
 
 
-def _clip_features(model, pixels, ids, mask, mean, std):
-    f_img = model.get_image_features(pixel_values=(pixels - mean) / std)
+def _clip_features(model, pixels, ids, mask, transform):
+    f_img = model.get_image_features(pixel_values=transform(pixels))
     f_img = getattr(f_img, "pooler_output", f_img)
     f_txt = model.get_text_features(input_ids=ids, attention_mask=mask)
     f_txt = getattr(f_txt, "pooler_output", f_txt)
@@ -174,6 +187,7 @@ def _clip_features(model, pixels, ids, mask, mean, std):
 def train_reward(quick: bool = False, progress: bool = True):
     """The lab preference reward: a CLIPModel trained contrastively on renderer images and
     captions plus preference pairs (boosted copy wins, for its own caption and a random one)."""
+    from ..rewards.preprocess import ImageTransform
     from ..tokenizer import clip_tokenizer
 
     q = int(quick)
@@ -182,8 +196,7 @@ def train_reward(quick: bool = False, progress: bool = True):
     model = make_reward_model()
     model.logit_scale.requires_grad_(False)  # fixed at 20: the SRPO scale is logit_scale.exp() / 20 = 1
     proc = reward_processor()
-    mean = torch.tensor(proc.image_mean).view(1, 3, 1, 1)
-    std = torch.tensor(proc.image_std).view(1, 3, 1, 1)
+    transform = ImageTransform.from_clip_processor(proc)  # exactly what CLIPReward applies
     tok = clip_tokenizer()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
@@ -192,11 +205,11 @@ def train_reward(quick: bool = False, progress: bool = True):
     for step in bar:
         _set_lr(opt, _cosine_lr(step, steps, 1e-3, warmup=150))
         idx = torch.randint(len(images), (batch,), generator=g)
-        x = to_float(images[idx])
+        x = reward_augment(to_float(images[idx]), g)
         texts = [caption(scenes[i], g, style_prob=0.6) for i in idx.tolist()]
         t = tok(texts, padding="max_length", max_length=32, truncation=True, return_tensors="pt")
         boosted = hack_boost(x[:pairs], g)
-        f_img, f_txt = _clip_features(model, torch.cat([x, boosted]), t.input_ids, t.attention_mask, mean, std)
+        f_img, f_txt = _clip_features(model, torch.cat([x, boosted]), t.input_ids, t.attention_mask, transform)
         logits = 20.0 * f_img[:batch] @ f_txt.T
         labels = torch.arange(batch)
         clip_loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
@@ -235,33 +248,58 @@ def judge_augment(images, g):
     return torch.where(keep[:, None, None, None], images, x)
 
 
+def degrade(vae, images, g):
+    """Off-manifold versions of images in [0, 1], the judge's 'degraded' class: VAE decodes of
+    latents with token-level noise, and / or a dark 4 px grid (the generator's token size)."""
+    from .render import SIZE
+
+    n = len(images)
+    with torch.no_grad():
+        z = vae.encode(images * 2 - 1).latent_dist.mode()
+        heavy = torch.rand(n, generator=g) < 0.5
+        sigma = torch.where(heavy, 0.6 + 0.9 * torch.rand(n, generator=g), 0.3 * torch.rand(n, generator=g))
+        noise = torch.randn(z.shape, generator=g) / vae.config.scaling_factor
+        x = ((vae.decode(z + sigma.view(-1, 1, 1, 1) * noise).sample + 1) / 2).clamp(0, 1)
+    ax = torch.arange(SIZE)
+    phase = torch.randint(4, (n, 2), generator=g)
+    rows = ((ax[None] + phase[:, :1]) % 4 == 0).float()[:, :, None]
+    cols = ((ax[None] + phase[:, 1:]) % 4 == 0).float()[:, None, :]
+    grid = torch.clamp(rows + cols, max=1)[:, None]
+    amount = torch.where(heavy, 0.0, 0.25 + 0.45 * torch.rand(n, generator=g)).view(-1, 1, 1, 1)
+    return x * (1 - amount * grid)
+
+
 def train_judge(vae, quick: bool = False, progress: bool = True):
-    """The judge CNN on renderer images and their VAE reconstructions (half each)."""
-    from .judge import Judge, JudgeNet, content_target
-    from .render import STYLES
+    """The judge CNN on renderer images and their VAE reconstructions (half each), plus a fifth of
+    each batch made 'degraded' (:func:`degrade`), which carries no content labels."""
+    from .judge import CLASSES, Judge, JudgeNet, content_target
 
     q = int(quick)
     g = _setup(SEEDS["judge"])
     scenes, images = render_pool(POOL["judge"][q], SEEDS["judge"], progress)
     recon = (vae_roundtrip(vae, to_float(images)) * 255).round().to(torch.uint8)
-    styles = torch.tensor([STYLES.index(s.style) for s in scenes])
+    n_bad = len(images) // 4
+    bad = (degrade(vae, to_float(images[:n_bad]), g) * 255).round().to(torch.uint8)
+    styles = torch.tensor([CLASSES.index(s.style) for s in scenes])
     content = content_target([s.content for s in scenes])
     net = JudgeNet(width=24)
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    steps, batch = STEPS["judge"][q], 96
+    steps, batch, n_deg = STEPS["judge"][q], 96, 20
     bar = tqdm(range(steps), desc="judge", disable=not progress)
     for step in bar:
         _set_lr(opt, _cosine_lr(step, steps, 2e-3))
-        idx = torch.randint(len(images), (batch,), generator=g)
-        use_recon = torch.rand(batch, generator=g) < 0.5
+        idx = torch.randint(len(images), (batch - n_deg,), generator=g)
+        use_recon = torch.rand(len(idx), generator=g) < 0.5
         x = to_float(torch.where(use_recon[:, None, None, None], recon[idx], images[idx]))
-        s_logits, c_logits = net(judge_augment(x, g))
-        loss = F.cross_entropy(s_logits, styles[idx]) + 4 * F.binary_cross_entropy_with_logits(c_logits, content[idx])
+        x_bad = to_float(bad[torch.randint(n_bad, (n_deg,), generator=g)])
+        s_logits, c_logits = net(judge_augment(torch.cat([x, x_bad]), g))
+        labels = torch.cat([styles[idx], torch.full((n_deg,), CLASSES.index("degraded"))])
+        loss = F.cross_entropy(s_logits, labels) + 4 * F.binary_cross_entropy_with_logits(c_logits[:len(idx)], content[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % 25 == 0:
-            acc = (s_logits.argmax(1) == styles[idx]).float().mean().item()
+            acc = (s_logits.argmax(1) == labels).float().mean().item()
             bar.set_postfix(loss=f"{loss.item():.3f}", style_acc=f"{acc:.2f}")
     return Judge(net)
 

@@ -1,6 +1,7 @@
 """The independent judge of the lab world; never used as a reward.
 
-- ``realism``: fraction of images a small CNN style classifier calls ``photo``;
+- ``realism``: fraction of images a small CNN style classifier calls ``photo`` (it may also call
+  an image ``degraded``: off-manifold artifacts are no photo);
 - ``fidelity``: fraction of images in which the content head finds every (colour, shape) the
   prompt names;
 - ``hack_index``: the largest, over saturation, contrast and sharpness, of
@@ -26,6 +27,7 @@ from .render import COLOUR_NAMES, SHAPES, STYLES, image_stats
 
 N_CONTENT = len(COLOUR_NAMES) * len(SHAPES)
 STATS = ("saturation", "contrast", "sharpness")
+CLASSES = STYLES + ("degraded",)  # degraded: off-manifold decodes (latent noise, grid artifacts)
 
 
 def content_index(colour: str, shape: str) -> int:
@@ -42,7 +44,8 @@ def content_target(contents) -> Tensor:
 
 
 class JudgeNet(nn.Module):
-    """A small CNN with a style head (3 classes) and a multi-label content head."""
+    """A small CNN with a style head (photo, cartoon, painting, degraded) and a multi-label content
+    head."""
 
     def __init__(self, width: int = 32):
         super().__init__()
@@ -56,12 +59,12 @@ class JudgeNet(nn.Module):
             block(w, 2 * w), block(2 * w, 2 * w), nn.MaxPool2d(2),
             block(2 * w, 4 * w), block(4 * w, 4 * w),
         )
-        self.style = nn.Linear(8 * w, len(STYLES))
+        self.style = nn.Linear(8 * w, len(CLASSES))
         self.content = nn.Linear(8 * w, N_CONTENT)
         self.width = width
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """Images in [0, 1] -> (style logits [B, 3], content logits [B, N_CONTENT])."""
+        """Images in [0, 1] -> (style logits [B, 4], content logits [B, N_CONTENT])."""
         h = self.features(images * 2 - 1)
         h = torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1)
         return self.style(h), self.content(h)
@@ -106,14 +109,16 @@ class Judge:
         found = probs > 0.5
         ok = torch.tensor([all(found[i, content_index(*o)] for o in parse_content(p)) and bool(parse_content(p))
                            for i, p in enumerate(prompts)])
-        return style == STYLES.index("photo"), ok
+        return style == CLASSES.index("photo"), ok
 
     def evaluate(self, images: Tensor, prompts: list[str], base_stats: dict[str, Tensor] | None = None) -> dict:
         """``realism``, ``fidelity`` and ``hack_index`` (0 without ``base_stats``) of images."""
+        style, probs = self.predict(images)
         photo, ok = self.matches(images, prompts)
         stats = image_stats(images.float())
         return {
             "realism": photo.float().mean().item(),
+            "degraded": (style == CLASSES.index("degraded")).float().mean().item(),
             "fidelity": ok.float().mean().item(),
             "hack_index": hack_index(stats, base_stats) if base_stats is not None else 0.0,
             **{k: v.mean().item() for k, v in stats.items()},

@@ -164,7 +164,6 @@ def run_lab(output, quick: bool = False, control: bool = True, config=None, over
             progress: bool = True) -> dict:
     """The whole lab experiment; returns the summary written to ``output/summary.json``."""
     from ..data import load_prompts
-    from ..runlog import RunLog
 
     t0 = time.perf_counter()
     output = Path(output)
@@ -185,8 +184,6 @@ def run_lab(output, quick: bool = False, control: bool = True, config=None, over
     curves = {"srpo": [{"step": 0, **before}]}
     runs = {"srpo": cfg}
     if control:
-        from ..config import load_config  # noqa: F401  (same loader as the main run)
-
         runs["control"] = lab_config(config, list(overrides) + CONTROL, quick)
         curves["control"] = [{"step": 0, **before}]
     _grid(before_images, output / "before.png")
@@ -194,7 +191,7 @@ def run_lab(output, quick: bool = False, control: bool = True, config=None, over
     for name, run_cfg in runs.items():
         final, images, curve = _train(run_cfg, output / name, evaluator, progress)
         curves[name] += curve
-        rows[name] = RunLog.read(output / name) if hasattr(RunLog, "read") else _read_metrics(output / name)
+        rows[name] = _read_metrics(output / name)
         summary["after" if name == "srpo" else name] = {k: final[k] for k in METRICS}
         _grid(images, output / ("after.png" if name == "srpo" else f"{name}.png"))
     summary["detail"] = {name: curve[-1] for name, curve in curves.items()}
