@@ -7,6 +7,8 @@ Packing into 2x2 patches and the position ids are details of this file.
 
 from __future__ import annotations
 
+import functools
+
 import json
 from pathlib import Path
 
@@ -45,12 +47,20 @@ def unpack(tokens: Tensor, h: int, w: int) -> Tensor:
     return x.reshape(b, d // 4, h, w)
 
 
+@functools.lru_cache(maxsize=16)
 def image_ids(h: int, w: int, device, dtype) -> Tensor:
-    """Position ids ``[(h/2)(w/2), 3]`` of the packed latent tokens: (0, row, column)."""
+    """Position ids ``[(h/2)(w/2), 3]`` of the packed latent tokens: (0, row, column); cached per
+    shape, device and dtype (a rollout asks for the same ids at every step)."""
     ids = torch.zeros(h // 2, w // 2, 3)
     ids[..., 1] = torch.arange(h // 2)[:, None]
     ids[..., 2] = torch.arange(w // 2)[None, :]
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _text_ids(n: int, device, dtype) -> Tensor:
+    """FLUX's all-zero text position ids ``[n, 3]``."""
+    return torch.zeros(n, 3, device=device, dtype=dtype)
 
 
 def _frozen(module: nn.Module) -> nn.Module:
@@ -178,7 +188,7 @@ class FluxModel:
             guidance=g,
             pooled_projections=pooled,
             encoder_hidden_states=text,
-            txt_ids=torch.zeros(text.shape[1], 3, device=device, dtype=dtype),
+            txt_ids=_text_ids(text.shape[1], device, dtype),
             img_ids=image_ids(h, w, device, dtype),
             return_dict=False,
         )[0]
