@@ -52,10 +52,10 @@ def test_base_loads_as_float32_and_matches_diffusers_pipeline(model):
     assert model.latent_shape(1, 32, 32) == (1, 4, 16, 16)
     noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     prompts = ["a red circle", "a photo of a blue star and a green square"]
-    ours = sample_images(model, prompts, noise, steps=6, guidance=1.0)
+    ours = sample_images(model, prompts, noise, steps=6, guidance=3.5)
     pipe = FluxPipeline.from_pretrained(str(BASE), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    ref = pipe(prompts, height=32, width=32, num_inference_steps=6, latents=pack(noise),
+    ref = pipe(prompts, height=32, width=32, num_inference_steps=6, latents=pack(noise), guidance_scale=3.5,
                max_sequence_length=MAX_SEQUENCE_LENGTH, output_type="pt").images
     assert torch.allclose(ours, ref, atol=1e-4)
 
@@ -111,6 +111,26 @@ def test_reward_text_tower_knows_the_control_words(reward):
     for other in ("cartoon", "painting"):
         auc = (rel["photo"][:, None] > rel[other][None, :]).float().mean()
         assert auc >= 0.9, (other, auc)
+
+
+def test_reward_photo_direction_is_not_a_brightness_shortcut(reward):
+    """Darkening or brightening an image barely moves its SRP reward (the reward's photo
+    direction once was 'darker', and SRPO then simply darkened images)."""
+    from srpo.rewards.srp import SRP
+
+    srp = SRP(reward)
+    scenes = sample_scenes(96, seed=991)
+    x = render(scenes)
+    prompts = [content_text(s.content) for s in scenes]
+
+    def rel(img):
+        with torch.no_grad():
+            return torch.stack([srp.relative(img, prompts, p, n, 0.0).relative
+                                for p, n in zip(srp.pos_words, srp.neg_words)]).mean()
+
+    base = rel(x)
+    for changed in (x * 0.7, (x * 1.25).clamp(0, 1)):
+        assert abs(rel(changed) - base) < 0.05
 
 
 def test_build_is_deterministic(tmp_path):

@@ -28,9 +28,10 @@ WEIGHTS = Path(__file__).parent / "weights"
 METRICS = ("realism", "fidelity", "hack_index", "reward", "srp_reward")
 EVAL_REPEATS = 2  # seeds per held-out prompt
 
-# the control: maximise the absolute reward late in the trajectory, no inversion branch
+# the control: maximise the absolute reward late in the trajectory, no inversion branch, at 20x
+# the learning rate (at SRPO's own rate, late-timestep updates barely move the model: docs/lab.md)
 CONTROL = ["srp.enabled=false", "method.inversion_branch=false", "method.index_range=[35, 49]",
-           "method.loss=linear"]
+           "method.loss=linear", "train.lr=1e-4"]
 # --quick: a smoke run of the whole pipeline (a few updates, few prompts, few steps)
 QUICK = ["train.max_steps=2", "train.batch_size=2", "rollout.steps=4", "data.eval_steps=4",
          "log.checkpoint_every=1"]
