@@ -154,40 +154,41 @@ def _training_parts(result, bench, cfg, judge, config, parts, budget, output, ov
     from ..lab.judge import Judge
     from ..lab.run import Evaluator
     from .measure import flops
-    from .runs import ABLATIONS, PUBLISHED, SAME_REWARD, equal_gain_table, time_to_target_table, train_and_judge
+    from .runs import ABLATIONS, E_OVERRIDES, PUBLISHED, SAME_REWARD, equal_gain_table, time_to_target_table, train_and_judge
 
     heldout = load_prompts(cfg.data.eval_prompts, "lab held-out prompts")
     if budget["eval_prompts"]:
         heldout = heldout[: budget["eval_prompts"]]
     evaluator = Evaluator(cfg, heldout, Judge.load(judge))
     before, _ = evaluator()
-    wanted = {}
+    plan = []  # (part, run name, overrides); (e) runs at E_OVERRIDES' optimisation pressure
     if "a" in parts:
-        wanted.update(SAME_REWARD)
+        plan += [("a", name, extra) for name, extra in SAME_REWARD.items()]
     if "e" in parts:
-        wanted.update({"srpo": []}, **PUBLISHED, **{k: v for k, v in ABLATIONS.items() if k != "absolute_reward"})
-    curves = {}
-    for name, extra in wanted.items():
+        runs_e = {"srpo": [], **PUBLISHED, **{k: v for k, v in ABLATIONS.items() if k != "absolute_reward"}}
+        plan += [("e", name, E_OVERRIDES + extra) for name, extra in runs_e.items()]
+    curves: dict = {"a": {}, "e": {}}
+    for part, name, extra in plan:
         updates = (budget["grpo_updates"] if name.startswith("grpo") else budget["updates"]) or cfg.train.max_steps
         every = budget["eval_every"] or cfg.log.checkpoint_every or max(1, updates // 4)
-        run_overrides = list(budget["overrides"]) + list(overrides) + extra + [
+        run_overrides = list(budget["overrides"]) + extra + list(overrides) + [
             f"train.max_steps={updates}", f"log.checkpoint_every={every}", "log.keep_checkpoints=10000",
             "log.sample_every=0", "data.eval_prompts=null", "log.progress=false"]
         run_cfg, _ = _config(config, run_overrides)
         f = flops(bench.update_fn(run_cfg))
         bench.restore()
-        say(f"(a/e) training {name}: {updates} updates, {f / 1e9:.2f} GFLOP per update")
-        curves[name] = train_and_judge(run_cfg, output / "runs" / name, evaluator, before, f)
-        end = curves[name][-1]
+        say(f"({part}) training {name}: {updates} updates at lr {run_cfg.train.lr:g}, {f / 1e9:.2f} GFLOP per update")
+        curves[part][name] = train_and_judge(run_cfg, output / "runs" / part / name, evaluator, before, f)
+        end = curves[part][name][-1]
         say(f"      {end['seconds']:.1f}s of training; realism {before['realism']:.3f} -> {end['realism']:.3f}, "
             f"reward {before['reward']:.3f} -> {end['reward']:.3f}, hack_index {end['hack_index']:.2f}")
     result["curves"] = curves
     if "a" in parts:
-        result["a"] = time_to_target_table({k: curves[k] for k in SAME_REWARD})
+        result["a"] = time_to_target_table(curves["a"])
     if "e" in parts:
-        names = ["srpo", *PUBLISHED, "no_inversion", "late_timesteps"]
-        table = equal_gain_table({k: curves[k] for k in names})
+        table = equal_gain_table(curves["e"])
         table["runs"]["absolute_reward"] = table["runs"]["direct_align"]
+        table["overrides"] = E_OVERRIDES
         result["e"] = table
 
 

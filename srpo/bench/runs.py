@@ -4,7 +4,8 @@
     words (the baselines with ``<algo>.reward: relative``), so the comparison is of optimisers:
     wall time and FLOPs to reach a judge realism target, and the best realism within a budget.
 (e) the algorithms in their published form (baselines on the absolute reward) and SRPO's
-    ablations, each switched on alone: hack_index at an equal gain of the held-out absolute reward.
+    ablations, each switched on alone, at the higher learning rate ``E_OVERRIDES``: hack_index at
+    an equal gain of the held-out reward each run maximises.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ ABLATIONS = {
     "late_timesteps": ["method.index_range=[35, 49]"],
     "absolute_reward": ["algorithm=direct_align"],  # the same run as direct_align
 }
+# (e) is about what optimisation pressure does to each objective, so its runs use the lab control's
+# learning rate (1e-4, 20x the lab's SRPO rate): at 5e-6 the absolute-reward runs gain < 0.02 of
+# reward in 30 updates and an "equal gain" is read at noise level (BENCHMARKS.md).
+E_OVERRIDES = ["train.lr=1e-4"]
 METRICS = ("realism", "fidelity", "hack_index", "reward", "srp_reward")
 
 
