@@ -212,3 +212,28 @@ def test_bench_cli_on_a_user_config(tmp_path, capsys):
     assert result["headline"]["srpo_update_over_parts"] == pytest.approx(c["update"] / c["sum_of_parts"])
     assert "srpo_update_over_parts" in capsys.readouterr().out
     assert srpo_cli("bench", "--parts", "x", "--output", out) == 2
+
+
+def test_bench_hacking_part_on_the_lab(tmp_path, capsys):
+    """Part (e) through the CLI on the lab world (quick budget): every published form and ablation
+    trains at the (e) learning rate, is judged at each update, and bench.json names a hack_index
+    for each; a user's --set still wins over the part's own overrides."""
+    import yaml
+
+    from srpo.bench.runs import E_OVERRIDES
+
+    out = tmp_path / "bench"
+    assert srpo_cli("bench", "--quick", "--parts", "e", "--output", out, "--set", "train.batch_size=1",
+                    "--set", "rollout.steps=4", "--set", "data.eval_steps=4") == 0
+    result = json.loads((out / "bench.json").read_text())
+    names = {"srpo", "direct_align", "refl_absolute", "draft_absolute", "grpo_absolute", "no_inversion",
+             "late_timesteps", "absolute_reward"}
+    assert set(result["headline"]["hack_index"]) == names
+    assert result["e"]["overrides"] == E_OVERRIDES
+    for name in names - {"absolute_reward"}:
+        cfg = yaml.safe_load((out / "runs" / "e" / name / "config.yaml").read_text())
+        assert cfg["train"]["lr"] == 1e-4 and cfg["train"]["batch_size"] == 1
+        curve = result["curves"]["e"][name]
+        assert [p["step"] for p in curve] == [0, 1, 2, 3] and curve[0]["hack_index"] == 0.0
+    assert yaml.safe_load((out / "runs" / "e" / "late_timesteps" / "config.yaml").read_text())["method"]["index_range"] == [35, 49]
+    assert "(e) hack_index at an equal gain" in capsys.readouterr().out
