@@ -11,10 +11,11 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .. import memory
 from .. import method as M
 from ..config import Config
 from .base import Algorithm, Batch
-from .refl import baseline_reward, check_reward_mode, denoise_to, forward_ctx, levels
+from .refl import baseline_reward, check_reward_mode, denoise_to, levels
 
 
 def unrolled_steps(model, x, cond, grid: list[float], start: int, guidance: float, cfg: Config,
@@ -22,7 +23,7 @@ def unrolled_steps(model, x, cond, grid: list[float], start: int, guidance: floa
     """Euler steps ``start .. len(grid) - 2`` of ``grid`` from ``x``, with gradient."""
 
     def step(x_in, a, b):
-        with forward_ctx(cfg, x_in.device):
+        with memory.autocast(cfg, x_in.device):
             v = model.velocity(x_in, levels([a] * x_in.shape[0], x_in), cond, guidance)
         return M.euler_step(x_in, v.float(), a, b)
 
@@ -47,7 +48,7 @@ class DRaFT(Algorithm):
         start = cfg.rollout.steps - self.k
         x = batch.eps
         if start > 0:
-            with forward_ctx(cfg, x.device):
+            with memory.autocast(cfg, x.device):
                 x = denoise_to(model, batch.cond, x, self.grid, [start] * x.shape[0], cfg.rollout.guidance)
         x0 = unrolled_steps(model, x.detach(), batch.cond, self.grid, start, cfg.train.guidance, cfg,
                             cfg.draft.checkpoint)

@@ -19,12 +19,13 @@ import math
 import torch
 from torch import Tensor
 
+from .. import memory
 from .. import method as M
 from .. import sde
 from ..config import Config
 from ..models.base import select_cond
 from .base import Algorithm, Batch, sample_rng, torch_seed
-from .refl import baseline_reward, check_reward_mode, forward_ctx, levels
+from .refl import baseline_reward, check_reward_mode, levels
 
 
 def group_advantages(rewards: Tensor, clip: float, eps: float = 1e-8) -> Tensor:
@@ -80,7 +81,7 @@ class GRPO(Algorithm):
         cfg = self.cfg
         cond = repeat_cond(select_cond(batch.cond, slice(i, i + 1)), cfg.grpo.group_size)
         gen = torch.Generator().manual_seed(torch_seed(cfg.train.seed, batch.step, batch.indices[i], 4))
-        with forward_ctx(cfg, batch.eps.device):
+        with memory.autocast(cfg, batch.eps.device):
             x0, traj, log_probs = sde.sde_rollout(model, cond, self.group_noise(batch, i), self.steps,
                                                   cfg.method.shift, cfg.rollout.guidance, cfg.grpo.eta, gen)
         with torch.no_grad():
@@ -124,7 +125,7 @@ class GRPO(Algorithm):
                     sl = slice(s, s + chunk)
                     x_a, x_b = traj[sl, j], traj[sl, j + 1]
                     c = {k: v[sl] for k, v in cond.items()}
-                    with forward_ctx(cfg, x_a.device):
+                    with memory.autocast(cfg, x_a.device):
                         v = model.velocity(x_a, levels([a] * x_a.shape[0], x_a), c, cfg.rollout.guidance)
                     mean, std = sde.sde_mean_std(x_a, v.float(), a, b, g.eta, self.cap)
                     new_lp = sde.gaussian_log_prob(x_b, mean, std)

@@ -1,8 +1,8 @@
 """ReFL (ImageReward, Xu et al. 2023): denoise without gradient to a random late step of the
 sampling chain, take one model step with gradient, score the one-step prediction ``x_t - t v``.
 
-Also the helpers the other chain baselines share: a partial no-grad Euler rollout, the
-gradient-forward autocast context and the baseline reward (absolute or semantic-relative).
+Also the helpers the other chain baselines share: a partial no-grad Euler rollout and the
+baseline reward (absolute or semantic-relative); autocast comes from :func:`srpo.memory.autocast`.
 """
 
 from __future__ import annotations
@@ -17,11 +17,6 @@ from .. import method as M
 from ..config import Config
 from ..errors import UserError
 from .base import Algorithm, Batch, sample_rng
-
-
-def forward_ctx(cfg: Config, device):
-    """Autocast of gradient-carrying forwards (``train.autocast``), else a no-op."""
-    return memory.autocast(cfg, device)
 
 
 def levels(values, like: Tensor) -> Tensor:
@@ -85,10 +80,10 @@ class ReFL(Algorithm):
     def backward(self, model, batch: Batch) -> dict[str, float]:
         cfg = self.cfg
         js = self.draw_steps(batch)
-        with forward_ctx(cfg, batch.eps.device):
+        with memory.autocast(cfg, batch.eps.device):
             x = denoise_to(model, batch.cond, batch.eps, self.grid, js, cfg.rollout.guidance)
         t = levels([self.grid[j] for j in js], x)
-        with forward_ctx(cfg, x.device):
+        with memory.autocast(cfg, x.device):
             v = model.velocity(x, t, batch.cond, cfg.train.guidance)
         images = model.decode(M.one_step_x0(x, v.float(), t))
         r = baseline_reward(self.reward_fn, cfg.refl.reward, images, batch)

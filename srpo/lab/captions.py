@@ -47,6 +47,8 @@ def caption(scene: Scene, g: torch.Generator, style_prob: float | None = None, o
     ``ordered``: objects are named left to right (the base model's captions: a tiny model cannot
     bind colours to shapes otherwise); else in random order."""
     content = scene.content
+    # the coin is drawn even when ``ordered`` so both kinds of caption consume the generator alike
+    # (the shipped base weights were built with this stream)
     if len(content) == 2 and float(torch.rand(1, generator=g)) < 0.5 and not ordered:
         content = content[::-1]
     text = content_text(content)
