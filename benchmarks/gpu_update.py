@@ -114,7 +114,7 @@ def build_flux(tiny: bool, device: torch.device, lora_mode: bool, seed: int = 0)
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from srpo.memory import FLUX_DEV
+    from srpo.models.flux import FLUX_DEV
     from srpo.tokenizer import clip_tokenizer
 
     torch.manual_seed(seed)
@@ -174,12 +174,10 @@ def _sync(device):
 
 
 def run_mode(mode: str, args) -> dict:
-    from srpo import lora, memory, parallel
+    from srpo import lora, memory, parallel, step as steps
     from srpo.algorithms import ALGORITHMS, RewardFn
-    from srpo.algorithms.base import Batch
     from srpo.rewards.srp import SRP
-    from srpo.sampling import rollout
-    from srpo.trainer import control_words, rollout_noise
+    from srpo.trainer import reward_autocast
 
     device_name = "cpu" if args.tiny else "cuda"
     cfg = make_config(args.tiny, mode, args.size, args.rollout_steps, device_name)
@@ -188,7 +186,7 @@ def run_mode(mode: str, args) -> dict:
     t_build = time.perf_counter()
     model = build_flux(args.tiny, device, mode == "lora")
     reward = build_reward(args.tiny, device)
-    lora.apply(model.transformer, cfg.lora, seed=0)
+    lora.apply(model, cfg.lora, seed=0)
     memory.prepare(model, cfg)
     flops = transformer_flops(model.transformer, *_tokens(model, cfg))
     parallel.apply(model, cfg, ctx)
@@ -196,37 +194,21 @@ def run_mode(mode: str, args) -> dict:
     if mode == "full" and args.full_optimizer == "sgd":
         optimizer = torch.optim.SGD(params, lr=cfg.train.lr)
     else:
-        t = cfg.train
-        optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
-    algorithm = ALGORITHMS.get("srpo")(cfg, RewardFn(reward, SRP(reward, cfg.srp.pos_words, cfg.srp.neg_words)))
-    _sync(device)
+        optimizer = steps.make_optimizer(params, cfg)
+    reward_fn = RewardFn(reward, SRP(reward, cfg.srp.pos_words, cfg.srp.neg_words), reward_autocast(cfg))
+    algorithm = ALGORITHMS.get("srpo")(cfg, reward_fn)
+    batches = steps.Batches(cfg, model, algorithm, cfg.data.prompts, ctx)
+    steps._sync(device)
     build_s = time.perf_counter() - t_build
-    prompts = cfg.data.prompts
-    model.encode_prompts(prompts)  # fill the text cache outside the timing
+    model.encode_prompts(cfg.data.prompts)  # fill the text cache outside the timing
 
     rows = []
     for step in range(args.warmup + args.steps):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        pos, neg = control_words(cfg, step)
-        eps = rollout_noise(model, cfg, step, [0])
-        cond = model.encode_prompts(prompts)
-        with torch.no_grad(), memory.autocast(cfg, device):  # as the trainer rolls out
-            x0 = rollout(model, cond, eps, steps=cfg.rollout.steps, shift=cfg.method.shift,
-                         guidance=cfg.rollout.guidance)
-        _sync(device)
-        t1 = time.perf_counter()
-        stats = algorithm.backward(model, Batch(prompts, cond, x0, eps, step, [0], pos, neg, loss_scale=1.0))
-        _sync(device)
-        t2 = time.perf_counter()
-        grad_norm = parallel.clip_grad_norm(params, cfg.train.grad_clip, ctx)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        _sync(device)
-        t3 = time.perf_counter()
-        row = {"rollout_s": t1 - t0, "grad_step_s": t2 - t1, "optimizer_s": t3 - t2, "update_s": t3 - t0,
-               "loss": stats["loss"], "grad_norm": grad_norm}
+        r = steps.update(model, algorithm, optimizer, params, batches, cfg, ctx, step)  # the trainer's update
+        row = {"rollout_s": r["rollout_s"], "grad_step_s": r["grad_s"], "optimizer_s": r["optimizer_s"],
+               "update_s": r["seconds"], "loss": r["loss"], "grad_norm": r["grad_norm"]}
         if device.type == "cuda":
             row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             row["reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30

@@ -18,9 +18,6 @@ from .errors import UserError
 
 REALISM_POS = ["Natural-lighting", "Detail", "Detailed", "Real"]
 REALISM_NEG = ["Concept art", "Painting", "Anime", "Flat", "Oil"]
-# LoRA targets for FLUX: attention and MLP projections of the double and single blocks.
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-                "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]
 
 
 class Section(BaseModel):
@@ -28,11 +25,13 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    name: str = Field("flux", description="Model adapter: a registered name (flux, tiny_flux) or a dotted path to a factory.")
-    path: str | None = Field(None, description="Local diffusers folder of the base model (FluxPipeline layout).")
+    name: str = Field("flux", description="Model family: a registered name (flux, sd3; tiny_flux, tiny_sd3 built in code) or a dotted path to a FlowModel subclass (docs/models.md).")
+    path: str | None = Field(None, description="Local diffusers folder of the base model, in the family's pipeline layout (FluxPipeline, StableDiffusion3Pipeline).")
     transformer_path: str | None = Field(None, description="Optional folder with transformer weights that replace the base model's.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Storage dtype of the frozen parts (text encoders, VAE); trainable weights stay float32.")
-    options: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for the model factory (e.g. seed and sizes for tiny_flux).")
+    shift: float | None = Field(None, gt=0, description="Time shift m of the sampling schedule, m t / (1 + (m - 1) t); null: the family's rule (flux: 3, the reference trainer's fixed shift; sd3: its scheduler config's shift, dynamic where the config asks for it).")
+    quantize_timesteps: bool | None = Field(None, description="Floor the transformer's timestep input to multiples of 1/1000 as the reference FLUX trainer feeds it (noise levels themselves stay exact); null: the family's default (flux: on; sd3: off, as its pipeline).")
+    options: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments of the family's load() (flux: max_sequence_length; sd3: max_sequence_length, negative_prompt; tiny_*: seed and sizes).")
 
 
 class RewardConfig(Section):
@@ -51,6 +50,7 @@ class SRPConfig(Section):
     weighting: Literal["per_branch", "multiplicative"] = Field("per_branch", description="per_branch: reward (1+k)pos - neg with linear k per branch (reference FLUX trainer); multiplicative: reward times a discount that grows with noise (later single-branch variant).")
     k_pos: tuple[float, float] = Field((0.10, 0.25), description="Denoise-branch k, linear over the fine grid from low to high noise.")
     k_inv: tuple[float, float] = Field((0.30, 0.01), description="Inversion-branch k, linear over the fine grid (larger at low noise).")
+    discount_shift: float = Field(3.0, gt=0, description="weighting multiplicative: the discount table is shift(linspace(0, 1, 101)) with this shift m (the reference Qwen-Image trainer: 3).")
 
     @field_validator("template")
     @classmethod
@@ -63,7 +63,6 @@ class SRPConfig(Section):
 class MethodConfig(Section):
     index_range: tuple[int, int] = Field((5, 25), description="Training range in indices of the inference schedule (reference: 5-25; late indices bring reward hacking back).")
     schedule_steps: int = Field(50, ge=2, description="Step count of the inference schedule the index range refers to.")
-    shift: float = Field(3.0, gt=0, description="Time shift m of the schedule: m t / (1 + (m - 1) t).")
     cells: int = Field(1000, ge=20, description="Cells T of the fine training grid between the range's two levels.")
     max_step_cells: int = Field(100, ge=1, description="Largest step K in fine-grid cells (about one coarse step).")
     ts_margin: int = Field(5, ge=1, description="The step index ts is drawn uniformly in [margin, T - margin].")
@@ -71,6 +70,13 @@ class MethodConfig(Section):
     inversion_branch: bool = Field(True, description="Run the inversion branch (cleaner -> noisier step, reward roles swapped).")
     loss: Literal["hinge", "linear"] = Field("hinge", description="hinge: relu(threshold - r); linear: -r.")
     hinge_threshold: float = Field(0.7, description="Threshold of the hinge loss.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data):
+        if isinstance(data, dict) and "shift" in data:
+            raise ValueError("method.shift moved to model.shift: the schedule belongs to the model family")
+        return data
 
     @model_validator(mode="after")
     def _check(self):
@@ -86,7 +92,7 @@ class MethodConfig(Section):
 
 class RolloutConfig(Section):
     steps: int = Field(25, ge=1, description="Euler steps of the online rollout that produces x0.")
-    guidance: float = Field(1.0, ge=0, description="Embedded guidance during the rollout (HPS: 1, PickScore: 2).")
+    guidance: float = Field(1.0, ge=0, description="Guidance of the rollout, as the family applies it: FLUX's embedded guidance (reference: 1 with HPS, 2 with PickScore), the CFG scale of true-CFG families (sd3; <= 1: one conditional pass), ignored by distilled models.")
     height: int = Field(720, ge=8, description="Image height in pixels.")
     width: int = Field(720, ge=8, description="Image width in pixels.")
 
@@ -101,9 +107,11 @@ class TrainConfig(Section):
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(0.1, gt=0, description="Gradient clipping max norm.")
     seed: int = Field(0, ge=0, description="Seed: prompts, noise and timesteps derive from (seed, update, sample index).")
-    guidance: float = Field(3.5, ge=0, description="Embedded guidance of the gradient-carrying forward.")
+    guidance: float = Field(3.5, ge=0, description="Guidance of the gradient-carrying forward, as the family applies it (FLUX embedded: 3.5, the reference; true CFG: 1 runs the conditional pass alone, as the reference Qwen-Image trainer).")
+    cfg_gradient: Literal["both", "cond"] = Field("both", description="True-CFG families, gradient forward at a CFG scale > 1: both passes carry gradient (the exact gradient of the guided velocity, twice the activations) or only the conditional pass (the unconditional one runs without gradient).")
     shared_noise: bool = Field(True, description="One rollout noise per update shared by all samples and ranks (reference); off: noise per sample.")
-    autocast: Literal["none", "bf16", "fp16"] = Field("none", description="Autocast dtype of the gradient forward (bf16 on GPUs; fp32 master weights either way).")
+    autocast: Literal["none", "bf16", "fp16"] = Field("none", description="Autocast dtype of every transformer call, rollouts and gradient forwards (bf16 on GPUs; fp32 master weights either way).")
+    reward_autocast: Literal["auto", "none", "bf16", "fp16"] = Field("auto", description="Autocast of the reward model's forward; auto: fp16 when train.autocast is on (the reference scores under fp16 autocast), none otherwise.")
     gradient_checkpointing: bool = Field(False, description="Activation checkpointing in the transformer blocks.")
     device: str = Field("auto", description="auto (cuda if available), cpu or cuda[:N].")
     max_bad_updates: int = Field(3, ge=1, description="Stop after this many consecutive updates skipped for a NaN/Inf loss, reward or gradient.")
@@ -121,7 +129,7 @@ class DataConfig(Section):
     eval_prompts: str | list[str] | None = Field(None, description="Held-out prompts for evaluation (file or list); none: skip evaluation.")
     eval_seed: int = Field(1234, description="Seed of the evaluation noise (the same before and after training).")
     eval_steps: int = Field(25, ge=1, description="Sampling steps of evaluation and sample grids.")
-    eval_guidance: float = Field(3.5, ge=0, description="Embedded guidance of evaluation and sample grids.")
+    eval_guidance: float = Field(3.5, ge=0, description="Guidance of evaluation and sample grids, as the family applies it (FLUX embedded guidance, CFG scale).")
 
     @model_validator(mode="after")
     def _need_prompts(self):
@@ -140,7 +148,7 @@ class LoRAConfig(Section):
     enabled: bool = Field(False, description="Train LoRA adapters (peft) on the transformer instead of all its weights; the base stays frozen in model.dtype.")
     rank: int = Field(16, ge=1, description="LoRA rank r.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
-    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS), min_length=1, description="Names (or name suffixes) of the transformer's Linear layers that get adapters.")
+    target_modules: list[str] | None = Field(None, min_length=1, description="Names (or name suffixes) of the transformer's Linear layers that get adapters; null: the family's defaults (docs/models.md).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch input.")
     init: Literal["zeros", "gaussian"] = Field("zeros", description="zeros: B = 0, training starts exactly at the base model; gaussian: small random B and A.")
     save_merged: bool = Field(True, description="Also write final/ as full transformer weights with the adapters merged (srpo sample reads it); the adapters alone go to lora/.")
@@ -310,20 +318,53 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
+def _section_type(annotation):
+    """The Section class inside an annotation (``X``, ``X | None``, ``X | list[X]``), or None."""
+    if isinstance(annotation, type) and issubclass(annotation, Section):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _default(f) -> Any:
+    if f.is_required():
+        return "required"
+    return f.default_factory() if f.default_factory else f.default
+
+
+def _section_rows(prefix: str, section: type[Section], nested: list) -> list[str]:
+    rows = []
+    for key, f in section.model_fields.items():
+        sub = _section_type(f.annotation)
+        if sub is not None:  # a nested section: its own table after this one
+            nested.append((f"{prefix}.{key}", f, sub))
+            rows.append(f"| `{prefix}.{key}` | `{_default(f)}` | {f.description} Keys: `{prefix}.{key}.*` below. |")
+            continue
+        rows.append(f"| `{prefix}.{key}` | `{_default(f)}` | {f.description} |")
+    return rows
+
+
 def config_docs() -> str:
-    """Markdown reference of every field (the one place fields are documented)."""
+    """Markdown reference of every field, nested sections included (the one place fields are
+    documented)."""
     lines = ["# Configuration reference", "", "Generated from `srpo/config.py` by `python -m srpo.config`.", ""]
+    queue = []
     for name, field in Config.model_fields.items():
-        if not hasattr(field.annotation, "model_fields") and not isinstance(getattr(field.annotation, "__args__", None), tuple):
+        section = _section_type(field.annotation)
+        if section is None:
             lines += [f"## `{name}`", "", f"{field.description} Default: `{field.default}`.", ""]
             continue
+        queue.append((name, field, section))
+    while queue:
+        name, field, section = queue.pop(0)
+        nested: list = []
         lines += [f"## `{name}`", "", field.description or "", "", "| key | default | meaning |", "| --- | --- | --- |"]
-        section = field.annotation
-        section = getattr(section, "__args__", (section,))[0] if not hasattr(section, "model_fields") else section
-        for key, f in section.model_fields.items():
-            default = "required" if f.is_required() else (f.default_factory() if f.default_factory else f.default)
-            lines.append(f"| `{name}.{key}` | `{default}` | {f.description} |")
+        lines += _section_rows(name, section, nested)
         lines.append("")
+        queue = nested + queue
     return "\n".join(lines)
 
 

@@ -4,41 +4,40 @@ from __future__ import annotations
 
 import torch
 
-from .algorithms.base import torch_seed
+from . import seeding
 from .sampling import rollout
 
 
 def fixed_noise(model, n: int, seed: int, height: int, width: int, offset: int = 0) -> torch.Tensor:
     """Noise for image i depends on (seed, i) only: the same before and after training."""
-    shape = model.latent_shape(1, height, width)
-    return torch.cat([
-        torch.randn(shape, generator=torch.Generator().manual_seed(torch_seed(seed, 0, offset + i, 7)))
-        for i in range(n)
-    ]).to(model.device)
+    return seeding.noise(model.latent_shape(1, height, width), seed, 0, range(offset, offset + n),
+                         "eval_noise", device=model.device)
 
 
 @torch.no_grad()
-def generate(model, prompts: list[str], seed: int, steps: int, guidance: float, shift: float,
+def generate(model, prompts: list[str], seed: int, steps: int, guidance: float,
              height: int, width: int, batch: int = 8) -> torch.Tensor:
     images = []
     for s in range(0, len(prompts), batch):
         chunk = prompts[s:s + batch]
         noise = fixed_noise(model, len(chunk), seed, height, width, offset=s)
-        x0 = rollout(model, model.encode_prompts(chunk), noise, steps=steps, shift=shift, guidance=guidance)
+        x0 = rollout(model, model.encode_prompts(chunk), noise, steps=steps, guidance=guidance)
         images.append(model.decode(x0).float().cpu())
     return torch.cat(images)
 
 
 @torch.no_grad()
-def reward_metrics(reward, srp, images: torch.Tensor, prompts: list[str], pos: str, neg: str) -> dict[str, float]:
+def reward_metrics(reward_fn, images: torch.Tensor, prompts: list[str], pos: str, neg: str) -> dict[str, float]:
     """Mean absolute reward and, for text-conditioned rewards, mean SRP reward (paper form, k = 0)."""
+    reward, srp = reward_fn.reward, reward_fn.srp
     device = next(iter(reward.parameters()), torch.empty(0)).device
     out, srp_vals = [], []
     for s in range(0, len(prompts), 16):
         img = images[s:s + 16].to(device)
-        out.append(reward.score(img, prompts[s:s + 16]).float().cpu())
+        out.append(reward_fn.absolute(img, prompts[s:s + 16]).cpu())
         if srp is not None:
-            srp_vals.append(srp.relative(img, prompts[s:s + 16], pos, neg, 0.0).relative.float().cpu())
+            with reward_fn.precision(img):
+                srp_vals.append(srp.relative(img, prompts[s:s + 16], pos, neg, 0.0).relative.float().cpu())
     metrics = {"reward": torch.cat(out).mean().item()}
     if srp_vals:
         metrics["srp_reward"] = torch.cat(srp_vals).mean().item()

@@ -22,27 +22,36 @@ WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 _LORA_KEY = re.compile(rf"^(.*)\.lora_([AB])\.{ADAPTER}\.weight$")
 
 
-def peft_config(cfg):
+def targets(cfg, model) -> list[str]:
+    """``lora.target_modules``, or the model family's defaults when unset."""
+    return list(cfg.target_modules) if cfg.target_modules else list(model.lora_targets)
+
+
+def peft_config(cfg, target_modules: list[str]):
     """A ``peft.LoraConfig`` from the ``lora:`` config section."""
     from peft import LoraConfig
 
-    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules),
+    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(target_modules),
                       lora_dropout=cfg.dropout, init_lora_weights=True if cfg.init == "zeros" else "gaussian")
 
 
-def apply(transformer: nn.Module, cfg, seed: int = 0) -> int:
-    """Inject adapters when ``cfg.enabled``; returns the number of trainable parameters. The
-    adapters' initial values depend only on ``seed`` (the same on every rank)."""
+def apply(model, cfg, seed: int = 0) -> int:
+    """Inject adapters into ``model.transformer`` when ``cfg.enabled``; returns the number of
+    trainable parameters. The adapters' initial values depend only on ``seed`` (the same on
+    every rank)."""
+    transformer = model.transformer
     if not cfg.enabled:
         return sum(p.numel() for p in transformer.parameters() if p.requires_grad)
+    names = targets(cfg, model)
     linear_names = {n for n, m in transformer.named_modules() if isinstance(m, nn.Linear)}
-    if not any(n == t or n.endswith("." + t) for n in linear_names for t in cfg.target_modules):
-        raise UserError(f"lora.target_modules {list(cfg.target_modules)} match no Linear layer of "
-                        f"{type(transformer).__name__}: use names such as to_q, to_k, to_v, to_out.0")
+    if not any(n == t or n.endswith("." + t) for n in linear_names for t in names):
+        example = ", ".join(list(model.lora_targets)[:4]) or "to_q, to_k, to_v, to_out.0"
+        raise UserError(f"lora.target_modules {names} match no Linear layer of "
+                        f"{type(transformer).__name__}: use names such as {example}")
     transformer.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer.add_adapter(peft_config(cfg), adapter_name=ADAPTER)
+        transformer.add_adapter(peft_config(cfg, names), adapter_name=ADAPTER)
     n = 0
     for p in transformer.parameters():
         if p.requires_grad:
@@ -65,23 +74,21 @@ def adapter_state(state: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-def metadata(cfg) -> dict:
+def metadata(cfg, target_modules: list[str]) -> dict:
     """LoraConfig fields diffusers stores in the file so ``load_lora_weights`` restores alpha."""
-    return {"r": cfg.rank, "lora_alpha": cfg.alpha, "target_modules": sorted(cfg.target_modules),
+    return {"r": cfg.rank, "lora_alpha": cfg.alpha, "target_modules": sorted(target_modules),
             "lora_dropout": cfg.dropout}
 
 
-def save(path: str | Path, state: dict, cfg, dtype: torch.dtype | None = None) -> Path:
+def save(path: str | Path, state: dict, cfg, model, dtype: torch.dtype | None = None) -> Path:
     """Write the adapters of a (full, unsharded) transformer state dict as
-    ``path/pytorch_lora_weights.safetensors`` via ``FluxPipeline.save_lora_weights``."""
-    from diffusers import FluxPipeline
-
+    ``path/pytorch_lora_weights.safetensors`` in the format the model family's pipeline
+    ``load_lora_weights`` reads."""
     layers = {k: (v.to(dtype) if dtype else v).contiguous() for k, v in adapter_state(state).items()}
     if not layers:
         raise UserError("no LoRA adapters in the state to save: was lora.enabled set for this run?")
     Path(path).mkdir(parents=True, exist_ok=True)
-    FluxPipeline.save_lora_weights(str(path), transformer_lora_layers=layers,
-                                   transformer_lora_adapter_metadata=metadata(cfg))
+    model.save_lora(path, layers, metadata(cfg, targets(cfg, model)))
     return Path(path) / WEIGHT_NAME
 
 

@@ -1,5 +1,5 @@
-"""Memory: fp32 master weights, activation checkpointing, frozen parts, the text-feature cache
-with optional offloading, and the per-GPU memory estimate behind ``srpo plan``.
+"""Memory: precision, fp32 master weights, activation checkpointing, frozen parts, the
+text-feature cache with optional offloading, and the per-GPU memory estimate behind ``srpo plan``.
 
 The estimate counts bytes, it does not measure them: weights and optimizer state exactly from
 parameter counts, activations from per-block formulas (saved tensors per token and channel,
@@ -21,41 +21,20 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # ---------------------------------------------------------------------- training-time setup
 
-def frozen_modules(model) -> dict[str, nn.Module]:
-    """The model's modules other than the transformer (VAE, text encoders)."""
-    return {k: v for k, v in vars(model).items() if isinstance(v, nn.Module) and k != "transformer"}
-
-
-def text_encoders(model) -> list[nn.Module]:
-    return [m for k, m in frozen_modules(model).items() if k.startswith("text_encoder")]
-
-
 def prepare(model, cfg) -> None:
-    """Before wrapping: trainable weights in float32 (master weights; autocast computes in
-    bf16), frozen parts without parameter gradients, activation checkpointing, text cache."""
+    """Before wrapping: the model's precision (autocast of every transformer call, true-CFG
+    gradient passes), trainable weights in float32 (master weights), frozen parts without
+    parameter gradients, activation checkpointing, text cache."""
+    model.set_precision(cfg.train.autocast, cfg.train.cfg_gradient)
     for p in model.transformer.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
-    for m in frozen_modules(model).values():
+    for m in model.frozen_modules().values():
         m.requires_grad_(False)
     if cfg.train.gradient_checkpointing:
-        if hasattr(model, "gradient_checkpointing"):
-            model.gradient_checkpointing(True)  # every transformer block and the VAE decoder
-        elif hasattr(model.transformer, "enable_gradient_checkpointing"):
-            model.transformer.enable_gradient_checkpointing()
+        model.gradient_checkpointing(True)  # every transformer block and the VAE decoder
     if cfg.memory.cache_text:
         model.encode_prompts = TextCache(model, offload=cfg.memory.offload_frozen)
-
-
-def autocast(cfg, device):
-    """The configured autocast (bf16 / fp16 compute over fp32 master weights) for no-grad model
-    calls such as rollouts; a null context for ``train.autocast: none``."""
-    import contextlib
-
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.autocast)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 class TextCache:
@@ -69,7 +48,7 @@ class TextCache:
         self.encode = model.encode_prompts  # the adapter's own method
         self.store: dict[str, dict[str, torch.Tensor]] = {}
         if offload:
-            for m in text_encoders(model):
+            for m in model.text_encoders():
                 m.to("cpu")
 
     def __call__(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -77,7 +56,7 @@ class TextCache:
         missing = [p for p in dict.fromkeys(prompts) if p not in self.store]
         if missing:
             device = self.model.device
-            encoders = text_encoders(self.model) if self.offload else []
+            encoders = self.model.text_encoders() if self.offload else []
             for m in encoders:
                 m.to(device)
             try:
@@ -114,84 +93,48 @@ class Sizes:
     reward_tokens: int = 257
     image_tokens: int = 0
     text_tokens: int = 512
+    gradient_passes: int = 1  # transformer passes per gradient forward (2 under true CFG, both with grad)
 
 
-FLUX_DEV = dict(in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-                guidance_embeds=True, axes_dims_rope=(16, 56, 56))
-FLUX_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16)
-T5_XXL, CLIP_L = 4_762_310_656, 123_060_480  # encoder parameters (FLUX.1's text_encoder_2 / text_encoder)
 # (parameters, vision layers, vision width, vision tokens) of the reward models by registry name
 REWARD_ARCH = {"hps": (986_109_441, 32, 1280, 257), "pickscore": (986_109_441, 32, 1280, 257),
                "clip": (427_616_513, 24, 1024, 257), "aesthetic": (427_616_513 + 1_000_000, 24, 1024, 257)}
 
 
-def _meta_transformer(options: dict):
-    from diffusers import FluxTransformer2DModel
-
-    with torch.device("meta"):
-        return FluxTransformer2DModel(**options)
-
-
-def _lora_params(transformer: nn.Module, cfg) -> int:
+def _lora_params(transformer: nn.Module, rank: int, target_modules: list[str]) -> int:
     total = 0
     for name, m in transformer.named_modules():
-        if isinstance(m, nn.Linear) and any(name == t or name.endswith("." + t) for t in cfg.target_modules):
-            total += cfg.rank * (m.in_features + m.out_features)
+        if isinstance(m, nn.Linear) and any(name == t or name.endswith("." + t) for t in target_modules):
+            total += rank * (m.in_features + m.out_features)
     return total
 
 
 def model_sizes(cfg) -> Sizes:
-    """Sizes of the configured model and reward: counted on the meta device (no weights are
-    read or allocated); ``flux`` without a local folder means FLUX.1-dev's dimensions."""
-    import json
-    from pathlib import Path
-
-    m = cfg.model
-    if m.name == "tiny_flux":
-        from .models.tiny import build_tiny_flux
-
-        with torch.device("meta"):
-            model = build_tiny_flux(**m.options)
-        tr, vae = model.transformer, model.vae
-        n_text = sum(p.numel() for e in text_encoders(model) for p in e.parameters())
-        vae_cfg = dict(vae.config)
-        text_tokens, name = model.max_sequence_length, "tiny_flux"
-    else:
-        folder = Path(m.path) if m.path else None
-        if folder is not None and (folder / "transformer" / "config.json").is_file():
-            tcfg = json.loads((folder / "transformer" / "config.json").read_text())
-            tcfg = {k: v for k, v in tcfg.items() if not k.startswith("_")}
-            vae_cfg = json.loads((folder / "vae" / "config.json").read_text())
-            name = str(folder)
-        else:
-            tcfg, vae_cfg, name = FLUX_DEV, FLUX_VAE, "FLUX.1-dev dimensions"
-        tr = _meta_transformer(tcfg)
-        n_text = T5_XXL + CLIP_L
-        text_tokens = int(m.options.get("max_sequence_length", 512))
-        from diffusers import AutoencoderKL
-
-        with torch.device("meta"):
-            n = len(vae_cfg["block_out_channels"])
-            vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-                                block_out_channels=tuple(vae_cfg["block_out_channels"]),
-                                layers_per_block=vae_cfg["layers_per_block"],
-                                latent_channels=vae_cfg["latent_channels"])
-    chans = list(reversed(vae_cfg["block_out_channels"]))
-    factor = 2 ** (len(chans) - 1)
-    levels = [(c, 2**i) for i, c in enumerate(chans)]
+    """Sizes of the configured model and reward, from the family's :meth:`plan_parts` (modules
+    on the meta device: no weights are read or allocated)."""
+    from .models import family
     from .parallel import blocks
 
-    parts = blocks(tr)
+    m = cfg.model
+    fam = family(m.name)
+    options = dict(m.options)
+    parts = fam.plan_parts(m.path, options, cfg.rollout.height, cfg.rollout.width)
+    tr, vae_cfg = parts.transformer, parts.vae_config
+    chans = list(reversed(vae_cfg["block_out_channels"]))
+    levels = [(c, 2**i) for i, c in enumerate(chans)]
+    blocks_ = blocks(tr)
     tc = tr.config
+    n_tr = sum(p.numel() for p in tr.parameters())
+    targets = list(cfg.lora.target_modules) if cfg.lora.target_modules else list(fam.lora_targets)
     sizes = Sizes(
-        name=name, transformer=sum(p.numel() for p in tr.parameters()), blocks=len(parts),
-        largest_block=max(sum(p.numel() for p in b.parameters()) for b in parts),
-        root=sum(p.numel() for p in tr.parameters()) - sum(p.numel() for b in parts for p in b.parameters()),
-        hidden=tc.num_attention_heads * tc.attention_head_dim, lora_params=_lora_params(tr, cfg.lora),
-        text_encoders=n_text, vae=sum(p.numel() for p in vae.parameters()), vae_levels=levels,
-        vae_resnets=vae_cfg["layers_per_block"] + 1, text_tokens=text_tokens,
-        image_tokens=(cfg.rollout.height // (factor * 2)) * (cfg.rollout.width // (factor * 2)),
+        name=parts.name, transformer=n_tr, blocks=len(blocks_),
+        largest_block=max(sum(p.numel() for p in b.parameters()) for b in blocks_),
+        root=n_tr - sum(p.numel() for b in blocks_ for p in b.parameters()),
+        hidden=tc.num_attention_heads * tc.attention_head_dim,
+        lora_params=_lora_params(tr, cfg.lora.rank, targets),
+        text_encoders=parts.text_encoders, vae=sum(p.numel() for p in parts.vae.parameters()), vae_levels=levels,
+        vae_resnets=vae_cfg["layers_per_block"] + 1, text_tokens=parts.text_tokens, image_tokens=parts.image_tokens,
+        gradient_passes=2 if fam.guidance_mode == "cfg" and cfg.train.guidance > 1 and cfg.train.cfg_gradient == "both" else 1,
     )
     _reward_sizes(cfg, sizes)
     return sizes
@@ -265,7 +208,7 @@ def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, heig
     out["text encoders"] = 0 if offload_text else model_bytes * s.text_encoders
     out["VAE"] = model_bytes * s.vae
     out["reward model"] = reward_bytes * s.reward
-    out["activations: transformer"] = transformer_activations(s, batch, act_bytes, checkpointing)
+    out["activations: transformer"] = transformer_activations(s, batch * s.gradient_passes, act_bytes, checkpointing)
     out["activations: VAE decode"] = vae_activations(s, batch, height, width, model_bytes, checkpointing)
     out["activations: reward"] = VIT_UNITS * s.reward_layers * s.reward_tokens * s.reward_width * reward_bytes * batch
     out["CUDA context + workspaces"] = OVERHEAD

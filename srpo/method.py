@@ -30,22 +30,27 @@ def inference_grid(steps: int = 50, shift: float = 3.0) -> Tensor:
     return time_shift(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift)
 
 
-def training_grid(
-    index_range: tuple[int, int] = (5, 25),
-    steps: int = 50,
-    shift: float = 3.0,
-    cells: int = 1000,
-) -> Tensor:
-    """The fine grid ``L = linspace(g[i0], g[i1], cells)`` over a range of inference indices.
+def dynamic_shift_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
+                     base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """Resolution-dependent shift exponent (diffusers' ``calculate_shift``): ``mu`` linear in the
+    image token count between ``(base_seq_len, base_shift)`` and ``(max_seq_len, max_shift)``;
+    the schedule is then :func:`time_shift` with ``m = exp(mu)``."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * slope + (base_shift - slope * base_seq_len)
 
-    The range is given in indices of the ``steps``-step inference schedule ``g`` so that it
-    transfers across models with other step counts and shifts. ``L[0]`` is the noisiest level.
+
+def training_grid(schedule: Tensor, index_range: tuple[int, int] = (5, 25), cells: int = 1000) -> Tensor:
+    """The fine grid ``L = linspace(g[i0], g[i1], cells)`` over a range of indices of an
+    inference schedule ``g`` (levels from 1 to 0, e.g. a model's 50-step sigmas).
+
+    The range is given in schedule indices so that it means the same for every model family
+    whatever its step count and shift rule. ``L[0]`` is the noisiest level.
     """
     i0, i1 = index_range
+    steps = len(schedule) - 1
     if not 0 <= i0 < i1 <= steps:
         raise ValueError(f"index range {index_range} must satisfy 0 <= start < end <= {steps}")
-    g = inference_grid(steps, shift)
-    return torch.linspace(float(g[i0]), float(g[i1]), cells, dtype=torch.float64)
+    return torch.linspace(float(schedule[i0]), float(schedule[i1]), cells, dtype=torch.float64)
 
 
 def _levels(s: Tensor | float, like: Tensor) -> Tensor:
@@ -133,22 +138,11 @@ def dx0_dv(a: float, b: float) -> float:
     return (b - a) / (1 - b)
 
 
-def srp_difference(pos: Tensor, neg: Tensor) -> Tensor:
-    """Paper form of the semantic-relative reward: ``RM(x, pos) - RM(x, neg)``.
-
-    Any image-only term of the reward cancels exactly.
-    """
-    return pos - neg
-
-
-def srp_combine(pos: Tensor, neg: Tensor, k: Tensor | float) -> Tensor:
-    """Training form ``(1 + k) pos - neg``; leaves ``k * b(image)`` of an image-only term."""
-    return (1 + k) * pos - neg
-
-
 def srp_text_direction(f_pos: Tensor, f_neg: Tensor, k: Tensor | float = 0.0) -> Tensor:
-    """Text-feature form of :func:`srp_combine` for dot-product rewards:
-    ``f_img . ((1 + k) f_pos - f_neg)`` equals ``srp_combine(f_img . f_pos, f_img . f_neg, k)``."""
+    """The training form of the semantic-relative reward, ``(1 + k) RM(x, pos) - RM(x, neg)``, as
+    one text direction for dot-product rewards: ``f_img . ((1 + k) f_pos - f_neg)``. At ``k = 0``
+    it is the paper form ``RM(pos) - RM(neg)``, where any image-only term cancels exactly; at
+    ``k > 0`` it leaves ``k`` times the image's score against ``pos``."""
     if isinstance(k, Tensor) and k.dim() == 1:
         k = k[:, None]
     return (1 + k) * f_pos - f_neg

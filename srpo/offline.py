@@ -17,12 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .algorithms.base import torch_seed
+from . import seeding
 from .errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-NOISE_STREAM = 5  # sample_rng stream of the offline noise (other streams: timesteps, words, ...)
-ORDER_STREAM = 6
 
 
 @dataclass(frozen=True)
@@ -102,7 +100,7 @@ class OfflineData:
         self.items = scan(cfg.images, cfg.captions)
         self.switch = cfg.switch_to_online_after
         self.seed, self.height, self.width = seed, height, width
-        rng = np.random.default_rng(np.random.SeedSequence([seed, ORDER_STREAM]))
+        rng = np.random.default_rng(np.random.SeedSequence([seed, seeding.STREAMS["offline_order"]]))
         self.order = rng.permutation(len(self.items))
         self._latents: dict[Path, torch.Tensor] = {}
 
@@ -131,11 +129,8 @@ class OfflineData:
         return self._latents[item.path]
 
     def noise(self, model, step: int, indices: list[int]) -> torch.Tensor:
-        shape = model.latent_shape(1, self.height, self.width)
-        return torch.cat([
-            torch.randn(shape, generator=torch.Generator().manual_seed(torch_seed(self.seed, step, i, NOISE_STREAM)))
-            for i in indices
-        ]).to(model.device)
+        return seeding.noise(model.latent_shape(1, self.height, self.width), self.seed, step, indices,
+                             "offline_noise", device=model.device)
 
     @torch.no_grad()
     def batch(self, model, step: int, indices: list[int], global_batch: int):

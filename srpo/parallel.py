@@ -144,8 +144,8 @@ class _DDP(nn.parallel.DistributedDataParallel):
 
 
 def blocks(module: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of a transformer: the members of its top-level ModuleLists
-    (``transformer_blocks`` and ``single_transformer_blocks`` for FLUX)."""
+    """The repeated blocks of a transformer: the members of its top-level ModuleLists (e.g. the
+    double- and single-stream block lists of a two-stream transformer)."""
     return [b for child in module.children() if isinstance(child, nn.ModuleList) for b in child]
 
 

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from .method import _levels, inference_grid
+from .method import _levels
 
 
 def noise_scale(a: float, eta: float, cap: float) -> float:
@@ -56,32 +56,28 @@ def sde_step(x: Tensor, v: Tensor, a, b, eta: float, cap: float, noise: Tensor) 
     return x_next, gaussian_log_prob(x_next, mean, std)
 
 
-def step_log_prob(model, x_a: Tensor, x_b: Tensor, a, b, cond, guidance: float, eta: float,
-                  cap: float) -> Tensor:
-    """Log-probability ``[B]`` of a stored transition under the current model (with gradient)."""
-    sigma = torch.as_tensor(a, dtype=x_a.dtype, device=x_a.device).reshape(-1).expand(x_a.shape[0])
-    v = model.velocity(x_a, sigma, cond, guidance)
-    mean, std = sde_mean_std(x_a, v.to(x_a.dtype), a, b, eta, cap)
-    return gaussian_log_prob(x_b, mean, std)
+def level_cap(grid: list[float]) -> float:
+    """The cap of ``a / (1 - a)`` at ``a = 1``: the schedule's second level (Flow-GRPO)."""
+    return grid[1] if len(grid) > 2 else 0.5
 
 
 @torch.no_grad()
-def sde_rollout(model, cond, noise: Tensor, steps: int = 16, shift: float = 3.0, guidance: float = 1.0,
+def sde_rollout(model, cond, noise: Tensor, grid: list[float], guidance: float = 1.0,
                 eta: float = 0.3, generator: torch.Generator | None = None, deterministic_last: bool = False):
-    """SDE sampling on ``inference_grid(steps, shift)`` from ``noise`` (level 1), no gradient.
+    """SDE sampling on the levels ``grid`` (1 -> 0, the model's schedule) from ``noise``, no gradient.
 
     Returns ``(x0, trajectory [B, steps + 1, ...], log_probs [B, steps])``; ``trajectory[:, i]``
     is at level ``grid[i]``. Step noise is drawn on the generator's device (CPU by default) so a
     seed reproduces across devices. ``deterministic_last`` takes the last step as an Euler step
     (its log-probability is then 0 and it must not be trained on).
     """
-    grid = inference_grid(steps, shift).tolist()
-    cap = grid[1] if steps > 1 else 0.5
+    steps = len(grid) - 1
+    cap = level_cap(grid)
     x, states, log_probs = noise, [noise], []
     gen_device = generator.device if generator is not None else "cpu"
     for i, (a, b) in enumerate(zip(grid[:-1], grid[1:])):
         sigma = torch.full((x.shape[0],), a, dtype=x.dtype, device=x.device)
-        v = model.velocity(x, sigma, cond, guidance).to(x.dtype)
+        v = model.velocity(x, sigma, cond, guidance)
         z = torch.randn(x.shape, generator=generator, device=gen_device, dtype=x.dtype).to(x.device)
         if deterministic_last and i == steps - 1:
             x, lp = x + (b - a) * v, torch.zeros(x.shape[0], device=x.device)

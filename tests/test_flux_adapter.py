@@ -11,7 +11,7 @@ from diffusers.pipelines.flux.pipeline_flux_img2img import retrieve_latents
 
 from srpo.errors import UserError
 from srpo.models import MODELS
-from srpo.models.flux import FluxModel, build_flux, pack
+from srpo.models.flux import FluxModel, pack
 from srpo.models.tiny import build_tiny_flux, save_tiny_flux
 
 PROMPTS = ["a red cube on a table", "a small blue ball in the grass"]
@@ -59,7 +59,7 @@ def test_velocity_matches_transformer_called_like_flux_pipeline(saved, inputs):
 def test_saved_folder_round_trip_gives_identical_model(saved, inputs):
     path, model = saved
     latents, sigma, cond = inputs
-    loaded = FluxModel.from_pretrained(path, max_sequence_length=model.max_sequence_length)
+    loaded = FluxModel.load(path, max_sequence_length=model.max_sequence_length)
     with torch.no_grad():
         assert all(torch.equal(cond[k], t) for k, t in loaded.encode_prompts(PROMPTS).items())
         v = model.velocity(latents, sigma, cond, 3.5)
@@ -91,8 +91,8 @@ def test_save_transformer_loads_in_diffusers_and_via_transformer_path(saved, inp
         want = tuned.velocity(latents, sigma, cond, 3.5)
         assert (want - model.velocity(latents, sigma, cond, 3.5)).abs().max() > 1e-3
         for loaded in (
-            FluxModel.from_pretrained(path, transformer_path=tmp_path / "ckpt", max_sequence_length=64),
-            MODELS.get("tiny_flux")(path=None, seed=0, transformer_path=str(tmp_path / "ckpt")),
+            FluxModel.load(path, transformer_path=tmp_path / "ckpt", max_sequence_length=64),
+            MODELS.get("tiny_flux").load(path=None, seed=0, transformer_path=str(tmp_path / "ckpt")),
         ):
             assert torch.equal(loaded.velocity(latents, sigma, cond, 3.5), want)
 
@@ -168,51 +168,51 @@ def test_tiny_builder_is_deterministic_and_keeps_global_rng():
 
 
 def test_registry_factories():
-    assert MODELS.get("flux") is build_flux
-    m = MODELS.get("tiny_flux")(path=None, seed=0, transformer_path=None, device="cpu", dtype="bfloat16",
+    assert MODELS.get("flux") is FluxModel
+    m = MODELS.get("tiny_flux").load(path=None, seed=0, transformer_path=None, device="cpu", dtype="bfloat16",
                                 num_single_layers=2)
     assert m.dtype == torch.bfloat16 and m.vae.dtype == torch.bfloat16
     assert len(m.transformer.single_transformer_blocks) == 2
     with pytest.raises(UserError, match="takes no path"):
-        MODELS.get("tiny_flux")(path="some/folder")
+        MODELS.get("tiny_flux").load(path="some/folder")
     with pytest.raises(UserError, match="bad option"):
-        MODELS.get("tiny_flux")(no_such_size=3)
+        MODELS.get("tiny_flux").load(no_such_size=3)
     with pytest.raises(UserError, match="unknown dtype 'float8'"):
-        MODELS.get("tiny_flux")(dtype="float8")
+        MODELS.get("tiny_flux").load(dtype="float8")
 
 
 def test_bad_folders_raise_user_errors(saved, tmp_path):
     path, _ = saved
     missing = tmp_path / "nowhere"
     with pytest.raises(UserError, match=str(missing)):
-        FluxModel.from_pretrained(missing)
+        FluxModel.load(missing)
     with pytest.raises(UserError, match="needs a path"):
-        build_flux(None)
+        FluxModel.load(None)
     with pytest.raises(UserError, match="unknown option"):
-        build_flux(str(path), lora_rank=4)
+        FluxModel.load(str(path), lora_rank=4)
 
     broken = tmp_path / "broken"
     shutil.copytree(path, broken)
     shutil.rmtree(broken / "vae")
     with pytest.raises(UserError, match=r"lacks vae/"):
-        FluxModel.from_pretrained(broken)
+        FluxModel.load(broken)
 
     index = json.loads((path / "model_index.json").read_text())
     sd3 = tmp_path / "sd3"
     shutil.copytree(path, sd3)
     (sd3 / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusion3Pipeline"}))
-    with pytest.raises(UserError, match="StableDiffusion3Pipeline pipeline, not FLUX"):
-        FluxModel.from_pretrained(sd3)
+    with pytest.raises(UserError, match="StableDiffusion3Pipeline pipeline, not Flux"):
+        FluxModel.load(sd3)
 
     with pytest.raises(UserError, match="not a FluxTransformer2DModel"):
-        FluxModel.from_pretrained(path, transformer_path=path / "vae")
+        FluxModel.load(path, transformer_path=path / "vae")
     wide = build_tiny_flux(seed=0, latent_channels=8)
     wide.save_transformer(tmp_path / "wide")
     with pytest.raises(UserError, match="in_channels = 32 but 4 x vae latent_channels = 16"):
-        FluxModel.from_pretrained(path, transformer_path=tmp_path / "wide")
+        FluxModel.load(path, transformer_path=tmp_path / "wide")
 
     empty = tmp_path / "empty_weights"
     shutil.copytree(path, empty)
     (empty / "vae" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(UserError, match=str(empty)):
-        FluxModel.from_pretrained(empty)
+        FluxModel.load(empty)

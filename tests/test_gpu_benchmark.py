@@ -30,7 +30,7 @@ def test_benchmark_flop_formula_matches_flop_counter():
     for use_lora in (False, True):
         model = build_tiny_flux(0, **bench.TINY_FLUX)
         if use_lora:
-            lora.apply(model.transformer, LoRAConfig(enabled=True, rank=4, init="gaussian"))
+            lora.apply(model, LoRAConfig(enabled=True, rank=4, init="gaussian"))
         f = bench.transformer_flops(model.transformer, 16, model.max_sequence_length)
         lat = torch.randn(1, 4, 8, 8)
         cond = model.encode_prompts(["a cat"])

@@ -67,7 +67,7 @@ def test_sde_preserves_the_flow_marginals():
     at every level (the drift correction cancels the injected noise); without it they do not."""
     s0, steps = 0.5, 200  # Euler-Maruyama is first order: the error at level 0.96 is 0.05 at 50 steps
     noise = torch.randn(8000, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    x0, traj, lp = sde.sde_rollout(GaussianFlow(s0), {}, noise, steps=steps, shift=3.0, eta=0.7,
+    x0, traj, lp = sde.sde_rollout(GaussianFlow(s0), {}, noise, inference_grid(steps, 3.0).tolist(), eta=0.7,
                                    generator=torch.Generator().manual_seed(1))
     grid = inference_grid(steps, 3.0)
     for i in (60, 100, 150, steps):  # levels 0.875, 0.75, 0.5, 0
@@ -127,22 +127,31 @@ def test_rollout_log_probs_are_reproduced_by_the_policy(setup):
     cfg, model, reward = setup
     alg = ALGORITHMS.get("grpo")(cfg, RewardFn(reward))
     batch = make_batch(model, cfg)
-    cond, traj, old_lp, r = alg.sample_group(model, batch, 0)
+    grid = inference_grid(4, 3.0).tolist()
+    cond, traj, old_lp, r = alg.sample_group(model, batch, 0, grid)
     assert traj.shape[:2] == (4, 5) and old_lp.shape == (4, 4) and r.shape == (4,)
     assert (traj[0, -1] - traj[1, -1]).abs().max() > 0.05  # the group's rollouts differ
-    grid = inference_grid(4, 3.0).tolist()
+
+    def step_log_prob(j):  # the transition density of SRPO.md / Flow-GRPO, with the model's velocity
+        v = model.velocity(traj[:, j], torch.full((4,), grid[j]), cond, 1.0)
+        a, b = grid[j], grid[j + 1]
+        sigma = 0.3 * math.sqrt(a / (1 - min(a, grid[1])))
+        mean = traj[:, j] + (v + sigma**2 / (2 * a) * (traj[:, j] + (1 - a) * v)) * (b - a)
+        std = sigma * math.sqrt(a - b)
+        return (-((traj[:, j + 1] - mean) ** 2) / (2 * std**2) - math.log(std)
+                - 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
+
     worst = 0.0
     for j in range(4):
         with torch.no_grad():
-            lp = sde.step_log_prob(model, traj[:, j], traj[:, j + 1], grid[j], grid[j + 1], cond, 1.0,
-                                   0.3, grid[1])
+            lp = step_log_prob(j)
         worst = max(worst, (lp - old_lp[:, j]).abs().max().item())
     assert worst < 1e-3, worst
     # the tolerance is far below the effect of a slightly different policy (output layer +1%)
     proj = model.transformer.proj_out.weight
     with torch.no_grad():
         proj.mul_(1.01)
-        lp_other = sde.step_log_prob(model, traj[:, 2], traj[:, 3], grid[2], grid[3], cond, 1.0, 0.3, grid[1])
+        lp_other = step_log_prob(2)
         proj.div_(1.01)
     assert (old_lp[:, 2] - lp_other).abs().max() > 0.05
 
@@ -162,7 +171,7 @@ def test_update_gradient_is_the_group_policy_gradient(setup):
     model.transformer.zero_grad()
     grid = inference_grid(4, 3.0).tolist()
     for i, index in enumerate(batch.indices):
-        cond, traj, _, r = alg.sample_group(model, batch, i)
+        cond, traj, _, r = alg.sample_group(model, batch, i, grid)
         adv = (r - r.mean()) / r.std(unbiased=False)
         steps = alg.train_steps(batch, index)
         assert len(steps) == 2 and max(steps) < 3  # int(4 * 0.5) steps, never the last

@@ -20,7 +20,7 @@ BASE, REWARD = WEIGHTS / "base", WEIGHTS / "reward"
 def model():
     from srpo.models.flux import FluxModel
 
-    return FluxModel.from_pretrained(BASE, max_sequence_length=MAX_SEQUENCE_LENGTH)
+    return FluxModel.load(BASE, max_sequence_length=MAX_SEQUENCE_LENGTH)
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +45,18 @@ def test_base_loads_as_float32_and_matches_diffusers_pipeline(model):
     from diffusers import FluxPipeline
 
     from srpo.models.flux import pack
-    from srpo.sampling import sample_images
+    from srpo.sampling import rollout
 
     assert {p.dtype for p in model.transformer.parameters()} == {torch.float32}
     assert {p.dtype for p in model.text_encoder_2.parameters()} == {torch.float32}
     assert model.latent_shape(1, 32, 32) == (1, 4, 16, 16)
     noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     prompts = ["a red circle", "a photo of a blue star and a green square"]
-    ours = sample_images(model, prompts, noise, steps=6, guidance=3.5)
+    model.quantize_timesteps = False  # as FluxPipeline feeds the timestep
+    try:
+        ours = model.decode(rollout(model, model.encode_prompts(prompts), noise, steps=6, guidance=3.5))
+    finally:
+        model.quantize_timesteps = True
     pipe = FluxPipeline.from_pretrained(str(BASE), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     ref = pipe(prompts, height=32, width=32, num_inference_steps=6, latents=pack(noise), guidance_scale=3.5,
@@ -67,7 +71,7 @@ def test_base_model_prefers_non_photo_styles_unless_asked(model):
     judge = Judge.load(WEIGHTS / "judge")
     plain = [ln for ln in HELDOUT_FILE.read_text().splitlines() if ln and not ln.startswith("#")][:64]
     photo = [f"a photo of {p}" for p in plain]
-    images = generate(model, plain + photo, seed=5, steps=25, guidance=1.0, shift=3.0, height=32, width=32, batch=32)
+    images = generate(model, plain + photo, seed=5, steps=25, guidance=1.0, height=32, width=32, batch=32)
     realism_plain = judge.evaluate(images[:64], plain)["realism"]
     realism_photo = judge.evaluate(images[64:], photo)["realism"]
     assert realism_plain <= 0.25 and realism_photo >= 0.5, (realism_plain, realism_photo)

@@ -106,6 +106,7 @@ def test_single_file_layout_is_what_diffusers_from_single_file_reads(tmp_path):
     from diffusers import FluxTransformer2DModel
 
     from srpo.export import save_single_file
+    from srpo.models.flux_single_file import bfl_state
 
     with torch.device("meta"):
         model = FluxTransformer2DModel(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=128,
@@ -118,7 +119,7 @@ def test_single_file_layout_is_what_diffusers_from_single_file_reads(tmp_path):
             p.uniform_(-1, 1, generator=gen)
     model.save_config(tmp_path / "config")
     state = model.state_dict()
-    save_single_file(tmp_path / "flux.safetensors", state)
+    save_single_file(tmp_path / "flux.safetensors", bfl_state(state))
     loaded = FluxTransformer2DModel.from_single_file(str(tmp_path / "flux.safetensors"), config=str(tmp_path / "config"),
                                                      local_files_only=True, torch_dtype=torch.bfloat16)
     got = loaded.state_dict()

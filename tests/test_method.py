@@ -22,12 +22,12 @@ def test_inference_grid_shift3_values():
 
 
 def test_training_grid_spans_index_range():
-    L = M.training_grid((5, 25), 50, 3.0, 1000)
     g = M.inference_grid(50, 3.0)
+    L = M.training_grid(g, (5, 25), 1000)
     assert len(L) == 1000
     assert float(L[0]) == pytest.approx(float(g[5])) and float(L[-1]) == pytest.approx(float(g[25]))
     with pytest.raises(ValueError):
-        M.training_grid((25, 5))
+        M.training_grid(g, (25, 5))
 
 
 @pytest.mark.parametrize("level", [0.0, 0.1, 0.5, 0.75, 0.9643, 0.99])
@@ -53,7 +53,7 @@ def test_float32_recovery_at_099():
 
 
 def test_branch_levels_follow_reference_indexing():
-    L = M.training_grid((5, 25), 50, 3.0, 1000)
+    L = M.training_grid(M.inference_grid(50, 3.0), (5, 25), 1000)
     T = 1000
     for ts in [5, 50, 100, 500, 995]:
         lv = M.branch_levels(L, ts, 100)
@@ -81,7 +81,7 @@ def _autograd_dx0_dv(a, b):
 
 
 def test_sign_of_dx0_dv_in_each_branch():
-    L = M.training_grid()
+    L = M.training_grid(M.inference_grid(50, 3.0))
     lv = M.branch_levels(L, 300)
     d_den = _autograd_dx0_dv(*lv.denoise)
     d_inv = _autograd_dx0_dv(*lv.inversion)
@@ -101,26 +101,24 @@ def _clip_like_scores(bias):
     return pos, neg, b, (f_img, f_pos, f_neg)
 
 
-def test_plain_difference_cancels_image_only_term_exactly():
-    pos0, neg0, _, _ = _clip_like_scores(0.0)
-    pos1, neg1, _, _ = _clip_like_scores(1.0)
-    assert torch.allclose(M.srp_difference(pos1, neg1), M.srp_difference(pos0, neg0), atol=1e-6)
-
-
-def test_combined_form_leaves_k_times_bias():
-    k = 0.25
-    pos0, neg0, b, _ = _clip_like_scores(0.0)
-    pos1, neg1, _, _ = _clip_like_scores(1.0)
-    leak = M.srp_combine(pos1, neg1, k) - M.srp_combine(pos0, neg0, k)
-    assert torch.allclose(leak, k * b, atol=1e-6)
-    assert not torch.allclose(leak, torch.zeros_like(leak))
-
-
-def test_text_direction_equals_combined_scores():
-    pos, neg, _, (f_img, f_pos, f_neg) = _clip_like_scores(0.0)
-    k = torch.full((5,), 0.1)
+def test_text_direction_is_the_weighted_difference_of_dot_product_scores():
+    _, _, _, (f_img, f_pos, f_neg) = _clip_like_scores(0.0)
+    k = torch.tensor([0.0, 0.1, 0.2, 0.3, 0.4])
     direct = (f_img * M.srp_text_direction(f_pos.expand(5, 8), f_neg.expand(5, 8), k)).sum(-1)
-    assert torch.allclose(direct, M.srp_combine(pos, neg, k), atol=1e-6)
+    expected = torch.stack([(1 + float(k[i])) * (f_img[i] @ f_pos) - f_img[i] @ f_neg for i in range(5)])
+    assert torch.allclose(direct, expected, atol=1e-6)
+    # a text-independent feature component u (every text shares it) cancels at k = 0 only
+    u = torch.nn.functional.normalize(torch.randn(8, generator=torch.Generator().manual_seed(9)), dim=-1)
+    shifted = (f_img * M.srp_text_direction((f_pos + u).expand(5, 8), (f_neg + u).expand(5, 8), k)).sum(-1)
+    assert torch.allclose(shifted - direct, k * (f_img @ u), atol=1e-6)
+    assert (shifted - direct)[0].abs() < 1e-6 and (shifted - direct)[1:].abs().min() > 1e-4
+
+
+def test_dynamic_shift_matches_diffusers_calculate_shift():
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    for n in (64, 256, 1024, 4096, 8100):
+        assert M.dynamic_shift_mu(n, 256, 4096, 0.5, 1.15) == pytest.approx(calculate_shift(n, 256, 4096, 0.5, 1.15))
 
 
 def test_discount_schedules():

@@ -122,6 +122,8 @@ FLUX_DEV_CFG = {"model": {"name": "flux", "dtype": "bfloat16"}, "reward": {"name
 
 
 def test_plan_flux_dev_full_needs_fsdp_on_8_gpus_lora_fits_one():
+    from srpo.models.flux import T5_XXL
+
     cfg = load_config(FLUX_DEV_CFG)
     sizes = memory.model_sizes(cfg)
     assert sizes.transformer == 11_901_408_320  # FLUX.1-dev's transformer (diffusers, meta device)
@@ -131,7 +133,7 @@ def test_plan_flux_dev_full_needs_fsdp_on_8_gpus_lora_fits_one():
     with torch.device("meta"):  # the text-encoder constant is T5-XXL's encoder (+ CLIP-L)
         t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
                                      num_heads=64, feed_forward_proj="gated-gelu"))
-    assert sum(p.numel() for p in t5.parameters()) == memory.T5_XXL
+    assert sum(p.numel() for p in t5.parameters()) == T5_XXL
 
     def total(gpus, strategy, lora):
         return memory.estimate_for(cfg, sizes, gpus, strategy, lora)["total"] / memory.GiB
@@ -156,12 +158,12 @@ def test_plan_cli_prints_a_breakdown(tmp_path, capsys):
 def test_memory_prepare_master_weights_frozen_parts_and_text_cache():
     from srpo import lora
     from srpo.models.flux import FluxModel
-    from srpo.models.tiny import tiny_flux_factory
+    from srpo.models.tiny import TinyFlux
     from srpo.rewards.tiny import build_tiny_clip
 
     cfg = load_config(CONFIG, ["model.dtype=bfloat16", "train.gradient_checkpointing=true",
                                "memory.offload_frozen=true"])
-    model = tiny_flux_factory(seed=0, dtype="bfloat16")
+    model = TinyFlux.load(seed=0, dtype="bfloat16")
     model.text_encoder.requires_grad_(True)  # prepare freezes every part but the transformer
     memory.prepare(model, cfg)
     assert all(p.dtype == torch.float32 and p.requires_grad for p in model.transformer.parameters())
@@ -183,8 +185,8 @@ def test_memory_prepare_master_weights_frozen_parts_and_text_cache():
     assert all(p.grad is not None for p in model.transformer.parameters() if p.requires_grad)
     assert all(p.grad is None for m in [*frozen, reward] for p in m.parameters())  # frozen: no grads
 
-    model = tiny_flux_factory(seed=0, dtype="bfloat16")  # LoRA: bf16 base stays frozen, fp32 adapters
-    lora.apply(model.transformer, load_config(CONFIG, ["lora.enabled=true"]).lora)
+    model = TinyFlux.load(seed=0, dtype="bfloat16")  # LoRA: bf16 base stays frozen, fp32 adapters
+    lora.apply(model, load_config(CONFIG, ["lora.enabled=true"]).lora)
     memory.prepare(model, cfg)
     for n, p in model.transformer.named_parameters():
         assert (p.dtype, p.requires_grad) == ((torch.float32, True) if ".lora_" in n else (torch.bfloat16, False))

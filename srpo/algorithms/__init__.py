@@ -1,7 +1,8 @@
 """Training algorithms: a registry of factories ``factory(cfg, reward_fn) -> Algorithm``."""
 
 from ..registry import Registry
-from .srpo import SRPO, RewardFn
+from .base import RewardFn
+from .srpo import SRPO
 
 ALGORITHMS = Registry("algorithm")
 ALGORITHMS.register("srpo")(SRPO)

@@ -8,11 +8,12 @@ Every other setting (``method.*``, hinge, weights) is SRPO's.
 from __future__ import annotations
 
 from ..config import Config
-from .srpo import SRPO, RewardFn
+from .base import RewardFn
+from .srpo import SRPO
 
 
 class DirectAlign(SRPO):
     name = "direct_align"
 
     def __init__(self, cfg: Config, reward_fn: RewardFn):
-        super().__init__(cfg, RewardFn(reward_fn.reward, None))
+        super().__init__(cfg, reward_fn.absolute_only())

@@ -19,13 +19,10 @@ import math
 import torch
 from torch import Tensor
 
-from .. import memory
-from .. import method as M
-from .. import sde
+from .. import sde, seeding
 from ..config import Config
 from ..models.base import select_cond
-from .base import Algorithm, Batch, sample_rng, torch_seed
-from .refl import baseline_reward, check_reward_mode, levels
+from .base import Algorithm, Batch, levels
 
 
 def group_advantages(rewards: Tensor, clip: float, eps: float = 1e-8) -> Tensor:
@@ -50,11 +47,9 @@ class GRPO(Algorithm):
     needs_rollout = False  # it samples its own groups with the SDE
 
     def __init__(self, cfg: Config, reward_fn):
-        check_reward_mode(reward_fn, cfg.grpo.reward, "grpo")
+        reward_fn.check_mode(cfg.grpo.reward, "grpo")
         self.cfg, self.reward_fn = cfg, reward_fn
         self.steps = cfg.grpo.steps or cfg.rollout.steps
-        self.grid = M.inference_grid(self.steps, cfg.method.shift).tolist()
-        self.cap = self.grid[1]
         self.ref = None  # frozen base transformer, built on first use when kl_beta > 0
 
     # ---- sampling ------------------------------------------------------------------------
@@ -63,42 +58,35 @@ class GRPO(Algorithm):
         if g.same_group_noise:
             return batch.eps[i:i + 1].expand(g.group_size, *batch.eps.shape[1:]).contiguous()
         shape = batch.eps[i:i + 1].shape
-        return torch.cat([
-            torch.randn(shape, generator=torch.Generator().manual_seed(
-                torch_seed(c.seed, batch.step, batch.indices[i], 100 + m)))
-            for m in range(g.group_size)
-        ]).to(batch.eps)
+        return torch.cat([seeding.noise(shape, c.seed, batch.step, [batch.indices[i]], "grpo_group", member=m)
+                          for m in range(g.group_size)]).to(batch.eps)
 
     def train_steps(self, batch: Batch, index: int) -> list[int]:
         """A random subset of ``int(T * timestep_fraction)`` sampling steps (at least one)."""
         g = self.cfg.grpo
         candidates = self.steps - 1 if g.ignore_last else self.steps
         n = min(max(1, int(self.steps * g.timestep_fraction)), candidates)
-        order = sample_rng(self.cfg.train.seed, batch.step, index, 1).permutation(candidates)
+        order = seeding.rng(self.cfg.train.seed, batch.step, index, "timestep").permutation(candidates)
         return sorted(int(j) for j in order[:n])
 
-    def sample_group(self, model, batch: Batch, i: int):
+    def sample_group(self, model, batch: Batch, i: int, grid: list[float]):
         cfg = self.cfg
         cond = repeat_cond(select_cond(batch.cond, slice(i, i + 1)), cfg.grpo.group_size)
-        gen = torch.Generator().manual_seed(torch_seed(cfg.train.seed, batch.step, batch.indices[i], 4))
-        with memory.autocast(cfg, batch.eps.device):
-            x0, traj, log_probs = sde.sde_rollout(model, cond, self.group_noise(batch, i), self.steps,
-                                                  cfg.method.shift, cfg.rollout.guidance, cfg.grpo.eta, gen)
+        gen = seeding.generator(cfg.train.seed, batch.step, batch.indices[i], "sde")
+        x0, traj, log_probs = sde.sde_rollout(model, cond, self.group_noise(batch, i).float(), grid,
+                                              cfg.rollout.guidance, cfg.grpo.eta, gen)
         with torch.no_grad():
-            r = baseline_reward(self.reward_fn, cfg.grpo.reward, model.decode(x0), batch,
-                                prompts=[batch.prompts[i]] * cfg.grpo.group_size)
+            r = self.reward_fn.baseline(cfg.grpo.reward, model.decode(x0), batch,
+                                        prompts=[batch.prompts[i]] * cfg.grpo.group_size)
         return cond, traj, log_probs, r.float()
 
     # ---- KL reference --------------------------------------------------------------------
-    def reference_mean(self, model, x_a, a, b, cond) -> Tensor:
+    def reference_mean(self, model, x_a, a, b, cond, cap: float) -> Tensor:
         """Transition mean under the frozen base transformer (the config's model, rebuilt once)."""
         if self.ref is None:
-            from ..models import MODELS
-            from ..models.flux import resolve_dtype
+            from ..models import load_model
 
-            m = self.cfg.model
-            base = MODELS.get(m.name)(path=m.path, transformer_path=m.transformer_path, device=model.device,
-                                      dtype=resolve_dtype(m.dtype), **m.options)
+            base = load_model(self.cfg.model, model.device)
             self.ref = base.transformer.requires_grad_(False).eval()
         trained, model.transformer = model.transformer, self.ref  # borrow the adapter's plumbing
         try:
@@ -106,34 +94,35 @@ class GRPO(Algorithm):
                 v = model.velocity(x_a, levels([a] * x_a.shape[0], x_a), cond, self.cfg.rollout.guidance)
         finally:
             model.transformer = trained
-        return sde.sde_mean_std(x_a, v.float(), a, b, self.cfg.grpo.eta, self.cap)[0]
+        return sde.sde_mean_std(x_a, v, a, b, self.cfg.grpo.eta, cap)[0]
 
     # ---- the update ----------------------------------------------------------------------
     def backward(self, model, batch: Batch) -> dict[str, float]:
         cfg, g = self.cfg, self.cfg.grpo
         sums = {"loss": 0.0, "reward": 0.0, "reward_std": 0.0, "ratio": 0.0, "clip_frac": 0.0, "kl": 0.0}
         count = 0
+        grid = model.schedule_for(batch.eps, self.steps).tolist()
+        cap = sde.level_cap(grid)
         for i, index in enumerate(batch.indices):
-            cond, traj, old_lp, r = self.sample_group(model, batch, i)
+            cond, traj, old_lp, r = self.sample_group(model, batch, i, grid)
             adv = group_advantages(r, g.adv_clip)
             steps = self.train_steps(batch, index)
             per_elem = 1.0 / math.prod(traj.shape[2:]) if g.log_prob == "mean" else 1.0
             chunk = g.chunk or g.group_size
             for j in steps:
-                a, b = self.grid[j], self.grid[j + 1]
+                a, b = grid[j], grid[j + 1]
                 for s in range(0, g.group_size, chunk):
                     sl = slice(s, s + chunk)
                     x_a, x_b = traj[sl, j], traj[sl, j + 1]
                     c = {k: v[sl] for k, v in cond.items()}
-                    with memory.autocast(cfg, x_a.device):
-                        v = model.velocity(x_a, levels([a] * x_a.shape[0], x_a), c, cfg.rollout.guidance)
-                    mean, std = sde.sde_mean_std(x_a, v.float(), a, b, g.eta, self.cap)
+                    v = model.velocity(x_a, levels([a] * x_a.shape[0], x_a), c, cfg.rollout.guidance)
+                    mean, std = sde.sde_mean_std(x_a, v, a, b, g.eta, cap)
                     new_lp = sde.gaussian_log_prob(x_b, mean, std)
                     log_ratio = (new_lp - old_lp[sl, j]) * per_elem
                     loss = ppo_loss(log_ratio, adv[sl], g.clip_range)
                     kl = torch.zeros_like(loss)
                     if g.kl_beta > 0:
-                        ref_mean = self.reference_mean(model, x_a, a, b, c)
+                        ref_mean = self.reference_mean(model, x_a, a, b, c, cap)
                         kl = ((mean - ref_mean) ** 2 / (2 * std**2)).flatten(1).sum(1) * per_elem
                         loss = loss + g.kl_beta * kl
                     total = loss.sum() / (g.group_size * len(steps)) * batch.loss_scale

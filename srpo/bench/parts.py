@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from ..algorithms import ALGORITHMS, RewardFn
-from ..algorithms.base import Batch
+from .. import parallel, step as steps
+from ..algorithms import ALGORITHMS
 from ..data import load_prompts
 from ..sampling import rollout
-from ..trainer import control_words, rollout_noise
 from .measure import flops, peak_memory, saved_activations, timed, timed_together
 
 
@@ -21,13 +20,15 @@ class Bench:
     """A built model + reward shared by every measurement; ``restore()`` resets the weights."""
 
     def __init__(self, cfg, device):
+        from .. import memory
         from ..trainer import build
 
         self.cfg, self.device = cfg, device
-        self.model, self.reward, self.srp, _ = build(cfg, device)
-        self.reward_fn = RewardFn(self.reward, self.srp)
+        self.model, self.reward_fn, _ = build(cfg, device)
+        memory.prepare(self.model, cfg)  # the trainer's precision and memory settings
         self.prompts = load_prompts(cfg.data.prompts)[: cfg.train.batch_size]
         self.state = {k: v.clone() for k, v in self.model.transformer.state_dict().items()}
+        self.ctx = parallel.Context(device=device)
 
     def restore(self) -> None:
         self.model.transformer.load_state_dict(self.state)
@@ -35,32 +36,24 @@ class Bench:
     def config(self, algorithm: str, overrides: dict) -> object:
         cfg = self.cfg.model_copy(deep=True)
         cfg.algorithm = algorithm
+        cfg.train.grad_accum = 1
         for key, value in overrides.items():
             section, _, name = key.rpartition(".")
             setattr(getattr(cfg, section) if section else cfg, name, value)
         return cfg
 
     def update_fn(self, cfg):
-        """A closure running one full update of ``cfg.algorithm`` (the trainer's loop body)."""
-        model, t = self.model, cfg.train
+        """A closure running one full update of ``cfg.algorithm``: the trainer's own
+        :func:`srpo.step.update` on the bench's prompts."""
+        model = self.model
         algorithm = ALGORITHMS.get(cfg.algorithm)(cfg, self.reward_fn)
         params = [p for p in model.transformer.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
+        opt = steps.make_optimizer(params, cfg)
+        batches = steps.Batches(cfg, model, algorithm, self.prompts, self.ctx)
         step = [0]
-        n = len(self.prompts)
 
         def update():
-            opt.zero_grad(set_to_none=True)
-            pos, neg = control_words(cfg, step[0])
-            eps = rollout_noise(model, cfg, step[0], list(range(n)))
-            with torch.no_grad():
-                cond = model.encode_prompts(self.prompts)
-                x0 = rollout(model, cond, eps, steps=cfg.rollout.steps, shift=cfg.method.shift,
-                             guidance=cfg.rollout.guidance) if algorithm.needs_rollout else None
-            batch = Batch(self.prompts, cond, x0, eps, step[0], list(range(n)), pos, neg, loss_scale=1.0 / n)
-            algorithm.backward(model, batch)
-            torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-            opt.step()
+            steps.update(model, algorithm, opt, params, batches, cfg, self.ctx, step[0])
             step[0] += 1
 
         return update
@@ -97,8 +90,8 @@ def srpo_parts(bench: Bench, repeats: int = 5) -> dict:
     model, cfg = bench.model, bench.config("srpo", {})
     update = bench.update_fn(cfg)
     n = len(bench.prompts)
-    eps = rollout_noise(model, cfg, 0, list(range(n)))
-    pos, neg = control_words(cfg, 0)
+    eps = steps.rollout_noise(model, cfg, 0, list(range(n)))
+    pos, neg = steps.control_words(cfg, 0)
 
     def encode():
         with torch.no_grad():
@@ -107,14 +100,14 @@ def srpo_parts(bench: Bench, repeats: int = 5) -> dict:
     cond = encode()
 
     def sample():
-        return rollout(model, cond, eps, steps=cfg.rollout.steps, shift=cfg.method.shift, guidance=cfg.rollout.guidance)
+        return rollout(model, cond, eps, steps=cfg.rollout.steps, guidance=cfg.rollout.guidance)
 
-    batch = Batch(bench.prompts, cond, sample(), eps, 0, list(range(n)), pos, neg, loss_scale=1.0 / n)
+    batch = steps.Batch(bench.prompts, cond, sample(), eps, 0, list(range(n)), pos, neg, loss_scale=1.0 / n)
     branch = {name: ALGORITHMS.get("srpo")(bench.config("srpo", {key: False}), bench.reward_fn)
               for name, key in (("denoise", "method.inversion_branch"), ("inversion", "method.denoise_branch"))}
     params = [p for p in model.transformer.parameters() if p.requires_grad]
     t = cfg.train
-    opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
+    opt = steps.make_optimizer(params, cfg)
 
     def step():
         torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
@@ -124,7 +117,7 @@ def srpo_parts(bench: Bench, repeats: int = 5) -> dict:
     times = timed_together({
         "update": update,
         "encode_prompts": encode,
-        "noise": lambda: rollout_noise(model, cfg, 0, list(range(n))),
+        "noise": lambda: steps.rollout_noise(model, cfg, 0, list(range(n))),
         "rollout": sample,
         "denoise_branch": lambda: branch["denoise"].backward(model, batch),
         "inversion_branch": lambda: branch["inversion"].backward(model, batch),
@@ -136,35 +129,47 @@ def srpo_parts(bench: Bench, repeats: int = 5) -> dict:
             "update_over_parts": full / sum(times.values())}
 
 
-def rollout_speed(bench: Bench, steps=(25, 50), repeats: int = 3) -> dict:
-    """(d): our rollout + decode against ``FluxPipeline.__call__`` on the same weights, noise and
-    prompt embeddings (so both do the same work: ``steps`` transformer calls and one decode)."""
-    from ..models.flux import pack
-
-    model, cfg = bench.model, bench.cfg
-    if not hasattr(model, "pipeline"):
-        return {"skipped": f"model {cfg.model.name} has no diffusers pipeline"}
-    pipe = model.pipeline()
-    h, w = cfg.rollout.height, cfg.rollout.width
-    n = len(bench.prompts)
+def rollout_speed(model, prompts: list[str], noise: torch.Tensor, guidance: float, steps_list=(25, 50),
+                  repeats: int = 3, device=None) -> dict:
+    """(d): our rollout + decode against the family's diffusers pipeline ``__call__``
+    (``model.pipeline_images``) on the same weights, noise and prompt embeddings, so both do the
+    same work: ``steps`` guided transformer calls and one decode."""
     with torch.no_grad():
-        cond = model.encode_prompts(bench.prompts)
-    noise = rollout_noise(model, cfg, 0, list(range(n)))
-    guidance = cfg.rollout.guidance
-    out = {}
-    for s in steps:
+        cond = model.encode_prompts(prompts)
+    out = {"pipeline": model.pipeline_class}
+    for s in steps_list:
         def ours():
             with torch.no_grad():
-                return model.decode(rollout(model, cond, noise, steps=s, shift=cfg.method.shift, guidance=guidance))
+                return model.decode(rollout(model, cond, noise, steps=s, guidance=guidance))
 
         def theirs():
-            return pipe(prompt_embeds=cond["prompt_embeds"], pooled_prompt_embeds=cond["pooled_prompt_embeds"],
-                        latents=pack(noise), height=h, width=w, num_inference_steps=s, guidance_scale=guidance,
-                        output_type="pt", max_sequence_length=model.max_sequence_length).images
+            with torch.no_grad():
+                return model.pipeline_images(cond, noise, s, guidance)
 
         diff = (ours().float() - theirs().float()).abs().max().item()
-        times = timed_together({"ours": ours, "theirs": theirs}, bench.device, repeats=repeats)
+        times = timed_together({"ours": ours, "theirs": theirs}, device or model.device, repeats=repeats)
         t_ours, t_theirs = times["ours"], times["theirs"]
         out[str(s)] = {"ours": t_ours, "diffusers": t_theirs, "speed_over_diffusers": t_theirs / t_ours,
                        "max_pixel_difference": diff}
+    return out
+
+
+def rollout_speeds(bench: Bench, steps_list=(25, 50), repeats: int = 3) -> dict:
+    """(d) for the bench's model (the lab's FLUX) and for a tiny random SD3 (true CFG, scale 4)
+    at the same image size and batch."""
+    from ..models import family
+
+    cfg = bench.cfg
+    model = bench.model
+    quantize = getattr(model, "quantize_timesteps", None)
+    if quantize is not None:
+        model.quantize_timesteps = False  # as the pipeline feeds the timestep
+    noise = steps.rollout_noise(model, cfg, 0, list(range(len(bench.prompts))))
+    out = {cfg.model.name: rollout_speed(model, bench.prompts, noise, cfg.rollout.guidance, steps_list, repeats,
+                                         bench.device)}
+    if quantize is not None:
+        model.quantize_timesteps = quantize
+    sd3 = family("tiny_sd3").load(device=bench.device)
+    noise = steps.rollout_noise(sd3, cfg, 0, list(range(len(bench.prompts))))
+    out["tiny_sd3"] = rollout_speed(sd3, bench.prompts, noise, 4.0, steps_list, repeats, bench.device)
     return out

@@ -47,10 +47,11 @@ def render(result: dict) -> str:
                     f"ratio {c['update_over_parts']:.3f}", ""]
         out += _table(["part", "seconds"], [[k, _f(v, ".4f")] for k, v in c["parts"].items()])
     if "d" in result and "skipped" not in result["d"]:
-        out += ["", "(d) rollout + decode vs FluxPipeline (same weights, noise, prompt embeddings)", ""]
-        out += _table(["steps", "ours s", "diffusers s", "speed over diffusers", "max pixel diff"],
-                      [[s, _f(r["ours"]), _f(r["diffusers"]), _f(r["speed_over_diffusers"], ".2f"),
-                        _f(r["max_pixel_difference"], ".1e")] for s, r in result["d"].items()])
+        out += ["", "(d) rollout + decode vs the family's diffusers pipeline (same weights, noise, prompt embeddings)", ""]
+        out += _table(["model", "pipeline", "steps", "ours s", "diffusers s", "speed over diffusers", "max pixel diff"],
+                      [[name, fam["pipeline"], s, _f(r["ours"]), _f(r["diffusers"]), _f(r["speed_over_diffusers"], ".2f"),
+                        _f(r["max_pixel_difference"], ".1e")]
+                       for name, fam in result["d"].items() for s, r in fam.items() if s != "pipeline"])
     if "e" in result:
         e = result["e"]
         out += ["", f"(e) hack_index at an equal gain {_f(e['gain'])} of the held-out reward each run maximises "

@@ -13,8 +13,8 @@ def add_parser(sub) -> None:
     p.add_argument("--output", "-o", required=True,
                    help="diffusers: a new folder; single-file: a .safetensors file path")
     p.add_argument("--format", default="diffusers", choices=["diffusers", "single-file"],
-                   help="diffusers: a whole FluxPipeline folder; single-file: the transformer alone in "
-                        "the original FLUX.1 layout (ComfyUI, diffusers from_single_file)")
+                   help="diffusers: a whole pipeline folder of the model's family; single-file: the "
+                        "transformer alone in the family's original layout (ComfyUI, diffusers from_single_file)")
     p.add_argument("--dtype", default="keep", choices=list(DTYPES),
                    help="cast the transformer weights (keep: as trained)")
 

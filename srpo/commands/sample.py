@@ -11,41 +11,41 @@ from ..errors import UserError
 def add_parser(sub) -> None:
     p = sub.add_parser("sample", help="render images with a base model or a trained run")
     p.add_argument("--model", required=True,
-                   help="a diffusers FLUX folder, or a run folder written by `srpo train` (uses its final weights)")
+                   help="a diffusers pipeline folder of a supported family, or a run folder written by "
+                        "`srpo train` (uses its final weights)")
     p.add_argument("--transformer", default=None, help="folder of transformer weights replacing the model's")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", help="one prompt")
     g.add_argument("--prompts", help="text file, one prompt per line")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=3.5)
+    p.add_argument("--guidance", type=float, default=None,
+                   help="as the family applies it (embedded guidance, CFG scale); default: the family's usual value")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=int, default=None, help="default: the run's rollout size, else 1024")
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--shift", type=float, default=3.0)
+    p.add_argument("--shift", type=float, default=None, help="time shift of the schedule (default: the family's rule)")
     p.add_argument("--device", default="auto")
     p.add_argument("--output", "-o", required=True, help="folder for the PNGs and grid.png")
 
 
 def _load(args):
     from .. import parallel
-    from ..trainer import DTYPES
-    from ..models import MODELS
+    from ..config import ModelConfig, load_config
+    from ..models import family_of_folder, load_model
 
     device = parallel.pick_device(args.device)
     folder = Path(args.model)
     if not folder.is_dir():
-        raise UserError(f"--model {folder} is not a folder: give a diffusers FLUX folder or a run folder")
+        raise UserError(f"--model {folder} is not a folder: give a diffusers pipeline folder or a run folder")
     if (folder / "config.yaml").is_file() and (folder / "final").is_dir():  # a run folder
-        from ..config import load_config
-
         cfg = load_config(folder / "config.yaml")
         m = cfg.model
-        transformer = args.transformer or str(folder / "final")
-        model = MODELS.get(m.name)(path=m.path, transformer_path=transformer, device=device,
-                                   dtype=DTYPES[m.dtype], **m.options)
+        if args.shift is not None:
+            m.shift = args.shift
+        model = load_model(m, device, transformer_path=args.transformer or str(folder / "final"))
         return model, (cfg.rollout.height, cfg.rollout.width)
-    model = MODELS.get("flux")(path=str(folder), transformer_path=args.transformer, device=device)
-    return model, (1024, 1024)
+    m = ModelConfig(name=family_of_folder(folder), path=str(folder), shift=args.shift)
+    return load_model(m, device, transformer_path=args.transformer), (1024, 1024)
 
 
 def run(args) -> int:
@@ -62,7 +62,8 @@ def run(args) -> int:
             raise UserError(f"--{name} must be a positive integer (got {v})")
     model, (h, w) = _load(args)
     h, w = args.height or h, args.width or w
-    images = generate(model, prompts, args.seed, args.steps, args.guidance, args.shift, h, w)
+    guidance = model.default_guidance if args.guidance is None else args.guidance
+    images = generate(model, prompts, args.seed, args.steps, guidance, h, w)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     for i, (img, prompt) in enumerate(zip(images, prompts)):

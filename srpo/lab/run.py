@@ -55,12 +55,14 @@ class Evaluator:
     """Samples the held-out prompts with fixed seeds and scores them with judge and reward."""
 
     def __init__(self, cfg, prompts: list[str], judge: Judge):
+        from ..algorithms import RewardFn
         from ..rewards.srp import SRP
         from ..trainer import build
 
         self.cfg, self.prompts, self.judge = cfg, prompts, judge
-        self.model, self.reward, _, _ = build(cfg, torch.device("cpu"))
-        self.srp = SRP(self.reward, cfg.srp.pos_words, cfg.srp.neg_words, template=cfg.srp.template)
+        self.model, reward_fn, _ = build(cfg, torch.device("cpu"))
+        srp = SRP(reward_fn.reward, cfg.srp.pos_words, cfg.srp.neg_words, template=cfg.srp.template)
+        self.reward_fn = RewardFn(reward_fn.reward, srp)
         self.base_state = {k: v.clone() for k, v in self.model.transformer.state_dict().items()}
         self.base_stats = None
 
@@ -79,11 +81,11 @@ class Evaluator:
         d, r = self.cfg.data, self.cfg.rollout
         self.load(weights)
         images = generate(self.model, self.prompts, d.eval_seed, d.eval_steps, d.eval_guidance,
-                          self.cfg.method.shift, r.height, r.width, batch=32)
+                          r.height, r.width, batch=32)
         if self.base_stats is None:
             self.base_stats = image_stats(images)
         metrics = self.judge.evaluate(images, self.prompts, self.base_stats)
-        metrics.update(reward_metrics(self.reward, self.srp, images, self.prompts,
+        metrics.update(reward_metrics(self.reward_fn, images, self.prompts,
                                       self.cfg.srp.pos_words[0], self.cfg.srp.neg_words[0]))
         return metrics, images
 

@@ -1,7 +1,47 @@
-"""Model adapters: a registry of FlowModel factories (name or dotted path)."""
+"""Model adapters: a registry of FlowModel families (a registered name or a dotted path to a
+:class:`~srpo.models.base.FlowModel` subclass), and the two ways the rest of srpo builds one."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UserError
 from ..registry import Registry
 
 MODELS = Registry("model")
 
-from . import flux, tiny  # noqa: F401,E402  (register the built-in adapters)
+
+def family(name: str):
+    """The FlowModel class registered as (or importable at) ``name``."""
+    cls = MODELS.get(name)
+    if not hasattr(cls, "load"):
+        raise UserError(f"model '{name}' is not a FlowModel family: give a subclass of "
+                        f"srpo.models.base.FlowModel with a load() classmethod")
+    return cls
+
+
+def load_model(m, device, transformer_path: str | None = None):
+    """The model a ``model:`` config section names; ``transformer_path`` overrides its own."""
+    from .base import resolve_dtype
+
+    options = dict(m.options)
+    if m.quantize_timesteps is not None:
+        options["quantize_timesteps"] = m.quantize_timesteps
+    return family(m.name).load(path=m.path, transformer_path=transformer_path or m.transformer_path,
+                               device=device, dtype=resolve_dtype(m.dtype), shift=m.shift, **options)
+
+
+def family_of_folder(path) -> str:
+    """The registered family whose diffusers pipeline a local folder holds (model_index.json)."""
+    from .base import read_class_name
+
+    name = read_class_name(Path(path) / "model_index.json", "diffusers pipeline folder")
+    for key in MODELS.names():
+        cls = MODELS.get(key)
+        if getattr(cls, "pipeline_class", None) == name and not key.startswith("tiny"):
+            return key
+    raise UserError(f"{path} holds a {name or 'unknown'} pipeline, which no model family reads: "
+                    f"use one of {', '.join(n for n in MODELS.names() if not n.startswith('tiny'))}")
+
+
+from . import flux, sd3, tiny  # noqa: F401,E402  (register the built-in families)

@@ -1,46 +1,308 @@
-"""The FlowModel contract: everything the trainer and sampler need from a text-to-image
-flow-matching model, and nothing about how it is built."""
+"""The FlowModel contract: everything the trainer, the algorithms, the sampler, export and the
+memory plan need from a text-to-image flow-matching family, and nothing about how it is built.
+
+A family is one file: a subclass of :class:`FlowModel` registered under a name (``flux``,
+``sd3``, ...) or reached by a dotted path (``my_pkg.models.MyFamily``). It implements the hooks
+marked *family* below; the base class owns what every family shares and must do the same way:
+
+- **precision** in one place: :meth:`velocity` runs the transformer under the configured
+  autocast (:meth:`set_precision`) and returns float32, whatever the caller;
+- **guidance**: ``embedded`` (a guidance embedding, FLUX.1-dev), ``cfg`` (true classifier-free
+  guidance against a negative prompt, SD3 / SD3.5) or ``none`` (distilled models), applied in
+  :meth:`velocity` from the one ``guidance`` number the caller passes;
+- **schedule**: :meth:`schedule` gives the family's sigma grid (1 -> 0) for N steps at an image
+  size; the algorithms read every noise level from it, so ``method.index_range`` means the same
+  for every family.
+
+Latents in the contract are ``[B, C, h, w]`` in the VAE's normalised space; packing into patch
+tokens, position ids and pooled projections are details of a family's file.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-Cond = dict[str, Tensor]  # prompt conditioning, batched on dim 0; opaque to the trainer
+from ..errors import UserError
+
+Cond = dict[str, Tensor]  # prompt conditioning, batched on dim 0; opaque outside the family
+NEGATIVE = "negative_"  # cond keys of the unconditional (negative-prompt) branch under true CFG
+GUIDANCE_MODES = ("embedded", "cfg", "none")
+AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-@runtime_checkable
-class FlowModel(Protocol):
-    transformer: nn.Module  # the trainable denoiser; everything else is frozen
-    device: torch.device
-
-    def encode_prompts(self, prompts: list[str]) -> Cond:
-        """Text conditioning for a batch of prompts (no grad)."""
-
-    def velocity(self, latents: Tensor, sigma: Tensor, cond: Cond, guidance: float) -> Tensor:
-        """Predicted velocity ``eps - x0`` at noise levels ``sigma`` ([B], in [0, 1]) with
-        embedded guidance ``guidance`` (ignored by models without a guidance embedding).
-        ``latents`` has the shape given by :meth:`latent_shape`."""
-
-    def decode(self, latents: Tensor) -> Tensor:
-        """Latents -> pixels in [0, 1], shape [B, 3, H, W], differentiable."""
-
-    def encode(self, pixels: Tensor) -> Tensor:
-        """Pixels in [0, 1] -> latents (offline mode; no grad)."""
-
-    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
-        """Shape of the latents for images of ``height x width`` pixels."""
-
-    def gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute activations in the backward pass (transformer blocks, and the decoder where
-        gradients flow through it)."""
-
-    def save_transformer(self, path: str) -> None:
-        """Save the transformer so the model's own library loads it from ``path``."""
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """``torch.bfloat16`` or a name such as ``"bfloat16"`` / ``"bf16"`` -> a floating torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+    value = getattr(torch, aliases.get(str(dtype), str(dtype)), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise UserError(f"unknown dtype '{dtype}': use float32, bfloat16 or float16")
+    return value
 
 
 def select_cond(cond: Cond, index: Any) -> Cond:
     """Slice a batched conditioning dict."""
     return {k: v[index] for k, v in cond.items()}
+
+
+def split_cond(cond: Cond) -> tuple[Cond, Cond]:
+    """(conditional, unconditional) parts of a CFG conditioning dict."""
+    pos = {k: v for k, v in cond.items() if not k.startswith(NEGATIVE)}
+    neg = {k[len(NEGATIVE):]: v for k, v in cond.items() if k.startswith(NEGATIVE)}
+    return pos, neg
+
+
+def frozen(module: nn.Module) -> nn.Module:
+    return module.eval().requires_grad_(False)
+
+
+@dataclass
+class PlanParts:
+    """What ``srpo plan`` needs of a family at an image size, counted without loading weights."""
+
+    name: str  # what the plan calls the model
+    transformer: nn.Module  # built on the meta device
+    vae: nn.Module  # built on the meta device
+    vae_config: dict  # block_out_channels, layers_per_block, latent_channels
+    text_encoders: int  # parameters of all text encoders
+    text_tokens: int  # text tokens the transformer attends to
+    image_tokens: int  # image tokens per sample at the planned size
+
+
+class FlowModel:
+    """Base class of the model adapters; only ``transformer`` trains."""
+
+    # ---- family facts (class attributes) ----------------------------------------------------
+    family = "base"  # registry name, for messages
+    pipeline_class = ""  # the diffusers pipeline this family corresponds to
+    transformer_class = ""  # the diffusers transformer class final/ loads with
+    lora_targets: tuple[str, ...] = ()  # default LoRA target modules (Linear names or suffixes)
+    export_formats: tuple[str, ...] = ("diffusers",)
+    guidance_mode = "none"  # embedded | cfg | none (an instance may refine it from its config)
+    default_guidance = 1.0  # the family's usual sampling guidance (srpo sample's default)
+
+    transformer: nn.Module
+    vae: nn.Module
+    vae_scale_factor: int = 8
+    autocast_dtype: torch.dtype | None = None  # set by set_precision
+    cfg_gradient = "both"  # true CFG in a gradient forward: both passes with gradient, or "cond" only
+
+    # ---- construction (family) ---------------------------------------------------------------
+    @classmethod
+    def load(cls, path=None, transformer_path=None, device="cpu", dtype=torch.float32, shift=None,
+             **options) -> "FlowModel":
+        """The model from a local diffusers folder (or built in code); ``transformer_path``
+        replaces the transformer with a folder written by :meth:`save_transformer`."""
+        raise NotImplementedError
+
+    @classmethod
+    def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:
+        """Sizes for ``srpo plan`` (meta-device modules; no weights read)."""
+        raise UserError(f"model family '{cls.family}' does not provide sizes for srpo plan")
+
+    # ---- family hooks -------------------------------------------------------------------------
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        """Text conditioning for a batch of prompts (no grad); under true CFG it also holds the
+        negative prompt's conditioning under ``negative_*`` keys."""
+        raise NotImplementedError
+
+    def predict(self, latents: Tensor, sigma: Tensor, cond: Cond, guidance: float | None) -> Tensor:
+        """One transformer call: velocity ``eps - x0`` at levels ``sigma`` ([B]) for the
+        conditioning ``cond`` (no ``negative_`` keys); ``guidance`` is the embedded guidance
+        (None unless ``guidance_mode == "embedded"``). Precision is the caller's."""
+        raise NotImplementedError
+
+    def schedule(self, steps: int, height: int, width: int) -> Tensor:
+        """Sigma grid ``[steps + 1]`` (float64) from 1 (noise) to 0 (clean) of the family's
+        ``steps``-step sampler at ``height x width`` pixels."""
+        raise NotImplementedError
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents -> pixels in [0, 1], ``[B, 3, H, W]``, differentiable."""
+        raise NotImplementedError
+
+    def encode(self, pixels: Tensor) -> Tensor:
+        """Pixels in [0, 1] -> latents (offline mode; no grad)."""
+        raise NotImplementedError
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def pipeline(self):
+        """The family's diffusers pipeline sharing this model's modules (no copies)."""
+        raise NotImplementedError
+
+    def pipeline_images(self, cond: Cond, noise: Tensor, steps: int, guidance: float) -> Tensor:
+        """Images ``[B, 3, H, W]`` in [0, 1] from the diffusers pipeline's own ``__call__`` with
+        this conditioning and noise: the reference the rollout is tested and benchmarked against."""
+        raise NotImplementedError
+
+    def single_file_state(self, state: dict) -> dict:
+        """The transformer state in the family's original single-file layout."""
+        raise UserError(f"model family '{self.family}' has no single-file export: use --format diffusers")
+
+    # ---- shared ------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        """Modules other than the transformer (VAE, text encoders)."""
+        return {k: v for k, v in vars(self).items() if isinstance(v, nn.Module) and k != "transformer"}
+
+    def text_encoders(self) -> list[nn.Module]:
+        return [m for k, m in self.frozen_modules().items() if k.startswith("text_encoder")]
+
+    def to(self, device) -> "FlowModel":
+        for m in (self.transformer, *self.frozen_modules().values()):
+            m.to(device)
+        return self
+
+    def set_precision(self, autocast: str = "none", cfg_gradient: str = "both") -> None:
+        """Autocast of every transformer call (``none`` | ``bf16`` | ``fp16``; master weights stay
+        float32) and, under true CFG, which passes of a gradient forward carry gradient."""
+        self.autocast_dtype = AUTOCAST[autocast]
+        self.cfg_gradient = cfg_gradient
+
+    def precision(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def uses_cfg(self, guidance: float) -> bool:
+        return self.guidance_mode == "cfg" and guidance > 1.0
+
+    def velocity(self, latents: Tensor, sigma: Tensor | float, cond: Cond, guidance: float) -> Tensor:
+        """Guided velocity (float32) at levels ``sigma`` ([B] or scalar). ``guidance`` is the
+        embedded guidance, the CFG scale (``v_u + g (v_c - v_u)``; one pass when ``g <= 1``, as
+        diffusers' pipelines do) or ignored, by the family's ``guidance_mode``. A batch-1 ``cond``
+        is broadcast over the latents' batch."""
+        b = latents.shape[0]
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).reshape(-1).expand(b)
+        pos, neg = split_cond(cond)
+        pos = broadcast_cond(pos, b)
+        with self.precision():
+            if self.guidance_mode == "embedded":
+                return self.predict(latents, sigma, pos, float(guidance)).float()
+            v = self.predict(latents, sigma, pos, None).float()
+            if not self.uses_cfg(guidance):
+                return v
+            if not neg:
+                raise UserError(f"CFG scale {guidance} needs the negative prompt's conditioning: "
+                                f"encode prompts with {type(self).__name__}.encode_prompts")
+            grad = torch.is_grad_enabled() and self.cfg_gradient == "both"
+            with torch.set_grad_enabled(grad):
+                v_u = self.predict(latents, sigma, broadcast_cond(neg, b), None).float()
+            return v_u + guidance * (v - v_u)
+
+    def gradient_forwards(self, guidance: float) -> int:
+        """Transformer passes per gradient forward that keep activations (for the memory plan)."""
+        return 2 if self.uses_cfg(guidance) and self.cfg_gradient == "both" else 1
+
+    def pixel_size(self, latents: Tensor) -> tuple[int, int]:
+        return latents.shape[-2] * self.vae_scale_factor, latents.shape[-1] * self.vae_scale_factor
+
+    def schedule_for(self, latents: Tensor, steps: int) -> Tensor:
+        return self.schedule(steps, *self.pixel_size(latents))
+
+    def gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Activation checkpointing on every transformer block and in the VAE decoder."""
+        for m in (self.transformer, self.vae):
+            m.enable_gradient_checkpointing() if enabled else m.disable_gradient_checkpointing()
+
+    def save_transformer(self, path) -> None:
+        """Write the transformer so ``<transformer_class>.from_pretrained(path)`` loads it."""
+        self.transformer.save_pretrained(str(path), safe_serialization=True)
+
+    def save_lora(self, path, layers: dict[str, Tensor], metadata: dict) -> None:
+        """Adapters in the format the family pipeline's ``load_lora_weights`` reads."""
+        pipe = getattr(__import__("diffusers", fromlist=[self.pipeline_class]), self.pipeline_class)
+        pipe.save_lora_weights(str(path), transformer_lora_layers=layers,
+                               transformer_lora_adapter_metadata=metadata)
+
+
+def broadcast_cond(cond: Cond, batch: int) -> Cond:
+    """A batch-1 conditioning expanded (a view) to ``batch``; others unchanged."""
+    return {k: (v.expand(batch, *v.shape[1:]) if v.shape[0] == 1 and batch > 1 else v) for k, v in cond.items()}
+
+
+def scheduler_sigmas(scheduler, steps: int, image_seq_len: int, shift: float | None = None) -> Tensor:
+    """The sigmas ``[steps + 1]`` (float64, ending in 0) a diffusers flow-match scheduler sets for
+    ``steps`` steps, as the family's pipeline calls it: dynamic shifting from the image sequence
+    length where the scheduler config asks for it (``mu`` by diffusers' ``calculate_shift``),
+    otherwise its fixed shift, or ``shift`` when given (which overrides both)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    config = dict(scheduler.config)
+    mu = None
+    if shift is not None:
+        config.update(shift=float(shift), use_dynamic_shifting=False)
+    elif config.get("use_dynamic_shifting"):
+        from ..method import dynamic_shift_mu
+
+        mu = dynamic_shift_mu(image_seq_len, config.get("base_image_seq_len", 256),
+                              config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                              config.get("max_shift", 1.15))
+    sched = FlowMatchEulerDiscreteScheduler.from_config(config)
+    sched.set_timesteps(steps, device="cpu", mu=mu)
+    return sched.sigmas.to(torch.float64)
+
+
+# ---- local folders ---------------------------------------------------------------------------
+
+def read_class_name(config_file: Path, what: str) -> str:
+    """``_class_name`` of a diffusers JSON config; one-line errors for a missing or bad file."""
+    import json
+
+    if not config_file.is_file():
+        raise UserError(f"{config_file.parent} has no {config_file.name}: give a {what}")
+    try:
+        return str(json.loads(config_file.read_text()).get("_class_name", "") or "")
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+        raise UserError(f"{config_file} is not valid JSON: re-download or re-save the folder") from None
+
+
+def check_pipeline_folder(path, family: str, pipeline_prefix: str, components: tuple[str, ...],
+                          need_transformer: bool = True) -> Path:
+    """A local diffusers pipeline folder of the family, with every component folder present."""
+    root = Path(path)
+    if not root.is_dir():
+        raise UserError(f"model folder {root} does not exist: give a local diffusers {pipeline_prefix} folder "
+                        f"(model_index.json, transformer/, vae/, text_encoder/, ...)")
+    if not (root / "model_index.json").is_file():
+        raise UserError(f"{root} is not a diffusers pipeline folder (no model_index.json): "
+                        f"give a local folder in the {pipeline_prefix}Pipeline layout")
+    name = read_class_name(root / "model_index.json", "pipeline folder")
+    if not name.startswith(pipeline_prefix):
+        raise UserError(f"{root} holds a {name or 'unknown'} pipeline, not {pipeline_prefix}: the "
+                        f"'{family}' model needs a {pipeline_prefix}Pipeline folder")
+    wanted = [c for c in components if need_transformer or c != "transformer"]
+    missing = [c + "/" for c in wanted if not (root / c).is_dir()]
+    if missing:
+        raise UserError(f"{root} lacks {', '.join(missing)}: a {family} folder needs {', '.join(components)}")
+    return root
+
+
+def check_transformer_folder(path, class_name: str) -> None:
+    """A transformer folder (``save_transformer`` / ``from_pretrained`` layout) of ``class_name``."""
+    name = read_class_name(Path(path) / "config.json", f"folder written by save_transformer / "
+                                                       f"{class_name}.save_pretrained")
+    if name != class_name:
+        raise UserError(f"{path} holds a {name or 'unknown model'}, not a {class_name}: give a transformer "
+                        f"folder of this model family")
+
+
+def load_error(where, e: Exception, what: str) -> UserError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return UserError(f"cannot load weights from {where}: {first} ({what})")

@@ -2,35 +2,37 @@
 
 Latents in the contract are *unpacked* ``[B, C, h, w]`` (as FluxPipeline has them before
 ``_pack_latents``) and live in the VAE's normalised space ``(z - shift_factor) * scaling_factor``.
-Packing into 2x2 patches and the position ids are details of this file.
+Packing into 2x2 patches, the position ids and the pooled CLIP projection are details of this
+file. Guidance is embedded (FLUX.1-dev's guidance embedding; none for schnell); the schedule is
+the reference trainer's fixed shift 3 unless ``shift`` says otherwise; the model timestep is
+sigma, quantised to 1/1000 as the reference trainer feeds it (``quantize_timesteps``).
 """
 
 from __future__ import annotations
 
 import functools
-
 import json
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..errors import UserError
+from ..method import time_shift
 from . import MODELS
-from .base import Cond
+from .base import (Cond, FlowModel, PlanParts, check_pipeline_folder, check_transformer_folder, frozen,
+                   load_error, resolve_dtype)
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
-
-
-def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """``torch.bfloat16`` or a name such as ``"bfloat16"`` / ``"bf16"`` -> a floating torch dtype."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
-    value = getattr(torch, aliases.get(str(dtype), str(dtype)), None)
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise UserError(f"unknown dtype '{dtype}': use float32, bfloat16 or float16")
-    return value
+REFERENCE_SHIFT = 3.0  # the reference FLUX trainer's fixed time shift
+# LoRA targets: attention and MLP projections of the double and single blocks
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out")
+FLUX_DEV = dict(in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+FLUX_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16)
+T5_XXL, CLIP_L = 4_762_310_656, 123_060_480  # encoder parameters (FLUX.1's text_encoder_2 / text_encoder)
 
 
 def pack(latents: Tensor) -> Tensor:
@@ -63,24 +65,31 @@ def _text_ids(n: int, device, dtype) -> Tensor:
     return torch.zeros(n, 3, device=device, dtype=dtype)
 
 
-def _frozen(module: nn.Module) -> nn.Module:
-    return module.eval().requires_grad_(False)
-
-
-class FluxModel:
+class FluxModel(FlowModel):
     """A FLUX pipeline's parts behind the FlowModel contract; only ``transformer`` trains."""
 
+    family = "flux"
+    pipeline_class = "FluxPipeline"
+    transformer_class = "FluxTransformer2DModel"
+    lora_targets = LORA_TARGETS
+    export_formats = ("diffusers", "single-file")
+    default_guidance = 3.5
+
     def __init__(self, transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
-                 scheduler=None, max_sequence_length: int = 512):
+                 scheduler=None, max_sequence_length: int = 512, shift: float | None = None,
+                 quantize_timesteps: bool | None = None):
         self.transformer = transformer
-        self.vae = _frozen(vae)
-        self.text_encoder = _frozen(text_encoder)
-        self.text_encoder_2 = _frozen(text_encoder_2)
+        self.vae = frozen(vae)
+        self.text_encoder = frozen(text_encoder)
+        self.text_encoder_2 = frozen(text_encoder_2)
         self.tokenizer = tokenizer
         self.tokenizer_2 = tokenizer_2
         self.scheduler = scheduler
         self.max_sequence_length = max_sequence_length
+        self.shift = REFERENCE_SHIFT if shift is None else float(shift)
+        self.quantize_timesteps = True if quantize_timesteps is None else bool(quantize_timesteps)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.guidance_mode = "embedded" if transformer.config.guidance_embeds else "none"
         self._check_compatible()
 
     def _check_compatible(self) -> None:
@@ -100,64 +109,90 @@ class FluxModel:
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path, transformer_path=None, device="cpu", dtype=torch.float32,
-                        max_sequence_length: int = 512) -> "FluxModel":
-        """Load a local diffusers FLUX folder (FluxPipeline layout), offline and from safetensors.
+    def load(cls, path=None, transformer_path=None, device="cpu", dtype=torch.float32, shift=None,
+             max_sequence_length: int = 512, quantize_timesteps: bool | None = None, **unknown) -> "FluxModel":
+        """A local diffusers FLUX folder (FluxPipeline layout), offline and from safetensors.
 
         ``transformer_path`` optionally replaces ``transformer/`` with a folder written by
         :meth:`save_transformer` (or any ``FluxTransformer2DModel`` folder).
         """
         from diffusers import FluxPipeline, FluxTransformer2DModel
 
-        root = _check_pipeline_folder(path, need_transformer=not transformer_path)
+        if unknown:
+            raise UserError(f"unknown option(s) for model 'flux': {', '.join(sorted(unknown))}; "
+                            f"valid: max_sequence_length, quantize_timesteps")
+        if not path:
+            raise UserError("model 'flux' needs a path: set model.path to a local diffusers FLUX folder")
+        root = check_pipeline_folder(path, "flux", "Flux", COMPONENTS, need_transformer=not transformer_path)
         dtype = resolve_dtype(dtype)
         extra = {}
         try:
             if transformer_path:
-                check_transformer_folder(transformer_path)
+                check_transformer_folder(transformer_path, cls.transformer_class)
                 extra["transformer"] = FluxTransformer2DModel.from_pretrained(
                     transformer_path, dtype=dtype, local_files_only=True, use_safetensors=True)
             pipe = FluxPipeline.from_pretrained(
                 root, dtype=dtype, local_files_only=True, use_safetensors=True, **extra)
         except (OSError, ValueError, KeyError) as e:
-            where = transformer_path or root
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"cannot load FLUX weights from {where}: {first} (a complete FLUX.1 folder "
-                            f"with safetensors weights is needed)") from None
-        model = cls.from_pipeline(pipe, max_sequence_length=max_sequence_length)
+            raise load_error(transformer_path or root, e, "a complete FLUX.1 folder with safetensors weights is needed")
+        model = cls.from_pipeline(pipe, max_sequence_length=max_sequence_length, shift=shift,
+                                  quantize_timesteps=quantize_timesteps)
         return model.to(device)
 
     @classmethod
-    def from_pipeline(cls, pipe, max_sequence_length: int = 512) -> "FluxModel":
+    def from_pipeline(cls, pipe, **kwargs) -> "FluxModel":
         """Wrap the components of an existing diffusers ``FluxPipeline``."""
         return cls(pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.text_encoder_2,
-                   pipe.tokenizer_2, scheduler=pipe.scheduler, max_sequence_length=max_sequence_length)
+                   pipe.tokenizer_2, scheduler=pipe.scheduler, **kwargs)
 
-    def to(self, device) -> "FluxModel":
-        for m in (self.transformer, self.vae, self.text_encoder, self.text_encoder_2):
-            m.to(device)
-        return self
+    @classmethod
+    def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:
+        """From the folder's config files, or FLUX.1-dev's dimensions without a folder."""
+        from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+        folder = Path(path) if path else None
+        if folder is not None and (folder / "transformer" / "config.json").is_file():
+            tcfg = json.loads((folder / "transformer" / "config.json").read_text())
+            tcfg = {k: v for k, v in tcfg.items() if not k.startswith("_")}
+            vae_cfg = json.loads((folder / "vae" / "config.json").read_text())
+            name = str(folder)
+        else:
+            tcfg, vae_cfg, name = FLUX_DEV, FLUX_VAE, "FLUX.1-dev dimensions"
+        with torch.device("meta"):
+            tr = FluxTransformer2DModel(**tcfg)
+            n = len(vae_cfg["block_out_channels"])
+            vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                                block_out_channels=tuple(vae_cfg["block_out_channels"]),
+                                layers_per_block=vae_cfg["layers_per_block"],
+                                latent_channels=vae_cfg["latent_channels"])
+        factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1) * 2
+        return PlanParts(name, tr, vae, vae_cfg, T5_XXL + CLIP_L, int(options.get("max_sequence_length", 512)),
+                         (height // factor) * (width // factor))
 
     def pipeline(self):
         """A diffusers ``FluxPipeline`` sharing this model's modules (no copies)."""
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-        scheduler = self.scheduler or FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False)
+        scheduler = self.scheduler or FlowMatchEulerDiscreteScheduler(shift=self.shift, use_dynamic_shifting=False)
         pipe = FluxPipeline(scheduler=scheduler, vae=self.vae, text_encoder=self.text_encoder,
                             tokenizer=self.tokenizer, text_encoder_2=self.text_encoder_2,
                             tokenizer_2=self.tokenizer_2, transformer=self.transformer)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    # ---- FlowModel contract -------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
+    def pipeline_images(self, cond: Cond, noise: Tensor, steps: int, guidance: float) -> Tensor:
+        """``FluxPipeline.__call__`` on this model's modules, prompt embeddings and noise, with the
+        scheduler at this model's fixed shift (the pipeline's own sigmas, ``linspace(1, 1/N, N)``)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
+        pipe = self.pipeline()
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=self.shift, use_dynamic_shifting=False)
+        h, w = self.pixel_size(noise)
+        return pipe(prompt_embeds=cond["prompt_embeds"], pooled_prompt_embeds=cond["pooled_prompt_embeds"],
+                    latents=pack(noise), height=h, width=w, num_inference_steps=steps, guidance_scale=guidance,
+                    output_type="pt", max_sequence_length=self.max_sequence_length).images.float()
 
+    # ---- FlowModel hooks ----------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Cond:
         """CLIP pooled output + T5 sequence output, as ``FluxPipeline.encode_prompt`` makes them."""
@@ -170,29 +205,33 @@ class FluxModel:
         seq = self.text_encoder_2(t5_ids.to(self.text_encoder_2.device), output_hidden_states=False)[0]
         return {"prompt_embeds": seq.to(self.device), "pooled_prompt_embeds": pooled.to(self.device)}
 
-    def velocity(self, latents: Tensor, sigma: Tensor | float, cond: Cond, guidance: float) -> Tensor:
-        """Transformer velocity at noise levels ``sigma`` ([B] or scalar). A batch-1 ``cond``
-        is broadcast over the latents' batch."""
+    def predict(self, latents: Tensor, sigma: Tensor, cond: Cond, guidance: float | None) -> Tensor:
+        """One FluxTransformer2DModel call on packed tokens; the timestep is sigma (the transformer
+        scales it by 1000 itself), floored to 1/1000 when ``quantize_timesteps``."""
         b, _, h, w = latents.shape
         dtype, device = self.dtype, self.device
-        sigma = torch.as_tensor(sigma, dtype=dtype, device=device).reshape(-1).expand(b)
-        text, pooled = cond["prompt_embeds"].to(device, dtype), cond["pooled_prompt_embeds"].to(device, dtype)
-        if text.shape[0] == 1 and b > 1:
-            text, pooled = text.expand(b, -1, -1), pooled.expand(b, -1)
+        if self.quantize_timesteps:
+            sigma = torch.floor(sigma.double() * 1000 + 1e-6) / 1000
+        text = cond["prompt_embeds"].to(device, dtype)
         g = None
-        if self.transformer.config.guidance_embeds:
-            g = torch.full((b,), float(guidance), dtype=torch.float32, device=device)
+        if guidance is not None:
+            g = torch.full((b,), guidance, dtype=torch.float32, device=device)
         out = self.transformer(
             hidden_states=pack(latents.to(device, dtype)),
-            timestep=sigma,
+            timestep=sigma.to(device, dtype),
             guidance=g,
-            pooled_projections=pooled,
+            pooled_projections=cond["pooled_prompt_embeds"].to(device, dtype),
             encoder_hidden_states=text,
             txt_ids=_text_ids(text.shape[1], device, dtype),
             img_ids=image_ids(h, w, device, dtype),
             return_dict=False,
         )[0]
-        return unpack(out, h, w).to(latents.dtype)
+        return unpack(out, h, w)
+
+    def schedule(self, steps: int, height: int, width: int) -> Tensor:
+        """``shift(linspace(1, 0, steps + 1))`` at the fixed shift: FluxPipeline's sigmas
+        ``linspace(1, 1/N, N)`` under a fixed-shift scheduler, then 0."""
+        return time_shift(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), self.shift)
 
     def decode(self, latents: Tensor) -> Tensor:
         """Normalised latents -> pixels in [0, 1]; differentiable with respect to ``latents``."""
@@ -217,61 +256,11 @@ class FluxModel:
         return (batch, self.vae.config.latent_channels, height // self.vae_scale_factor,
                 width // self.vae_scale_factor)
 
-    def save_transformer(self, path) -> None:
-        """Write the transformer as safetensors; ``FluxTransformer2DModel.from_pretrained(path)``
-        (or ``from_pretrained(..., transformer_path=path)``) loads it."""
-        self.transformer.save_pretrained(str(path), safe_serialization=True)
+    def single_file_state(self, state: dict) -> dict:
+        """The original FLUX.1 (Black Forest Labs) key layout ComfyUI-style loaders read."""
+        from .flux_single_file import bfl_state
 
-    def gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Activation checkpointing on every transformer block and in the VAE decoder."""
-        for m in (self.transformer, self.vae):
-            m.enable_gradient_checkpointing() if enabled else m.disable_gradient_checkpointing()
+        return bfl_state(state)
 
 
-def _check_pipeline_folder(path, need_transformer: bool) -> Path:
-    root = Path(path)
-    if not root.is_dir():
-        raise UserError(f"FLUX model folder {root} does not exist: give a local diffusers FLUX folder "
-                        f"(model_index.json, transformer/, vae/, text_encoder/, ...)")
-    index = root / "model_index.json"
-    if not index.is_file():
-        raise UserError(f"{root} is not a diffusers pipeline folder (no model_index.json): "
-                        f"give a local FLUX.1 folder in the FluxPipeline layout")
-    try:
-        name = json.loads(index.read_text()).get("_class_name", "")
-    except (json.JSONDecodeError, AttributeError):
-        raise UserError(f"{index} is not valid JSON: re-download or re-save the model folder") from None
-    if not str(name).startswith("Flux"):
-        raise UserError(f"{root} holds a {name or 'unknown'} pipeline, not FLUX: the 'flux' model "
-                        f"needs a FluxPipeline folder")
-    wanted = [c for c in COMPONENTS if need_transformer or c != "transformer"]
-    missing = [c + "/" for c in wanted if not (root / c).is_dir()]
-    if missing:
-        raise UserError(f"{root} lacks {', '.join(missing)}: a FLUX folder needs {', '.join(COMPONENTS)}")
-    return root
-
-
-def check_transformer_folder(path) -> None:
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        raise UserError(f"transformer folder {path} has no config.json: give a folder written by "
-                        f"save_transformer / FluxTransformer2DModel.save_pretrained")
-    try:
-        name = json.loads(config.read_text()).get("_class_name")
-    except (json.JSONDecodeError, AttributeError):
-        raise UserError(f"{config} is not valid JSON") from None
-    if name != "FluxTransformer2DModel":
-        raise UserError(f"{path} holds a {name}, not a FluxTransformer2DModel: give a FLUX transformer folder")
-
-
-@MODELS.register("flux")
-def build_flux(path, transformer_path=None, device="cpu", dtype=torch.float32,
-               max_sequence_length: int = 512, **unknown) -> FluxModel:
-    """Registry factory: a FLUX.1 model from a local diffusers folder."""
-    if unknown:
-        raise UserError(f"unknown option(s) for model 'flux': {', '.join(sorted(unknown))}; "
-                        f"valid: max_sequence_length")
-    if not path:
-        raise UserError("model 'flux' needs a path: set model.path to a local diffusers FLUX folder")
-    return FluxModel.from_pretrained(path, transformer_path=transformer_path, device=device, dtype=dtype,
-                                     max_sequence_length=max_sequence_length)
+MODELS.register("flux")(FluxModel)

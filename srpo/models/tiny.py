@@ -13,7 +13,8 @@ import torch
 from ..errors import UserError
 from ..tokenizer import clip_tokenizer
 from . import MODELS
-from .flux import FluxModel, check_transformer_folder, resolve_dtype
+from .base import PlanParts, check_transformer_folder, resolve_dtype
+from .flux import FluxModel
 
 CLIP_VOCAB = 49408
 
@@ -36,6 +37,7 @@ def build_tiny_flux(
     scaling_factor: float = 0.3611,
     shift_factor: float = 0.1159,
     shift: float = 3.0,
+    quantize_timesteps: bool | None = None,
 ) -> FluxModel:
     """A random-weight FLUX (deterministic in ``seed``; the global RNG is left untouched).
 
@@ -76,7 +78,8 @@ def build_tiny_flux(
     scheduler = FlowMatchEulerDiscreteScheduler(shift=shift, use_dynamic_shifting=False)
     tokenizer = clip_tokenizer()
     return FluxModel(transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer,
-                     scheduler=scheduler, max_sequence_length=max_sequence_length)
+                     scheduler=scheduler, max_sequence_length=max_sequence_length, shift=shift,
+                     quantize_timesteps=quantize_timesteps)
 
 
 def save_tiny_flux(path, seed: int = 0, **sizes) -> FluxModel:
@@ -90,29 +93,44 @@ def save_tiny_flux(path, seed: int = 0, **sizes) -> FluxModel:
     return model
 
 
-@MODELS.register("tiny_flux")
-def tiny_flux_factory(path=None, seed: int = 0, transformer_path=None, device="cpu", dtype=torch.float32,
-                      **sizes) -> FluxModel:
-    """Registry factory: a tiny random FLUX built in code (``path`` must be empty). A
+class TinyFlux(FluxModel):
+    """``tiny_flux``: a tiny random FLUX built in code (``path`` must be empty). A
     ``transformer_path`` (from ``save_transformer``) replaces the random transformer."""
-    from diffusers import FluxTransformer2DModel
 
-    if path:
-        raise UserError(f"model 'tiny_flux' is built in code and takes no path (got {path}); "
-                        f"use model 'flux' to load a folder")
-    try:
-        model = build_tiny_flux(seed, **sizes)
-    except TypeError as e:
-        raise UserError(f"bad option for model 'tiny_flux': {e}") from None
-    if transformer_path:
-        check_transformer_folder(transformer_path)
-        model = FluxModel(
-            FluxTransformer2DModel.from_pretrained(str(transformer_path), local_files_only=True,
-                                                   use_safetensors=True),
-            model.vae, model.text_encoder, model.tokenizer, model.text_encoder_2, model.tokenizer_2,
-            scheduler=model.scheduler, max_sequence_length=model.max_sequence_length,
-        )
-    dtype = resolve_dtype(dtype)
-    for m in (model.transformer, model.vae, model.text_encoder, model.text_encoder_2):
-        m.to(device=device, dtype=dtype)
-    return model
+    family = "tiny_flux"
+
+    @classmethod
+    def load(cls, path=None, transformer_path=None, device="cpu", dtype=torch.float32, shift=None,
+             seed: int = 0, **sizes) -> FluxModel:
+        from diffusers import FluxTransformer2DModel
+
+        if path:
+            raise UserError(f"model 'tiny_flux' is built in code and takes no path (got {path}); "
+                            f"use model 'flux' to load a folder")
+        if shift is not None:
+            sizes["shift"] = shift
+        try:
+            model = build_tiny_flux(seed, **sizes)
+        except TypeError as e:
+            raise UserError(f"bad option for model 'tiny_flux': {e}") from None
+        if transformer_path:
+            check_transformer_folder(transformer_path, cls.transformer_class)
+            model.transformer = FluxTransformer2DModel.from_pretrained(
+                str(transformer_path), local_files_only=True, use_safetensors=True)
+            model._check_compatible()
+        dtype = resolve_dtype(dtype)
+        for m in (model.transformer, *model.frozen_modules().values()):
+            m.to(device=device, dtype=dtype)
+        return model
+
+    @classmethod
+    def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:
+        with torch.device("meta"):
+            model = build_tiny_flux(**options)
+        factor = model.vae_scale_factor * 2
+        return PlanParts("tiny_flux", model.transformer, model.vae, dict(model.vae.config),
+                         sum(p.numel() for e in model.text_encoders() for p in e.parameters()),
+                         model.max_sequence_length, (height // factor) * (width // factor))
+
+
+MODELS.register("tiny_flux")(TinyFlux)

@@ -27,11 +27,26 @@ def _as_dict(spec) -> dict:
     return dict(spec)
 
 
-def build_one(spec, device=None) -> Reward:
-    """One reward from its spec: ``REWARDS.get(name)(path=..., device=..., **options)``."""
+def _accepts(factory, name: str) -> bool:
+    try:
+        return name in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def build_one(spec, device=None, training: bool = False) -> Reward:
+    """One reward from its spec: ``REWARDS.get(name)(path=..., device=..., **options)``.
+
+    ``training``: the reward scores decoded images during training, where the reference trainer
+    preprocesses with the float tensor transform (antialiased bicubic resize, crop, normalise);
+    unless the spec sets ``uint8``, a reward that offers the 8-bit reference emulation gets the
+    float filter (``uint8: null``). Scoring outside training (``srpo score``) keeps the exact
+    8-bit path of the reward's own evaluation."""
     spec = _as_dict(spec)
     name, options = spec["name"], dict(spec.get("options") or {})
     factory = REWARDS.get(name)
+    if training and "uint8" not in options and _accepts(factory, "uint8"):
+        options["uint8"] = None
     try:
         inspect.signature(factory).bind(path=spec.get("path"), device=device, **options)
     except TypeError as e:
@@ -47,7 +62,7 @@ def build_one(spec, device=None) -> Reward:
     return reward
 
 
-def build_reward(spec, device=None) -> Reward:
+def build_reward(spec, device=None, training: bool = False) -> Reward:
     """A single reward, or a :class:`~srpo.rewards.mix.MixedReward` for a list of specs (or a
     single spec with a weight other than 1)."""
     from .mix import MixedReward
@@ -56,9 +71,9 @@ def build_reward(spec, device=None) -> Reward:
         if not spec:
             raise UserError("the reward list is empty: give at least one reward")
         specs = [_as_dict(s) for s in spec]
-        terms = [(build_one(s, device), float(s.get("weight", 1.0))) for s in specs]
+        terms = [(build_one(s, device, training), float(s.get("weight", 1.0))) for s in specs]
         return MixedReward(terms, names=[s["name"].rpartition(".")[2] for s in specs])
     one = _as_dict(spec)
-    reward = build_one(one, device)
+    reward = build_one(one, device, training)
     weight = float(one.get("weight", 1.0))
     return reward if weight == 1.0 else MixedReward([(reward, weight)], names=[one["name"].rpartition(".")[2]])

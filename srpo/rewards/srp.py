@@ -65,10 +65,6 @@ class SRP:
         self.template = template
         self._cache: dict[str, Tensor] = {}
 
-    def pair(self, step: int) -> tuple[str, str]:
-        """The (positive, negative) control words of update ``step``, cycled."""
-        return self.pos_words[step % len(self.pos_words)], self.neg_words[step % len(self.neg_words)]
-
     def texts(self, word: str, prompts: list[str]) -> list[str]:
         return [self.template.format(word=word, prompt=p) for p in prompts]
 
