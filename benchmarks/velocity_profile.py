@@ -22,7 +22,7 @@ def per_call_ms(fn, n: int) -> float:
 
 def main() -> None:
     torch.set_num_threads(1)
-    model = FluxModel.from_pretrained(WEIGHTS / "base", max_sequence_length=16)
+    model = FluxModel.load(WEIGHTS / "base", max_sequence_length=16)
     ids = torch.cat([torch.zeros(16, 3), image_ids(16, 16, torch.device("cpu"), torch.float32)])
     with torch.no_grad():
         cond = model.encode_prompts(["a red circle"] * 8)

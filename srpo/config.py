@@ -26,7 +26,7 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     name: str = Field("flux", description="Model family: a registered name (flux, sd3; tiny_flux, tiny_sd3 built in code) or a dotted path to a FlowModel subclass (docs/models.md).")
-    path: str | None = Field(None, description="Local diffusers folder of the base model, in the family's pipeline layout (FluxPipeline, StableDiffusion3Pipeline).")
+    path: str | None = Field(None, description="Local diffusers folder of the base model, in the layout of the family's diffusers pipeline (docs/models.md).")
     transformer_path: str | None = Field(None, description="Optional folder with transformer weights that replace the base model's.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Storage dtype of the frozen parts (text encoders, VAE); trainable weights stay float32.")
     shift: float | None = Field(None, gt=0, description="Time shift m of the sampling schedule, m t / (1 + (m - 1) t); null: the family's rule (flux: 3, the reference trainer's fixed shift; sd3: its scheduler config's shift, dynamic where the config asks for it).")

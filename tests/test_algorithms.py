@@ -2,6 +2,7 @@
 Direct-Align's gradients equal a direct computation."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -127,21 +128,56 @@ def test_refl_gradient_is_the_one_step_prediction_gradient(parts):
 
 
 def test_direct_align_is_srpo_with_the_absolute_reward(parts):
+    """At fixed ts, direct_align's gradient is SRPO.md's two-branch computation written out here
+    with the absolute reward RM(x, prompt) = logit_scale.exp() / 20 * f_img . f_txt(prompt): the
+    denoise branch ascends RM, the inversion branch -RM (same levels, hinge 0.7, factor 1/2).
+    A wrong sign in either branch, or SRP left on, gives another gradient."""
     model, reward, eps = parts
     srp = SRP(reward, ["Real"], ["Painting"])
     cond = model.encode_prompts(PROMPTS)
-    x0 = torch.randn_like(eps)
+    x0 = torch.randn(eps.shape, generator=torch.Generator().manual_seed(2))
     batch = Batch(PROMPTS, cond, x0, eps, 1, [0, 1], "Real", "Painting", loss_scale=0.5)
+    ts = [500, 437]  # forced: the only production piece replaced
 
     def run(name, cfg, reward_fn):
+        alg = ALGORITHMS.get(name)(cfg, reward_fn)
+        alg.draw_ts = lambda b: list(ts)
         model.transformer.zero_grad()
-        out = ALGORITHMS.get(name)(cfg, reward_fn).backward(model, batch)
+        out = alg.backward(model, batch)
         return grads(model), out
 
     da, out = run("direct_align", config(algorithm="direct_align"), RewardFn(reward, srp))
-    plain, _ = run("srpo", config(srp={"enabled": False}), RewardFn(reward, None))
     with_srp, _ = run("srpo", config(), RewardFn(reward, srp))
-    assert close(da, plain) and not close(da, with_srp)
+
+    # SRPO.md: g = shift3(linspace(1, 0, 51)), L = linspace(g[5], g[25], T), k = min(T - ts, 100, ts)
+    g = torch.linspace(1, 0, 51, dtype=torch.float64)
+    g = 3 * g / (1 + 2 * g)
+    T = 1000
+    L = torch.linspace(float(g[5]), float(g[25]), T, dtype=torch.float64)
+    ks = [min(T - t, 100, t) for t in ts]
+    denoise = [(float(L[T - t - k]), float(L[T - t])) for t, k in zip(ts, ks)]
+    ts2 = [max(t - k, 1) for t, k in zip(ts, ks)]
+    inversion = [(float(L[T - t2]), float(L[T - min(t2 + k, T)])) for t2, k in zip(ts2, ks)]
+    scale = float(reward.model.logit_scale.exp()) / 20
+
+    def reference(signs):
+        model.transformer.zero_grad()
+        for sign, lv in zip(signs, (denoise, inversion)):
+            a = torch.tensor([v[0] for v in lv]).reshape(-1, 1, 1, 1)
+            b = torch.tensor([v[1] for v in lv]).reshape(-1, 1, 1, 1)
+            x_a = ((1 - a) * x0 + a * eps).detach()
+            x_b = x_a + (b - a) * model.velocity(x_a, a.flatten(), cond, 3.5)
+            images = model.decode((x_b - b * eps) / (1 - b))
+            r = sign * scale * (reward.encode_image(images) * reward.encode_text(PROMPTS)).sum(-1)
+            assert (r < 0.7).all()  # the hinge is active: the gradient is not zero
+            (torch.relu(0.7 - r).sum() * 0.5 / 2).backward()
+        return grads(model)
+
+    want = reference((1, -1))
+    assert max(w.abs().max().item() for w in want) > 0
+    assert close(da, want)
+    assert not close(da, reference((1, 1))) and not close(da, reference((-1, -1)))  # the branch signs matter
+    assert not close(with_srp, want)  # SRP changes the gradient
     assert "denoise/pos" not in out  # no control words were scored
 
 
@@ -207,9 +243,12 @@ def test_bench_cli_on_a_user_config(tmp_path, capsys):
     result = json.loads((out / "bench.json").read_text())
     c = result["c"]
     assert set(c["parts"]) == {"encode_prompts", "noise", "rollout", "denoise_branch", "inversion_branch", "optimizer"}
-    assert all(v > 0 for v in c["parts"].values()) and c["update"] > 0
-    assert c["sum_of_parts"] == pytest.approx(sum(c["parts"].values()))
-    assert result["headline"]["srpo_update_over_parts"] == pytest.approx(c["update"] / c["sum_of_parts"])
+    assert set(c) == {"update", "parts", "sum_of_parts", "update_over_parts"}
+    values = [c["update"], c["sum_of_parts"], c["update_over_parts"], *c["parts"].values()]
+    assert all(isinstance(v, float) and math.isfinite(v) for v in values)  # each a measured median, none missing
+    assert c["sum_of_parts"] == pytest.approx(sum(c["parts"].values()), rel=1e-12)
+    assert c["update_over_parts"] == pytest.approx(c["update"] / c["sum_of_parts"], rel=1e-12)
+    assert result["headline"]["srpo_update_over_parts"] == c["update_over_parts"]
     assert "srpo_update_over_parts" in capsys.readouterr().out
     assert srpo_cli("bench", "--parts", "x", "--output", out) == 2
 

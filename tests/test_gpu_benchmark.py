@@ -7,6 +7,7 @@ import importlib.util
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,13 +46,43 @@ def test_benchmark_flop_formula_matches_flop_counter():
             assert 0 <= f["linear_backward"] / bwd.get_total_flops() - 1 < 0.1
 
 
+def measured_grad_step_flops(mode: str) -> int:
+    """FLOPs of the dry run's gradient step counted by torch's FlopCounterMode: one velocity
+    forward and backward at the dry run's size (32 px: 8x8 image tokens, 16 text tokens), with
+    the math attention kernel so attention's matmuls are counted too, times the two branches."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from srpo import lora
+    from srpo.models.tiny import build_tiny_flux
+
+    bench = _bench()
+    model = build_tiny_flux(0, **bench.TINY_FLUX)
+    lora.apply(model, bench.make_config(True, mode, 32, 1, "cpu").lora, seed=0)
+    lat = torch.randn(model.latent_shape(1, 32, 32))
+    cond = model.encode_prompts(["a photo of a red fox in the snow"])
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model.velocity(lat, torch.tensor([0.5]), cond, 3.5).square().sum().backward()
+    return 2 * counter.get_total_flops()
+
+
 def test_benchmark_tiny_dry_run(capsys):
     results = _bench().main(["--tiny", "--steps", "1", "--warmup", "0", "--rollout-steps", "1"])
     assert [r["mode"] for r in results] == ["lora", "full"]
     lora_run, full = results
     assert lora_run["optimizer"] == "AdamW" and full["optimizer"] == "SGD"
     assert 0 < lora_run["trainable_params"] < full["trainable_params"] == full["transformer_params"]
+    measured = {mode: measured_grad_step_flops(mode) for mode in ("lora", "full")}
     for r in results:
-        assert math.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["update_s"] > 0
-        assert r["grad_step_tflop"] > 0 and r["plan_gib"] > 0
+        assert math.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["plan_gib"] > 0
+        timings = ("build_s", "rollout_s", "grad_step_s", "optimizer_s", "update_s")
+        assert all(isinstance(r[k], float) and math.isfinite(r[k]) for k in timings)
+        # rollout, gradient step and optimizer step are disjoint intervals inside the update
+        assert r["update_s"] >= r["rollout_s"] + r["grad_step_s"] + r["optimizer_s"] - 1e-9
+        assert r["grad_step_tflops_per_s"] == pytest.approx(r["grad_step_tflop"] / r["grad_step_s"], rel=1e-9)
+        ratio = r["grad_step_tflop"] * 1e12 / measured[r["mode"]]
+        if r["mode"] == "full":
+            assert ratio == pytest.approx(1, abs=1e-12)
+        else:  # LoRA: the formula also counts input gradients of the frozen conditioning path
+            assert 1 <= ratio < 1.05
     assert "| lora | AdamW |" in capsys.readouterr().out

@@ -2,8 +2,39 @@
 
 import json
 
+import numpy as np
+from PIL import Image
+
 from srpo.cli import main
 from srpo.lab.run import METRICS, targets
+
+TILE, PAD, NROW = 32 * 3, 2, 12  # lab images are 32x32, shown 3x upscaled, 12 per row (lab.run._grid)
+
+
+def check_grids(out, n_images: int):
+    """Each sample grid has the canvas size save_grid makes for its images (ceil(n / 12) rows of
+    12 tiles, 2 px white padding), white padding and empty slots, and a non-blank image in every
+    tile; curves.png is the 4-panel figure (16.8 x 3.2 in at 110 dpi)."""
+    n = min(n_images, 48)
+    rows = -(-n // NROW)
+    for name in ("before.png", "after.png", "control.png"):
+        img = np.asarray(Image.open(out / name).convert("RGB")).astype(float)
+        assert img.shape == (rows * (TILE + PAD) + PAD, NROW * (TILE + PAD) + PAD, 3), (name, img.shape)
+        tiles = []
+        for i in range(rows * NROW):
+            r, c = divmod(i, NROW)
+            y, x = PAD + r * (TILE + PAD), PAD + c * (TILE + PAD)
+            tile = img[y:y + TILE, x:x + TILE]
+            if i < n:
+                assert tile.std() > 5, (name, i, tile.std())  # an image, not a flat fill
+                tiles.append(tile)
+            else:
+                assert (tile == 255).all(), (name, i)  # an empty slot stays white
+        assert (img[:PAD] == 255).all() and (img[:, :PAD] == 255).all()  # the padding is white
+        assert len({t.tobytes() for t in tiles}) == n  # every prompt got its own image
+    with Image.open(out / "curves.png") as curves:
+        assert curves.size == (round(4.2 * 4 * 110), round(3.2 * 110))
+        assert np.asarray(curves.convert("L")).astype(float).std() > 5
 
 
 def test_lab_quick_run_through_the_cli(tmp_path, capsys):
@@ -14,8 +45,7 @@ def test_lab_quick_run_through_the_cli(tmp_path, capsys):
         assert set(summary[part]) == set(METRICS)
         assert all(isinstance(v, float) for v in summary[part].values())
     assert summary["before"]["hack_index"] == 0.0  # the base is its own reference
-    for name in ("before.png", "after.png", "control.png", "curves.png"):
-        assert (out / name).stat().st_size > 1000
+    check_grids(out, summary["eval_images"])
     # the trainer really ran: its metrics, checkpoints and final weights are in the run folders
     rows = [json.loads(x) for x in (out / "srpo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all("denoise/reward" in r and "inversion/reward" in r for r in rows)

@@ -1,6 +1,7 @@
 """End to end through the real CLI: `srpo train configs/tiny.yaml`, then `srpo sample` on the run."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -41,7 +42,14 @@ def test_run_folder_contents(run_dir):
     for r in rows:
         assert {"step", "loss", "reward", "grad_norm", "seconds"} <= set(r)
         assert r["grad_norm"] > 0 and r["skipped"] == 0
-    assert (run_dir / "config.yaml").read_text().count("Real") >= 1
+    # the configured words were used: update s scored pair (s + 1) of the cycle (the reference's
+    # counter starts at 1), here the one pair given on the command line, never a default word
+    pos_words, neg_words = ["Real"], ["Painting"]
+    assert [(r["pos_word"], r["neg_word"]) for r in rows] == \
+        [(pos_words[(s + 1) % len(pos_words)], neg_words[(s + 1) % len(neg_words)]) for s in range(12)]
+    for r in rows:  # both branches scored those words with SRP (their two parts are logged)
+        assert {"denoise/pos", "denoise/neg", "inversion/pos", "inversion/neg"} <= set(r)
+        assert all(math.isfinite(r[k]) for k in ("denoise/pos", "denoise/neg", "inversion/pos", "inversion/neg"))
 
 
 def test_srp_reward_on_held_out_prompts_rises(run_dir):

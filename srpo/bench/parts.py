@@ -1,8 +1,8 @@
 """Benchmarks (b), (c), (d): cost of one update per algorithm against rollout steps and DRaFT's K,
-SRPO's update against its parts timed alone, and rollout speed against diffusers' FluxPipeline.
+SRPO's update against its parts timed alone, and rollout speed against each family's diffusers pipeline.
 
-One update here is the trainer's loop body (prompts -> noise -> rollout -> algorithm.backward ->
-clip -> AdamW step), built from the same functions the trainer uses.
+One update here is the trainer's own :func:`srpo.step.update` (prompts -> noise -> rollout ->
+algorithm.backward -> clip -> AdamW step).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmark SRPO against ReFL, DRaFT and GRPO on the lab world",
                        description="(a) time / FLOPs to a judge target, (b) time and memory per update against "
                                    "rollout steps and DRaFT's K, (c) SRPO's update against its parts, (d) rollout "
-                                   "speed against diffusers' FluxPipeline, (e) hack_index at equal reward gain "
+                                   "speed against each family's diffusers pipeline, (e) hack_index at equal reward gain "
                                    "with SRPO's ablations. Prints tables and writes DIR/bench.json.")
     p.add_argument("--output", "-o", default="runs/bench", help="output folder (default runs/bench)")
     p.add_argument("--quick", action="store_true", help="small budgets: a smoke run of every part")
