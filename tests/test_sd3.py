@@ -126,11 +126,47 @@ def test_cfg_one_pass_at_scale_one_and_by_hand_at_four(saved, inputs):
             v1 = model.velocity(noise, sigma, cond, 1.0)
             assert len(calls) == 1 and torch.equal(v1, v_c.float())
             v4 = model.velocity(noise, sigma, cond, 4.0)
-            assert len(calls) == 3
+            assert len(calls) == 2  # both CFG passes in one batched call, as the pipeline makes them
     finally:
         hook.remove()
-    assert torch.allclose(v4, v_u + 4.0 * (v_c - v_u), atol=1e-6)
+    assert torch.allclose(v4, v_u + 4.0 * (v_c - v_u), atol=1e-5)  # batched [neg, pos]: float rounding only
     assert (v_c - v_u).abs().max() > 1e-3  # the negative branch really differs
+
+
+@pytest.mark.parametrize("mode", ["both", "cond"])
+def test_cfg_gradient_flows_through_the_passes_the_setting_names(saved, inputs, mode):
+    """train.cfg_gradient: the gradient of the guided velocity through both passes (exact), or
+    through the conditional pass alone (the unconditional pass is a constant)."""
+    _, model = saved
+    noise, cond = inputs
+    sigma = torch.tensor([0.3, 0.8])
+    pos = {k: v for k, v in cond.items() if not k.startswith("negative_")}
+    neg = {k[len("negative_"):]: v for k, v in cond.items() if k.startswith("negative_")}
+    params = [p for p in model.transformer.parameters() if p.requires_grad]
+    w = torch.randn(noise.shape, generator=torch.Generator().manual_seed(3))
+
+    def grads(fn):
+        model.transformer.zero_grad(set_to_none=True)
+        (fn() * w).sum().backward()
+        return [p.grad.clone() for p in params]
+
+    model.set_precision("none", mode)
+    try:
+        got = grads(lambda: model.velocity(noise, sigma, cond, 4.0))
+    finally:
+        model.set_precision("none", "both")
+    if mode == "both":
+        want = grads(lambda: 4.0 * model.predict(noise, sigma, pos, None) - 3.0 * model.predict(noise, sigma, neg, None))
+    else:
+        with torch.no_grad():
+            v_u = model.predict(noise, sigma, neg, None)
+        want = grads(lambda: 4.0 * model.predict(noise, sigma, pos, None) - 3.0 * v_u)
+    other = grads(lambda: 4.0 * model.predict(noise, sigma, pos, None))  # what neither mode is
+    scale = max(g.abs().max().item() for g in want)
+    assert max((a - b).abs().max().item() for a, b in zip(got, want)) < 1e-5 * scale
+    if mode == "both":
+        assert max((a - b).abs().max().item() for a, b in zip(got, other)) > 1e-2 * scale
+    model.transformer.zero_grad(set_to_none=True)
 
 
 def test_quantize_timesteps_floors_the_timestep(saved, inputs):

@@ -195,15 +195,19 @@ class FlowModel:
         with self.precision():
             if self.guidance_mode == "embedded":
                 return self.predict(latents, sigma, pos, float(guidance)).float()
-            v = self.predict(latents, sigma, pos, None).float()
             if not self.uses_cfg(guidance):
-                return v
+                return self.predict(latents, sigma, pos, None).float()
             if not neg:
                 raise UserError(f"CFG scale {guidance} needs the negative prompt's conditioning: "
                                 f"encode prompts with {type(self).__name__}.encode_prompts")
-            grad = torch.is_grad_enabled() and self.cfg_gradient == "both"
-            with torch.set_grad_enabled(grad):
-                v_u = self.predict(latents, sigma, broadcast_cond(neg, b), None).float()
+            neg = broadcast_cond(neg, b)
+            if torch.is_grad_enabled() and self.cfg_gradient == "cond":  # unconditional pass without grad
+                v = self.predict(latents, sigma, pos, None).float()
+                with torch.no_grad():
+                    v_u = self.predict(latents, sigma, neg, None).float()
+            else:  # one batched call, [negative, positive], as diffusers' pipelines make it
+                both = {k: torch.cat([neg[k], pos[k]]) for k in pos}
+                v_u, v = self.predict(torch.cat([latents, latents]), torch.cat([sigma, sigma]), both, None).float().chunk(2)
             return v_u + guidance * (v - v_u)
 
     def gradient_forwards(self, guidance: float) -> int:
