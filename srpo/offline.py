@@ -14,7 +14,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import seeding
@@ -100,8 +99,7 @@ class OfflineData:
         self.items = scan(cfg.images, cfg.captions)
         self.switch = cfg.switch_to_online_after
         self.seed, self.height, self.width = seed, height, width
-        rng = np.random.default_rng(np.random.SeedSequence([seed, seeding.STREAMS["offline_order"]]))
-        self.order = rng.permutation(len(self.items))
+        self.order = seeding.offline_order(seed, len(self.items))
         self._latents: dict[Path, torch.Tensor] = {}
 
     @classmethod

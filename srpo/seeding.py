@@ -51,3 +51,13 @@ def noise(shape, seed: int, step: int, indices, stream: str, device=None, member
     out = torch.cat([torch.randn(tuple(shape), generator=generator(seed, step, int(i), stream, member))
                      for i in indices])
     return out if device is None else out.to(device)
+
+
+def prompt_order(seed: int, n: int) -> np.ndarray:
+    """The run's order of its ``n`` training prompts (one permutation per run)."""
+    return np.random.default_rng(seed).permutation(n)
+
+
+def offline_order(seed: int, n: int) -> np.ndarray:
+    """The run's order of its ``n`` offline images."""
+    return np.random.default_rng(np.random.SeedSequence([seed, STREAMS["offline_order"]])).permutation(n)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import time
 
-import numpy as np
 import torch
 
 from . import parallel, seeding
@@ -46,7 +45,7 @@ class Batches:
         self.per_rank = t.batch_size * t.grad_accum
         self.rank = ctx.rank
         self.global_batch = self.per_rank * ctx.world
-        self.order = np.random.default_rng(t.seed).permutation(len(prompts)) if prompts else None
+        self.order = seeding.prompt_order(t.seed, len(prompts)) if prompts else None
 
     def offline_at(self, step: int) -> bool:
         return self.offline is not None and self.offline.active(step)

@@ -38,10 +38,23 @@ def family_of_folder(path) -> str:
     name = read_class_name(Path(path) / "model_index.json", "diffusers pipeline folder")
     for key in MODELS.names():
         cls = MODELS.get(key)
-        if getattr(cls, "pipeline_class", None) == name and not key.startswith("tiny"):
+        names = (getattr(cls, "pipeline_class", None), *getattr(cls, "pipeline_aliases", ()))
+        if name in names and not key.startswith("tiny"):
             return key
     raise UserError(f"{path} holds a {name or 'unknown'} pipeline, which no model family reads: "
                     f"use one of {', '.join(n for n in MODELS.names() if not n.startswith('tiny'))}")
 
 
-from . import flux, sd3, tiny  # noqa: F401,E402  (register the built-in families)
+# the built-in families, one file each (a family file not present in this version is skipped)
+BUILTIN = ("flux", "tiny", "sd3", "qwen_image", "flux2", "z_image")
+
+
+def _register_builtin() -> None:
+    import importlib
+
+    for name in BUILTIN:
+        if (Path(__file__).parent / f"{name}.py").is_file():
+            importlib.import_module(f"{__name__}.{name}")
+
+
+_register_builtin()

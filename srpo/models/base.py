@@ -82,11 +82,13 @@ class FlowModel:
     # ---- family facts (class attributes) ----------------------------------------------------
     family = "base"  # registry name, for messages
     pipeline_class = ""  # the diffusers pipeline this family corresponds to
+    pipeline_aliases: tuple[str, ...] = ()  # other pipeline classes whose folders this family loads
     transformer_class = ""  # the diffusers transformer class final/ loads with
     lora_targets: tuple[str, ...] = ()  # default LoRA target modules (Linear names or suffixes)
     export_formats: tuple[str, ...] = ("diffusers",)
     guidance_mode = "none"  # embedded | cfg | none (an instance may refine it from its config)
     default_guidance = 1.0  # the family's usual sampling guidance (srpo sample's default)
+    cfg_batched = True  # CFG: one call on [negative, positive] (False: two calls, e.g. ragged text lengths)
 
     transformer: nn.Module
     vae: nn.Module
@@ -143,6 +145,10 @@ class FlowModel:
         """Images ``[B, 3, H, W]`` in [0, 1] from the diffusers pipeline's own ``__call__`` with
         this conditioning and noise: the reference the rollout is tested and benchmarked against."""
         raise NotImplementedError
+
+    def combine_cfg(self, v_cond: Tensor, v_uncond: Tensor, guidance: float) -> Tensor:
+        """The guided velocity from the two passes; families whose pipeline rescales override it."""
+        return v_uncond + guidance * (v_cond - v_uncond)
 
     def single_file_state(self, state: dict) -> dict:
         """The transformer state in the family's original single-file layout."""
@@ -201,14 +207,15 @@ class FlowModel:
                 raise UserError(f"CFG scale {guidance} needs the negative prompt's conditioning: "
                                 f"encode prompts with {type(self).__name__}.encode_prompts")
             neg = broadcast_cond(neg, b)
-            if torch.is_grad_enabled() and self.cfg_gradient == "cond":  # unconditional pass without grad
+            grad_cond_only = torch.is_grad_enabled() and self.cfg_gradient == "cond"
+            if grad_cond_only or not self.cfg_batched:  # two calls; the unconditional one maybe without grad
                 v = self.predict(latents, sigma, pos, None).float()
-                with torch.no_grad():
+                with torch.set_grad_enabled(torch.is_grad_enabled() and not grad_cond_only):
                     v_u = self.predict(latents, sigma, neg, None).float()
             else:  # one batched call, [negative, positive], as diffusers' pipelines make it
                 both = {k: torch.cat([neg[k], pos[k]]) for k in pos}
                 v_u, v = self.predict(torch.cat([latents, latents]), torch.cat([sigma, sigma]), both, None).float().chunk(2)
-            return v_u + guidance * (v - v_u)
+            return self.combine_cfg(v, v_u, guidance)
 
     def gradient_forwards(self, guidance: float) -> int:
         """Transformer passes per gradient forward that keep activations (for the memory plan)."""
