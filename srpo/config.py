@@ -47,10 +47,16 @@ class SRPConfig(Section):
     neg_words: list[str] = Field(default_factory=lambda: list(REALISM_NEG), min_length=1, description="Negative control words.")
     word_order: Literal["cycle", "random"] = Field("cycle", description="Pick the update's words by cycling through the lists or at random (seeded).")
     template: str = Field("{word}. {prompt}", description="How a control word is joined to a prompt; must contain {word} and {prompt}.")
-    weighting: Literal["per_branch", "multiplicative"] = Field("per_branch", description="per_branch: reward (1+k)pos - neg with linear k per branch (reference FLUX trainer); multiplicative: reward times a discount that grows with noise (later single-branch variant).")
     k_pos: tuple[float, float] = Field((0.10, 0.25), description="Denoise-branch k, linear over the fine grid from low to high noise.")
     k_inv: tuple[float, float] = Field((0.30, 0.01), description="Inversion-branch k, linear over the fine grid (larger at low noise).")
-    discount_shift: float = Field(3.0, gt=0, description="weighting multiplicative: the discount table is shift(linspace(0, 1, 101)) with this shift m (the reference Qwen-Image trainer: 3).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data):
+        if isinstance(data, dict) and ("weighting" in data or "discount_shift" in data):
+            raise ValueError("srp.weighting / srp.discount_shift moved: set method.variant: discounted "
+                             "(and method.discount_shift) for the multiplicative noise discount")
+        return data
 
     @field_validator("template")
     @classmethod
@@ -61,6 +67,9 @@ class SRPConfig(Section):
 
 
 class MethodConfig(Section):
+    variant: Literal["two_branch", "discounted"] = Field("two_branch", description="two_branch: the reference FLUX trainer's SRPO (denoise + inversion branch, hinge loss, reward (1 + k) pos - neg with k_pos / k_inv); discounted: the reference Qwen-Image trainer's (method.passes denoise-only passes per rollout sample, each with its own ts, reward pos - neg (k = 0) times the noise discount shift(linspace(0, 1, T + 1))[ts], loss -r; the branch, loss and k settings are not used).")
+    passes: int = Field(2, ge=1, description="variant discounted: denoise passes per rollout sample and update, each with its own ts; the step size k of a pass is capped by the previous pass's, as in the reference Qwen-Image trainer.")
+    discount_shift: float = Field(3.0, gt=0, description="variant discounted: shift m of the discount table shift(linspace(0, 1, cells + 1)) (the reference: 3).")
     index_range: tuple[int, int] = Field((5, 25), description="Training range in indices of the inference schedule (reference: 5-25; late indices bring reward hacking back).")
     schedule_steps: int = Field(50, ge=2, description="Step count of the inference schedule the index range refers to.")
     cells: int = Field(1000, ge=20, description="Cells T of the fine training grid between the range's two levels.")

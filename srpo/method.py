@@ -155,16 +155,11 @@ def linear_weights(start: float, end: float, cells: int = 1000) -> Tensor:
     return torch.linspace(start, end, cells, dtype=torch.float64)
 
 
-def noise_discount(steps: int = 100, shift: float = 3.0) -> Tensor:
-    """Multiplicative discount of the later single-branch variant: ``shift(linspace(0, 1,
-    steps + 1))``, index ``i`` weighs the reward at level ``i / steps`` (grows with noise)."""
-    return time_shift(torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64), shift)
-
-
-def discount_at(level: float, discount: Tensor) -> float:
-    """Look up a :func:`noise_discount` table at a noise level in [0, 1] (nearest index)."""
-    steps = len(discount) - 1
-    return float(discount[round(min(max(level, 0.0), 1.0) * steps)])
+def noise_discount(cells: int = 100, shift: float = 3.0) -> Tensor:
+    """Multiplicative discount of the single-branch (Qwen-Image) variant:
+    ``shift(linspace(0, 1, cells + 1))``, read at the pass's fine-grid step index ``ts`` (larger
+    ``ts`` = a noisier landing level ``L[T - ts]``), so it grows with noise."""
+    return time_shift(torch.linspace(0.0, 1.0, cells + 1, dtype=torch.float64), shift)
 
 
 def hinge_loss(reward: Tensor, threshold: float = 0.7) -> Tensor:

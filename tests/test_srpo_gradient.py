@@ -12,8 +12,8 @@ Tolerance: both sides run the same float32 ops, up to how the two branch gradien
 on CPU the gradients come out bitwise equal (max relative error 0.0). ``TOL = 1e-5`` of each
 tensor's own gradient scale leaves room for kernels that reassociate sums (~100 float32 ulps)
 while every wrong variant checked below (a weight read at the wrong index, no role swap, a
-missing factor 1/2, a landing level one fine-grid cell off, a discount read at the wrong level
-or left out) is off by more than ``100 * TOL``; measured: one cell off 1.2e-2, k_inv at ts 9e-2,
+missing factor 1/2, a landing level one fine-grid cell off, a discount read at the landing level
+instead of the fine-grid index, a step size not carried over) is off by more than ``100 * TOL``; measured: one cell off 1.2e-2, k_inv at ts 9e-2,
 factor 1 0.5, no swap 12.
 """
 
@@ -78,7 +78,7 @@ def production(cfg, world, ts):
     alg = SRPO(cfg, RewardFn(reward, SRP(reward, cfg.srp.pos_words, cfg.srp.neg_words, cfg.srp.template)))
     drawn = alg.draw_ts(batch)
     assert all(MARGIN <= t <= T - MARGIN for t in drawn)
-    alg.draw_ts = lambda b: list(ts)
+    alg.draw_ts = lambda b, member=0: list(ts[member] if isinstance(ts[0], tuple) else ts)
     model.transformer.zero_grad(set_to_none=True)
     out = alg.backward(model, batch)
     return grads(model), out
@@ -95,7 +95,7 @@ G = shift3(torch.linspace(1, 0, 51, dtype=torch.float64))  # the 50-step inferen
 L = torch.linspace(float(G[5]), float(G[25]), T, dtype=torch.float64)  # the fine training grid
 K_POS = torch.linspace(0.10, 0.25, T, dtype=torch.float64)
 K_INV = torch.linspace(0.30, 0.01, T, dtype=torch.float64)
-DISCOUNT = shift3(torch.linspace(0, 1, 101, dtype=torch.float64))
+
 
 
 def branch_plan(ts: int, *, inv_k_at: str = "ts2", den_b_off: int = 0):
@@ -204,32 +204,62 @@ def test_the_comparison_is_discriminating(world):
         assert err > 100 * TOL, (what, err)
 
 
-def multiplicative_reference(world, ts, level_of=lambda a, b: b, discount=True):
-    """Denoise branch only, loss -r * d with d = shift3(linspace(0, 1, 101))[round(100 level)]."""
+def discounted_reference(world, passes_ts, *, cells=100, k_max=41, carry=True, discount_at="ts"):
+    """The reference Qwen-Image trainer's update, written from its loop: for each of the passes,
+    k = min(T - ts, k_prev, ts) (k_prev starts at K and carries over), a = L[T - min(ts + k, T)]
+    -> b = L[T - ts] on L = linspace(g[5], g[40], T) of the shift-1 50-step schedule, reward
+    pos - neg (k = 0) times d = shift3(linspace(0, 1, T + 1))[ts], loss -r / passes."""
     model, reward, batch = world
-    a, b, k = zip(*(branch_plan(t)[0] for t in ts))
+    g = torch.linspace(1, 0, 51, dtype=torch.float64)  # shift 1
+    grid = torch.linspace(float(g[5]), float(g[40]), cells, dtype=torch.float64)
+    d_table = shift3(torch.linspace(0, 1, cells + 1, dtype=torch.float64))
     model.transformer.zero_grad(set_to_none=True)
-    r = srp_reward(reward, direct_align_images(model, batch, a, b), batch.prompts, POS, NEG, k)
-    d = torch.tensor([float(DISCOUNT[round(level_of(ai, bi) * 100)]) if discount else 1.0
-                      for ai, bi in zip(a, b)], dtype=torch.float32)
-    ((-(r * d)).sum() * batch.loss_scale / 1).backward()  # one branch: factor 1
-    return grads(model), (r * d).detach()
+    caps = [k_max] * len(passes_ts[0])
+    total, rewards = 0.0, []
+    for ts in passes_ts:
+        ks = [min(cells - t, c if carry else k_max, t) for t, c in zip(ts, caps)]
+        caps = ks
+        a = [float(grid[cells - min(t + k, cells)]) for t, k in zip(ts, ks)]
+        b = [float(grid[cells - t]) for t in ts]
+        r = srp_reward(reward, direct_align_images(model, batch, a, b), batch.prompts, POS, NEG, [0.0] * len(ts))
+        where = ts if discount_at == "ts" else [round(bi * cells) for bi in b]
+        d = torch.tensor([float(d_table[i]) for i in where], dtype=torch.float32)
+        rewards.append((r * d).detach())
+        total = total + (-(r * d)).sum() * batch.loss_scale / len(passes_ts)
+    total.backward()
+    return grads(model), rewards
 
 
-def test_multiplicative_discount_single_branch_linear_loss(world):
-    """srp.weighting multiplicative, no inversion branch, loss -r: the denoise reward times
-    d = shift3(linspace(0, 1, 101)) read at round(100 b), b the landing level."""
-    cfg = config(srp={"weighting": "multiplicative"}, method={"inversion_branch": False, "loss": "linear"})
-    for ts in TS_CASES:
-        got, out = production(cfg, world, ts)
-        want, rd = multiplicative_reference(world, ts)
+QWEN = dict(model={"name": "tiny_flux", "shift": 1.0},
+            method={"variant": "discounted", "passes": 2, "index_range": [5, 40], "cells": 100,
+                    "max_step_cells": 41, "ts_margin": 2})
+
+
+def test_discounted_variant_is_the_reference_qwen_image_update(world):
+    """method.variant discounted: two denoise passes with their own ts, k capped by the previous
+    pass's, reward pos - neg times the discount read at the pass's fine-grid index ts."""
+    cfg = config(**QWEN)
+    model = world[0]
+    model.shift = 1.0  # the recipe's model.shift (the fixture's model was built at 3)
+    try:
+        _discounted_cases(cfg, world)
+    finally:
+        model.shift = 3.0
+
+
+def _discounted_cases(cfg, world):
+    cases = [((2, 98), (98, 2)), ((60, 70), (30, 90)), ((10, 5), (60, 70))]
+    for passes_ts in cases:
+        got, out = production(cfg, world, passes_ts)
+        want, rewards = discounted_reference(world, passes_ts)
         assert max_rel_err(got, want) < TOL
-        assert out["reward"] == pytest.approx(float(rd.mean()), rel=1e-5, abs=1e-6)
-        assert "inversion/reward" not in out
-    # discriminating (at the middle ts): the discount read at the start level, or left out
-    got, _ = production(cfg, world, TS_CASES[2])
-    assert max_rel_err(got, multiplicative_reference(world, TS_CASES[2], level_of=lambda a, b: a)[0]) > 100 * TOL
-    assert max_rel_err(got, multiplicative_reference(world, TS_CASES[2], discount=False)[0]) > 100 * TOL
+        assert out["pass1/reward"] == pytest.approx(float(rewards[1].mean()), rel=1e-5, abs=1e-6)
+        assert "inversion/reward" not in out and "pass2/reward" not in out
+    # discriminating: the discount read at the landing level (srpo before this variant), or k not carried
+    got, _ = production(cfg, world, cases[1])
+    assert max_rel_err(got, discounted_reference(world, cases[1], discount_at="level")[0]) > 100 * TOL
+    got, _ = production(cfg, world, cases[2])
+    assert max_rel_err(got, discounted_reference(world, cases[2], carry=False)[0]) > 100 * TOL
 
 
 def test_bf16_autocast_update_through_the_production_step():
