@@ -164,14 +164,15 @@ def load(path: str | Path, module: torch.nn.Module, optimizer, ctx: parallel.Con
     return state
 
 
-def resume(run_dir: str | Path, module: torch.nn.Module, optimizer, cfg, ctx: parallel.Context) -> int:
-    """Load the newest checkpoint of ``run_dir`` (if any) and return its update count."""
+def resume(run_dir: str | Path, module: torch.nn.Module, optimizer, cfg, ctx: parallel.Context) -> dict:
+    """Load the newest checkpoint of ``run_dir`` (if any) and return its ``state.json`` (``step``:
+    its update count; 0 without a checkpoint; plus what the trainer stored, e.g. the guard's state)."""
     last = latest(run_dir) if ctx.is_main else None
     last = parallel.broadcast_object(None if last is None else str(last), ctx)
     if last is None:
         if ctx.is_main:
             print(f"--resume: no checkpoint in {Path(run_dir) / 'checkpoints'}; starting from update 0")
-        return 0
+        return {"step": 0}
     state = load(last, module, optimizer, ctx)
     want = data_position(cfg, ctx, state["step"])["global_batch"]
     if state.get("global_batch", want) != want:
@@ -179,4 +180,4 @@ def resume(run_dir: str | Path, module: torch.nn.Module, optimizer, cfg, ctx: pa
                         f"this launch has {want}: resume with the same batch_size x grad_accum x processes")
     if ctx.is_main:
         print(f"--resume: continuing after update {state['step']} from {last}")
-    return int(state["step"])
+    return state

@@ -168,8 +168,32 @@ class MemoryConfig(Section):
     offload_frozen: bool = Field(False, description="Keep the text encoders on the CPU and move them to the device only to encode prompts not yet cached.")
 
 
+class GuardConfig(Section):
+    enabled: bool = Field(True, description="Watch the run for reward hacking and over-optimisation: evaluate the held-out prompts (data.eval_prompts; no eval prompts: no guard) with fixed seeds before training, every guard.every updates and at the end; drift of image statistics against the base model, held-out judges, diversity; stop rules; best/ (docs/guard.md).")
+    every: int = Field(10, ge=0, description="Guard evaluation every N updates (0: only before and after training).")
+    prompts: int | None = Field(8, ge=1, description="The first N held-out prompts the guard renders (null: all of data.eval_prompts).")
+    seeds: int = Field(2, ge=1, description="Fixed seeds per held-out prompt (diversity needs 2 or more).")
+    batch: int = Field(8, ge=1, description="Images per rollout batch of a guard evaluation.")
+    judges: list[RewardConfig] = Field(default_factory=list, description="Held-out judges: rewards the run does not train on, scored absolutely (e.g. train on hps, watch pickscore and aesthetic); metric judge:<name> (options.label overrides the name).")
+    stop_when: list[str] = Field(default_factory=lambda: ["hack_index > 1.5"], description="Rules '<metric> <op> <bound>' that stop the run cleanly (checkpoint, final/, summary naming the rule); bound: a number, best, base, best - x, x * base (e.g. 'judge:pickscore < best - 0.02', 'diversity < 0.7 * base').")
+    keep_best: str | None = Field("auto", description="Keep best/ (loadable like final/) at the guard step with the highest value of this metric among those where every best_when rule holds; auto: srp_reward (reward without SRP); null: no best/.")
+    best_when: list[str] = Field(default_factory=lambda: ["hack_index <= 1.0"], description="Rules a guard step must satisfy to count as best (the image statistics within one base spread by default).")
+
+    @field_validator("stop_when", "best_when")
+    @classmethod
+    def _rules(cls, v: list[str]) -> list[str]:
+        from .guard.rules import parse
+
+        for text in v:
+            try:
+                parse(text)
+            except UserError as e:
+                raise ValueError(str(e)) from None
+        return v
+
+
 class LogConfig(Section):
-    sample_every: int = Field(0, ge=0, description="Write a sample grid of the eval prompts every N updates (0: only before and after).")
+    sample_every: int = Field(0, ge=0, description="Without the guard: a sample grid of the eval prompts every N updates (0: only before and after). With the guard, the grids are its images at each guard evaluation.")
     checkpoint_every: int = Field(0, ge=0, description="Write a resumable checkpoint every N updates (0: only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="How many of the newest checkpoints to keep.")
     tensorboard: bool = Field(True, description="Write TensorBoard events next to metrics.jsonl.")
@@ -224,6 +248,7 @@ class Config(Section):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Multi-GPU / multi-node strategy (see docs/scale.md).")
     lora: LoRAConfig = Field(default_factory=LoRAConfig, description="LoRA fine-tuning instead of full fine-tuning.")
     memory: MemoryConfig = Field(default_factory=MemoryConfig, description="Text-feature cache and offloading of frozen parts.")
+    guard: GuardConfig = Field(default_factory=GuardConfig, description="Reward-hacking and over-optimisation guard (docs/guard.md).")
     log: LogConfig = Field(default_factory=LogConfig, description="Run-folder outputs.")
     refl: ReFLConfig = Field(default_factory=ReFLConfig, description="ReFL baseline (algorithm: refl).")
     draft: DRaFTConfig = Field(default_factory=DRaFTConfig, description="DRaFT-K baseline (algorithm: draft).")

@@ -46,22 +46,27 @@ def write_transformer(path: str | Path, state: dict, config: str, max_shard_size
     return path
 
 
-def save_final(model, run_dir: str | Path, cfg, ctx) -> None:
-    """End of training (collective): ``final/`` holds the transformer (LoRA merged) and, for
-    LoRA runs, ``lora/pytorch_lora_weights.safetensors`` the adapters alone."""
+def save_final(model, run_dir: str | Path, cfg, ctx, name: str = "final") -> None:
+    """Collective: ``name/`` holds the transformer (LoRA merged) and, for LoRA runs,
+    ``lora/`` (``best-lora/`` for ``name="best"``) the adapters alone, in the family's format."""
     run_dir = Path(run_dir)
+    adapters = "lora" if name == "final" else f"{name}-lora"
     if ctx.strategy != "fsdp" and not cfg.lora.enabled:  # plain weights: the adapter's own format
         if ctx.is_main:
-            model.save_transformer(str(run_dir / "final"))
+            tmp = run_dir / f".tmp-{name}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_transformer(str(tmp))
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+            tmp.rename(run_dir / name)
         return parallel.barrier(ctx)
     state = parallel.full_state_dict(model.transformer, ctx)
     if not ctx.is_main:
         return parallel.barrier(ctx)
     if cfg.lora.enabled:
-        lora.save(run_dir / "lora", state, cfg.lora, model)
+        lora.save(run_dir / adapters, state, cfg.lora, model)
         state = lora.merge(state, lora.scale_of(cfg.lora)) if cfg.lora.save_merged else None
     if state is not None:
-        write_transformer(run_dir / "final", state, config_json(model.transformer))
+        write_transformer(run_dir / name, state, config_json(model.transformer))
     parallel.barrier(ctx)
 
 
@@ -86,9 +91,9 @@ def save_single_file(path: str | Path, state: dict, dtype: torch.dtype | None = 
 
 # ------------------------------------------------------------------ srpo export
 
-def run_weights(run_dir: str | Path):
-    """(config, model with the run's trained transformer) of a run folder: ``final/`` when
-    present, else the base model with ``lora/`` merged in."""
+def run_weights(run_dir: str | Path, which: str = "final"):
+    """(config, model with the run's trained transformer) of a run folder: ``final/`` (or
+    ``best/``) when present, else the base model with ``lora/`` (``best-lora/``) merged in."""
     from .config import load_config
     from .models import load_model
 
@@ -96,8 +101,11 @@ def run_weights(run_dir: str | Path):
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a run folder (no config.yaml): give a folder written by srpo train")
     cfg = load_config(run_dir / "config.yaml")
-    final, adapters = run_dir / "final", run_dir / "lora"
+    final, adapters = run_dir / which, run_dir / ("lora" if which == "final" else f"{which}-lora")
     if not final.is_dir() and not adapters.is_dir():
+        if which == "best":
+            raise UserError(f"{run_dir} has no best/: the run kept none (guard.keep_best null, or no guard "
+                            f"step met guard.best_when)")
         raise UserError(f"{run_dir} has neither final/ nor lora/: the run did not finish; "
                         f"resume it with srpo train --resume first")
     model = load_model(cfg.model, "cpu", transformer_path=str(final) if final.is_dir() else None)

@@ -94,6 +94,7 @@ class Sizes:
     image_tokens: int = 0
     text_tokens: int = 512
     gradient_passes: int = 1  # transformer passes per gradient forward (2 under true CFG, both with grad)
+    vae_checkpointing: bool = True  # the family's decoder recomputes activations under checkpointing
 
 
 # (parameters, vision layers, vision width, vision tokens) of the reward models by registry name
@@ -130,11 +131,12 @@ def model_sizes(cfg) -> Sizes:
         name=parts.name, transformer=n_tr, blocks=len(blocks_),
         largest_block=max(sum(p.numel() for p in b.parameters()) for b in blocks_),
         root=n_tr - sum(p.numel() for b in blocks_ for p in b.parameters()),
-        hidden=tc.num_attention_heads * tc.attention_head_dim,
+        hidden=parts.hidden or tc.num_attention_heads * tc.attention_head_dim,
         lora_params=_lora_params(tr, cfg.lora.rank, targets),
         text_encoders=parts.text_encoders, vae=sum(p.numel() for p in parts.vae.parameters()), vae_levels=levels,
         vae_resnets=vae_cfg["layers_per_block"] + 1, text_tokens=parts.text_tokens, image_tokens=parts.image_tokens,
-        gradient_passes=2 if fam.guidance_mode == "cfg" and cfg.train.guidance > 1 and cfg.train.cfg_gradient == "both" else 1,
+        gradient_passes=2 if (parts.guidance_mode or fam.guidance_mode) == "cfg" and cfg.train.guidance > 1
+        and cfg.train.cfg_gradient == "both" else 1, vae_checkpointing=parts.vae_checkpointing,
     )
     _reward_sizes(cfg, sizes)
     return sizes
@@ -209,7 +211,8 @@ def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, heig
     out["VAE"] = model_bytes * s.vae
     out["reward model"] = reward_bytes * s.reward
     out["activations: transformer"] = transformer_activations(s, batch * s.gradient_passes, act_bytes, checkpointing)
-    out["activations: VAE decode"] = vae_activations(s, batch, height, width, model_bytes, checkpointing)
+    out["activations: VAE decode"] = vae_activations(s, batch, height, width, model_bytes,
+                                                     checkpointing and s.vae_checkpointing)
     out["activations: reward"] = VIT_UNITS * s.reward_layers * s.reward_tokens * s.reward_width * reward_bytes * batch
     out["CUDA context + workspaces"] = OVERHEAD
     subtotal = sum(out.values())

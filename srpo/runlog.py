@@ -92,10 +92,14 @@ class RunLog:
             f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        self.scalars(row["step"], row)
+
+    def scalars(self, step: int, values: dict) -> None:
+        """Numeric values to TensorBoard only (e.g. the guard's evaluation before training)."""
         if self._tb is not None:
-            for k, v in row.items():
+            for k, v in values.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(k, v, row["step"])
+                    self._tb.add_scalar(k, v, step)
 
     def write_json(self, name: str, data: dict) -> None:
         if self.enabled:

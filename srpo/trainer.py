@@ -6,6 +6,7 @@ and parallelism is applied by :mod:`srpo.parallel` before the loop starts.
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint, export, lora, memory, parallel, step as steps
+from .guard import report
+from .guard.monitor import Guard
 from .algorithms import ALGORITHMS, RewardFn
 from .config import Config, dump_config
 from .data import load_prompts
@@ -72,53 +75,96 @@ def train(cfg: Config, output: str | Path, resume: bool = False) -> dict:
     optimizer = steps.make_optimizer(params, cfg)
     t = cfg.train
 
-    start = 0
-    if resume:  # weights, optimizer, RNG states and data position of the newest checkpoint
-        start = checkpoint.resume(output, model.transformer, optimizer, cfg, ctx)
+    guard = Guard(cfg, reward_fn, eval_prompts, ctx.device) if cfg.guard.enabled and eval_prompts else None
+    start, state = 0, {"step": 0}
+    if resume:  # weights, optimizer, RNG states, data position and guard state of the newest checkpoint
+        state = checkpoint.resume(output, model.transformer, optimizer, cfg, ctx)
+        start = int(state["step"])
         log.truncate(start + 1)
+        if guard is not None and "guard" in state:
+            guard.load(state["guard"])
 
     summary: dict = {"algorithm": cfg.algorithm}
+    last_eval: dict = {}
     if eval_prompts and start == 0:
-        summary["eval_before"], images = evaluate(model, reward_fn, cfg, eval_prompts)
-        log.grid(images, "before.png")
+        if guard is not None:  # the guard's images serve the before grid and metrics
+            summary["eval_before"], _ = guard_step(guard, model, 0, log, ctx, "before.png")
+        else:
+            summary["eval_before"], images = evaluate(model, reward_fn, cfg, eval_prompts)
+            log.grid(images, "before.png")
         log.write_json("eval_before.json", summary["eval_before"])
 
     batches = steps.Batches(cfg, model, algorithm, prompts, ctx, offline)
-    bad = 0
+    bad, done, stopped = 0, start, None
     bar = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps, desc="srpo train",
                disable=not (ctx.is_main and cfg.log.progress), dynamic_ncols=True)
     for step in bar:
         row = steps.update(model, algorithm, optimizer, params, batches, cfg, ctx, step)
         bad = bad + 1 if row["skipped"] else 0
+        done = step + 1
+        if guard is not None and ((cfg.guard.every and done % cfg.guard.every == 0) or done == t.max_steps):
+            name = "after.png" if done == t.max_steps else f"step-{done:06d}.png"
+            last_eval, decision = guard_step(guard, model, done, log, ctx, name)
+            row.update({f"guard/{k}": v for k, v in last_eval.items()})
+            if decision.best:
+                export.save_final(model, output, cfg, ctx, name="best")  # best/ (LoRA merged), best-lora/
+            if decision.stop is not None:
+                stopped = decision.stop.text
+                row["guard/stop"] = stopped
         log.log(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", reward=f"{row['reward']:.3f}")
         if bad >= t.max_bad_updates:
-            save_checkpoint(output, step + 1, model, optimizer, cfg, ctx)  # = the last good weights: skips change nothing
-            raise Diverged(f"{bad} consecutive updates had a NaN/Inf loss, reward or gradient (last at update {step + 1}); "
+            save_checkpoint(output, done, model, optimizer, cfg, ctx, guard)  # = the last good weights: skips change nothing
+            raise Diverged(f"{bad} consecutive updates had a NaN/Inf loss, reward or gradient (last at update {done}); "
                            f"lower train.lr or check the reward; the last good checkpoint is in {output / 'checkpoints'}")
-        done = step + 1
-        if cfg.log.sample_every and done % cfg.log.sample_every == 0 and eval_prompts:
+        if stopped:
+            break
+        if guard is None and cfg.log.sample_every and done % cfg.log.sample_every == 0 and eval_prompts:
             _, images = evaluate(model, reward_fn, cfg, eval_prompts)
             log.grid(images, f"step-{done:06d}.png")
         if done < t.max_steps and cfg.log.checkpoint_every and done % cfg.log.checkpoint_every == 0:
-            save_checkpoint(output, done, model, optimizer, cfg, ctx)
+            save_checkpoint(output, done, model, optimizer, cfg, ctx, guard)
     bar.close()
 
-    save_checkpoint(output, t.max_steps, model, optimizer, cfg, ctx)
+    save_checkpoint(output, done, model, optimizer, cfg, ctx, guard)
     export.save_final(model, output, cfg, ctx)  # final/ (LoRA merged) and lora/; gathers FSDP shards
     if eval_prompts:
-        summary["eval_after"], images = evaluate(model, reward_fn, cfg, eval_prompts)
-        log.grid(images, "after.png")
-    summary.update(steps=t.max_steps, seconds=time.perf_counter() - t_start, final=str(output / "final"))
+        if guard is not None:
+            summary["eval_after"] = last_eval
+        else:
+            summary["eval_after"], images = evaluate(model, reward_fn, cfg, eval_prompts)
+            log.grid(images, "after.png")
+    if guard is not None and stopped and done != t.max_steps and ctx.is_main:  # the stop step's grid is after.png
+        shutil.copyfile(output / "samples" / f"step-{done:06d}.png", output / "samples" / "after.png")
+    if guard is not None:
+        summary["guard"] = {"stopped_at": done if stopped else None, "rule": stopped, "best_step": guard.best_step,
+                            "best_metric": guard.metric, "best_value": guard.best_value if guard.best_step else None}
+        if ctx.is_main and stopped:
+            print(f"guard: stopped after update {done}: {stopped}")
+    summary.update(steps=done, seconds=time.perf_counter() - t_start, final=str(output / "final"))
     log.write_json("summary.json", summary)
     if ctx.is_main:
         plot_curves(log.rows, ["loss", "reward", "grad_norm"], output / "curves.png", title="srpo train")
+        report.write(output)
     log.close()
     parallel.teardown(ctx)  # all ranks leave together, then the process group is destroyed
     return summary
 
 
-def save_checkpoint(output: Path, step: int, model, optimizer, cfg: Config, ctx) -> None:
+def guard_step(guard, model, step: int, log, ctx, grid_name: str):
+    """One guard evaluation: its images become the step's sample grid; every rank takes rank 0's
+    decision (the images are the same on every rank; this makes it certain)."""
+    metrics, images = guard.evaluate(model)
+    decision = parallel.broadcast_object(guard.decide(step, metrics), ctx)
+    log.grid(images, grid_name)
+    if step == 0:  # metrics.jsonl holds updates; the base evaluation is eval_before.json (and TensorBoard step 0)
+        log.scalars(0, {f"guard/{k}": v for k, v in metrics.items()})
+    return metrics, decision
+
+
+def save_checkpoint(output: Path, step: int, model, optimizer, cfg: Config, ctx, guard=None) -> None:
     """Collective: every rank contributes its shards and RNG states, rank 0 writes."""
-    checkpoint.save(output, step, model.transformer, optimizer, extra=checkpoint.data_position(cfg, ctx, step),
-                    keep=cfg.log.keep_checkpoints, ctx=ctx)
+    extra = checkpoint.data_position(cfg, ctx, step)
+    if guard is not None:
+        extra["guard"] = guard.state()
+    checkpoint.save(output, step, model.transformer, optimizer, extra=extra, keep=cfg.log.keep_checkpoints, ctx=ctx)

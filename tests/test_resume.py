@@ -143,7 +143,7 @@ def test_resume_refuses_a_different_global_batch(tmp_path):
     module, opt = _toy()
     cfg, ctx = _cfg(), parallel.Context()
     checkpoint.save(tmp_path, 2, module, opt, extra=checkpoint.data_position(cfg, ctx, 2))
-    assert checkpoint.resume(tmp_path, module, opt, cfg, ctx) == 2
+    assert checkpoint.resume(tmp_path, module, opt, cfg, ctx)["step"] == 2
     cfg.train.batch_size = 1
     with pytest.raises(UserError, match="global batch of 2 samples, this launch has 1"):
         checkpoint.resume(tmp_path, module, opt, cfg, ctx)

@@ -14,6 +14,8 @@ def add_parser(sub) -> None:
                    help="a diffusers pipeline folder of a supported family, or a run folder written by "
                         "`srpo train` (uses its final weights)")
     p.add_argument("--transformer", default=None, help="folder of transformer weights replacing the model's")
+    p.add_argument("--which", choices=["final", "best"], default="final",
+                   help="of a run folder: its final/ weights or the guard's best/ (default final)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", help="one prompt")
     g.add_argument("--prompts", help="text file, one prompt per line")
@@ -30,20 +32,22 @@ def add_parser(sub) -> None:
 
 def _load(args):
     from .. import parallel
-    from ..config import ModelConfig, load_config
+    from ..config import ModelConfig
     from ..models import family_of_folder, load_model
 
     device = parallel.pick_device(args.device)
     folder = Path(args.model)
     if not folder.is_dir():
         raise UserError(f"--model {folder} is not a folder: give a diffusers pipeline folder or a run folder")
-    if (folder / "config.yaml").is_file() and (folder / "final").is_dir():  # a run folder
-        cfg = load_config(folder / "config.yaml")
-        m = cfg.model
+    if (folder / "config.yaml").is_file() and ((folder / "final").is_dir() or (folder / "lora").is_dir()):  # a run
+        from ..export import run_weights
+
+        cfg, model = run_weights(folder, args.which)
+        if args.transformer:
+            model = load_model(cfg.model, device, transformer_path=args.transformer)
         if args.shift is not None:
-            m.shift = args.shift
-        model = load_model(m, device, transformer_path=args.transformer or str(folder / "final"))
-        return model, (cfg.rollout.height, cfg.rollout.width)
+            model.shift = args.shift
+        return model.to(device), (cfg.rollout.height, cfg.rollout.width)
     m = ModelConfig(name=family_of_folder(folder), path=str(folder), shift=args.shift)
     return load_model(m, device, transformer_path=args.transformer), (1024, 1024)
 

@@ -23,10 +23,11 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from .captions import parse_content
+from ..guard.stats import LAB_STATS as STATS
+from ..guard.stats import hack_index as _hack_index
 from .render import COLOUR_NAMES, SHAPES, STYLES, image_stats
 
 N_CONTENT = len(COLOUR_NAMES) * len(SHAPES)
-STATS = ("saturation", "contrast", "sharpness")
 CLASSES = STYLES + ("degraded",)  # degraded: off-manifold decodes (latent noise, grid artifacts)
 
 
@@ -126,6 +127,5 @@ class Judge:
 
 
 def hack_index(stats: dict[str, Tensor], base: dict[str, Tensor]) -> float:
-    """max over statistics of ``|mean(stats) - mean(base)| / std(base)``."""
-    return max(((stats[k].mean() - base[k].mean()).abs() / base[k].std().clamp(min=1e-8)).item()
-               for k in STATS)
+    """max over the lab's statistics of ``|mean(stats) - mean(base)| / std(base)``."""
+    return _hack_index(stats, base, STATS)

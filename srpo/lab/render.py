@@ -24,6 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..guard.stats import LAB_STATS, luminance  # one definition of the statistics (guard and lab)
+from ..guard.stats import image_stats as _image_stats
+
 SIZE = 32  # image side in pixels
 STYLES = ("photo", "cartoon", "painting")
 SHAPES = ("circle", "square", "triangle", "star")
@@ -248,22 +251,9 @@ def render(scenes: list[Scene]) -> Tensor:
 
 # ----------------------------------------------------------------------------- statistics
 
-def luminance(images: Tensor) -> Tensor:
-    w = torch.tensor([0.299, 0.587, 0.114], dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-    return (images * w).sum(1)
-
-
 def image_stats(images: Tensor) -> dict[str, Tensor]:
-    """Per-image ``saturation`` (mean HSV saturation), ``contrast`` (std of luminance) and
-    ``sharpness`` (mean absolute Laplacian of luminance) of ``[B, 3, H, W]`` images in [0, 1]."""
-    mx, mn = images.max(1).values, images.min(1).values
-    sat = ((mx - mn) / mx.clamp(min=1e-3)).mean((1, 2))
-    lum = luminance(images)
-    contrast = lum.flatten(1).std(1)
-    lap = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], dtype=images.dtype,
-                       device=images.device).view(1, 1, 3, 3)
-    sharp = F.conv2d(lum[:, None], lap).abs().mean((1, 2, 3))
-    return {"saturation": sat, "contrast": contrast, "sharpness": sharp}
+    """The lab's three statistics (saturation, contrast, sharpness) of :func:`srpo.guard.stats.image_stats`."""
+    return _image_stats(images, LAB_STATS)
 
 
 def adjust(images: Tensor, saturation: Tensor | float = 1.0, contrast: Tensor | float = 1.0,

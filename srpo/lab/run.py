@@ -90,22 +90,28 @@ class Evaluator:
         return metrics, images
 
 
-def _train(cfg, output: Path, evaluator: Evaluator, progress: bool) -> tuple[dict, torch.Tensor, list[dict]]:
-    """Train, then judge the final weights and every checkpoint (the judge curve)."""
+def _train(cfg, output: Path, evaluator: Evaluator, progress: bool) -> tuple[dict, torch.Tensor, list[dict], dict]:
+    """Train (the guard watching the first guard.prompts held-out prompts), then judge the final
+    weights, every checkpoint (the judge curve) and the guard's best/."""
     from .. import checkpoint
     from ..trainer import train
 
     cfg = cfg.model_copy(deep=True)
-    cfg.data.eval_prompts = None  # the lab evaluates with the judge itself
     cfg.log.progress = progress
     cfg.log.keep_checkpoints = 10_000
-    train(cfg, output)
+    summary = train(cfg, output)
     curve = []
     for ckpt in checkpoint.checkpoint_dirs(output):
         step = json.loads((ckpt / "state.json").read_text())["step"]
         metrics, images = evaluator(load_file(str(ckpt / "trainable.safetensors")))
         curve.append({"step": step, **metrics})
-    return curve[-1], images, curve
+    guard = {k: summary.get("guard", {}).get(k) for k in ("stopped_at", "rule", "best_step")}
+    best = output / "best" / "diffusion_pytorch_model.safetensors"
+    if best.is_file():
+        judged, _ = evaluator(load_file(str(best)))
+        guard["best"] = {k: judged[k] for k in METRICS}
+    guard["final"] = {k: curve[-1][k] for k in METRICS}
+    return curve[-1], images, curve, guard
 
 
 def _grid(images: torch.Tensor, path: Path, n: int = 48) -> None:
@@ -160,6 +166,10 @@ def table(summary: dict) -> str:
     for key in METRICS:
         lines.append(f"{key:12}" + "".join(f"{summary[c][key]:12.3f}" for c in cols))
     lines.append("targets: " + ", ".join(f"{k} {'PASS' if v else 'FAIL'}" for k, v in summary["targets"].items()))
+    for name, g in summary.get("guard", {}).items():
+        ran = f"stopped after update {g['stopped_at']} ({g['rule']})" if g.get("stopped_at") else "ran every update"
+        best = f"best/ at update {g['best_step']}" if g.get("best_step") else "no best/"
+        lines.append(f"guard {name}: {ran}; {best}")
     return "\n".join(lines)
 
 
@@ -191,8 +201,9 @@ def run_lab(output, quick: bool = False, control: bool = True, config=None, over
         curves["control"] = [{"step": 0, **before}]
     _grid(before_images, output / "before.png")
     rows = {}
+    summary["guard"] = {}
     for name, run_cfg in runs.items():
-        final, images, curve = _train(run_cfg, output / name, evaluator, progress)
+        final, images, curve, summary["guard"][name] = _train(run_cfg, output / name, evaluator, progress)
         curves[name] += curve
         rows[name] = _read_metrics(output / name)
         summary["after" if name == "srpo" else name] = {k: final[k] for k in METRICS}

@@ -74,6 +74,9 @@ class PlanParts:
     text_encoders: int  # parameters of all text encoders
     text_tokens: int  # text tokens the transformer attends to
     image_tokens: int  # image tokens per sample at the planned size
+    hidden: int | None = None  # transformer width (default: heads x head dim from its config)
+    guidance_mode: str | None = None  # when an instance's mode differs from the class's (a variant)
+    vae_checkpointing: bool = True  # the decoder supports activation checkpointing
 
 
 class FlowModel:

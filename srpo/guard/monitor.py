@@ -1,0 +1,158 @@
+"""The guard's evaluation: one set of held-out images per guard step (the first ``guard.prompts``
+held-out prompts x ``guard.seeds`` fixed seeds), and everything measured on it:
+
+- ``reward`` and ``srp_reward``: the training reward (absolute, and semantic-relative with the
+  first control-word pair, k = 0);
+- ``drift:<statistic>`` for each of :data:`srpo.guard.stats.STATS` against the base model's
+  images of the same prompts and seeds (step 0), and ``hack_index``, their maximum;
+- ``judge:<name>``: the absolute score of each reward in ``guard.judges`` (rewards the run does
+  not train on);
+- ``diversity``: mean pairwise distance of image features across the seeds of one prompt (the
+  first judge's image encoder, else the training reward's), relative to the base (1 at step 0).
+
+Then the policies: ``guard.stop_when`` rules stop the run, ``guard.keep_best`` marks the best
+step among those where every ``guard.best_when`` rule holds. Its state (base statistics, best so
+far) is a small JSON-able dict the checkpoints carry, so ``--resume`` continues it exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .. import seeding
+from ..rewards.factory import build_reward
+from ..sampling import rollout
+from . import rules as R
+from .stats import STATS, diversity, drift, image_stats
+
+
+@dataclass
+class Decision:
+    stop: R.Rule | None = None  # the rule that fired
+    best: bool = False  # this step is the new best
+
+
+def judge_name(spec) -> str:
+    return str(spec.options.get("label") or spec.name.rpartition(".")[2])
+
+
+class Guard:
+    def __init__(self, cfg, reward_fn, eval_prompts: list[str], device):
+        g = cfg.guard
+        self.cfg, self.g, self.reward_fn = cfg, g, reward_fn
+        self.prompts = eval_prompts[: g.prompts] if g.prompts else list(eval_prompts)
+        self.judges = {}
+        for spec in g.judges:
+            name = judge_name(spec)
+            spec = spec.model_copy(update={"options": {k: v for k, v in spec.options.items() if k != "label"}})
+            self.judges[name] = build_reward(spec, device=device).frozen()
+        self.feature_model = next(iter(self.judges.values()), None) or reward_fn.reward
+        if not hasattr(self.feature_model, "encode_image") or g.seeds < 2:
+            self.feature_model = None
+        self.metric = g.keep_best if g.keep_best != "auto" else ("srp_reward" if reward_fn.srp is not None else "reward")
+        self.stop_rules = [R.parse(t, "guard.stop_when rule") for t in g.stop_when]
+        self.best_rules = [R.parse(t, "guard.best_when rule") for t in g.best_when]
+        known = set(self.metric_names())
+        R.check_metrics(self.stop_rules, known, "guard.stop_when rule")
+        R.check_metrics(self.best_rules, known, "guard.best_when rule")
+        if self.metric is not None and self.metric not in known:
+            R.check_metrics([R.parse(f"{self.metric} > 0")], known, "guard.keep_best")
+        self.base_stats: dict[str, torch.Tensor] | None = None
+        self.base: dict[str, float] = {}  # metrics at step 0
+        self.best: dict[str, float] = {}  # highest value of each metric so far
+        self.base_diversity = math.nan
+        self.best_step: int | None = None
+        self.best_value = -math.inf
+
+    def metric_names(self) -> list[str]:
+        names = ["reward", "hack_index", *(f"drift:{k}" for k in STATS), *(f"judge:{n}" for n in self.judges)]
+        if self.reward_fn.srp is not None:
+            names.append("srp_reward")
+        if self.feature_model is not None:
+            names += ["diversity", "diversity_abs"]
+        return names
+
+    # ---- images -------------------------------------------------------------------------
+    def prompt_list(self) -> list[str]:
+        """Image i is prompt i // seeds at seed i % seeds (the seeds of a prompt are neighbours)."""
+        return [p for p in self.prompts for _ in range(self.g.seeds)]
+
+    @torch.no_grad()
+    def images(self, model) -> torch.Tensor:
+        d, r = self.cfg.data, self.cfg.rollout
+        n = len(self.prompts)
+        keys = [s * n + p for p in range(n) for s in range(self.g.seeds)]  # seed 0: the eval noise of prompt p
+        shape = model.latent_shape(1, r.height, r.width)
+        prompts, out = self.prompt_list(), []
+        for i in range(0, len(prompts), self.g.batch):
+            noise = seeding.noise(shape, d.eval_seed, 0, keys[i:i + self.g.batch], "eval_noise", device=model.device)
+            x0 = rollout(model, model.encode_prompts(prompts[i:i + self.g.batch]), noise, steps=d.eval_steps,
+                         guidance=d.eval_guidance)
+            out.append(model.decode(x0).float().cpu())
+        return torch.cat(out)
+
+    # ---- metrics ------------------------------------------------------------------------
+    @torch.no_grad()
+    def measure(self, images: torch.Tensor) -> dict[str, float]:
+        from ..evaluate import reward_metrics
+
+        prompts = self.prompt_list()
+        pos, neg = self.cfg.srp.pos_words[0], self.cfg.srp.neg_words[0]
+        out = reward_metrics(self.reward_fn, images, prompts, pos, neg)
+        stats = image_stats(images)
+        if self.base_stats is None:
+            self.base_stats = stats
+        d = drift(stats, self.base_stats)
+        out.update({f"drift:{k}": v for k, v in d.items()})
+        out["hack_index"] = max(d.values())
+        for name, judge in self.judges.items():
+            device = next(iter(judge.parameters()), torch.empty(0)).device
+            scores = [judge.score(images[i:i + 16].to(device), prompts[i:i + 16]).float().cpu()
+                      for i in range(0, len(prompts), 16)]
+            out[f"judge:{name}"] = torch.cat(scores).mean().item()
+        if self.feature_model is not None:
+            device = next(iter(self.feature_model.parameters()), torch.empty(0)).device
+            feats = torch.cat([self.feature_model.encode_image(images[i:i + 16].to(device)).float().cpu()
+                               for i in range(0, len(images), 16)])
+            div = diversity(feats, len(self.prompts))
+            if not math.isfinite(self.base_diversity):
+                self.base_diversity = div
+            out["diversity_abs"] = div
+            out["diversity"] = div / self.base_diversity if self.base_diversity > 0 else math.nan
+        return out
+
+    def evaluate(self, model) -> tuple[dict[str, float], torch.Tensor]:
+        images = self.images(model)
+        return self.measure(images), images
+
+    # ---- policies -----------------------------------------------------------------------
+    def decide(self, step: int, metrics: dict[str, float]) -> Decision:
+        """Update base / best-so-far and apply the rules (step 0 is the base: nothing fires)."""
+        if step == 0 or not self.base:
+            self.base = dict(metrics)
+        decision = Decision()
+        if step > 0:
+            decision.stop = next((r for r in self.stop_rules if r.holds(metrics, self.best, self.base)), None)
+            value = metrics.get(self.metric, math.nan) if self.metric else math.nan
+            eligible = all(r.holds(metrics, self.best, self.base) for r in self.best_rules)
+            if self.metric and eligible and math.isfinite(value) and value > self.best_value:
+                self.best_value, self.best_step, decision.best = value, step, True
+        for k, v in metrics.items():  # best so far includes this step (rules above saw the previous best)
+            if math.isfinite(v):
+                self.best[k] = max(self.best.get(k, -math.inf), v)
+        return decision
+
+    # ---- resume -------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"base": self.base, "best": self.best, "best_step": self.best_step, "best_value": self.best_value,
+                "base_diversity": self.base_diversity,
+                "base_stats": {k: v.tolist() for k, v in (self.base_stats or {}).items()}}
+
+    def load(self, state: dict) -> None:
+        self.base, self.best = dict(state["base"]), dict(state["best"])
+        self.best_step, self.best_value = state["best_step"], float(state["best_value"])
+        self.base_diversity = float(state["base_diversity"])
+        self.base_stats = {k: torch.tensor(v) for k, v in state["base_stats"].items()} or None

@@ -1,0 +1,846 @@
+"""FLUX.2 as a FlowModel: diffusers' Flux2Transformer2DModel + AutoencoderKLFlux2 with the text
+encoder of one of its two text-to-image pipelines, one registered family each:
+
+- ``flux2``: ``Flux2Pipeline`` (FLUX.2 [dev]): Mistral-Small-3.x (``Mistral3ForConditionalGeneration``
+  behind a ``PixtralProcessor``), its chat template with the pipeline's system message, hidden
+  states of layers (10, 20, 30) stacked on the feature axis; guidance is *embedded* (the
+  transformer's guidance embedding; ``none`` for a transformer without one).
+- ``flux2_klein``: ``Flux2KleinPipeline`` (FLUX.2 [klein]): ``Qwen3ForCausalLM`` + Qwen2 tokenizer,
+  the Qwen3 chat template with thinking disabled, layers (9, 18, 27); *true CFG* against the
+  empty prompt, run as two transformer calls like the pipeline (``cfg_batched = False``), or
+  ``none`` for the step-distilled checkpoints (model_index.json ``is_distilled``).
+
+Two families rather than one with a switch because the pipelines differ in everything a family
+declares as a class fact: pipeline class (what ``srpo`` maps a folder to), text encoder, guidance
+mode (which ``srpo plan`` reads from the class), default guidance and CFG batching.
+
+Latents in the contract are the pipeline's ``latents`` argument: the VAE's 32-channel latents
+patchified 2x2 into ``[B, 128, H/16, W/16]`` and normalised by the VAE's batch-norm running
+statistics, ``(z - running_mean) / sqrt(running_var + batch_norm_eps)``, as the pipeline samples
+and denoises them; decoding un-normalises, un-patchifies and runs the VAE decoder. Packing into
+tokens (a plain flatten: the transformer's ``patch_size`` is 1) and the 4-D position ids
+``(t, h, w, l)`` are private to this file. The schedule is the pipeline's: sigmas
+``linspace(1, 1/N, N)`` through the scheduler with ``mu = compute_empirical_mu(tokens, N)``
+(BFL's empirical fit, :func:`empirical_mu`); the transformer gets ``timestep / 1000`` of the
+scheduler's ``1000 sigma`` timestep and scales it back itself.
+
+The file also holds ``tiny_flux2`` / ``tiny_flux2_klein``: random-weight models built in code from
+the real classes, with small deterministic byte-level BPE tokenizers built here (no tokenizer file
+of these models exists offline) carrying the special tokens the chat templates use.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..errors import UserError
+from . import MODELS
+from .base import (Cond, FlowModel, PlanParts, broadcast_cond, check_transformer_folder, frozen, load_error,
+                   resolve_dtype, split_cond)
+from .base import check_pipeline_folder as _check_folder
+
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+MAX_SEQUENCE_LENGTH = 512  # both pipelines' default
+
+# ---- real dimensions (for srpo plan without a folder) ------------------------------------------
+# diffusers' scripts/convert_flux2_to_diffusers.py, get_flux2_transformer_config("flux2-dev"): the
+# transformer/config.json of black-forest-labs/FLUX.2-dev (also Flux2Transformer2DModel's defaults)
+FLUX2_DEV_TRANSFORMER = dict(
+    patch_size=1, in_channels=128, num_layers=8, num_single_layers=48, attention_head_dim=128,
+    num_attention_heads=48, joint_attention_dim=15360, timestep_guidance_channels=256, mlp_ratio=3.0,
+    axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, eps=1e-6, guidance_embeds=True,
+)
+# the same script, "klein-4b" (black-forest-labs/FLUX.2-klein-4B and -base-4B; no guidance embedding)
+FLUX2_KLEIN_4B_TRANSFORMER = dict(FLUX2_DEV_TRANSFORMER, num_layers=5, num_single_layers=20,
+                                  num_attention_heads=24, joint_attention_dim=7680, guidance_embeds=False)
+# the script converts the VAE into AutoencoderKLFlux2() with its defaults: 32 latent channels, 8x
+FLUX2_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=32)
+# text encoders: mistralai/Mistral-Small-3.2-24B-Instruct-2506 config.json (FLUX.2 [dev]'s, per the
+# conversion script; lm_head untied) and Qwen/Qwen3-4B config.json (klein 4B's, embeddings tied)
+MISTRAL_SMALL_3 = dict(
+    text_config=dict(model_type="mistral", vocab_size=131072, hidden_size=5120, intermediate_size=32768,
+                     num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=1e9, sliding_window=None),
+    vision_config=dict(model_type="pixtral", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                       num_attention_heads=16, head_dim=64, image_size=1540, patch_size=14, num_channels=3),
+    image_token_index=10, spatial_merge_size=2, multimodal_projector_bias=False, projector_hidden_act="gelu",
+    vision_feature_layer=-1, tie_word_embeddings=False,
+)
+QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                tie_word_embeddings=True)
+# their parameters, counted from those configs on the meta device (tests/test_flux2.py recounts)
+MISTRAL_SMALL_3_PARAMS = 24_011_361_280
+QWEN3_4B_PARAMS = 4_022_468_096
+
+# LoRA targets: attention and MLP projections of the double-stream blocks, the fused QKV+MLP input
+# of the single-stream blocks and, by full name, their fused output ``attn.to_out`` (a bare
+# ``attn.to_out`` would also name the double blocks' ModuleList, which peft cannot adapt)
+LORA_DOUBLE = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+               "ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out")
+LORA_SINGLE = ("to_qkv_mlp_proj",)
+
+
+def lora_targets_for(num_single_layers: int) -> tuple[str, ...]:
+    return LORA_DOUBLE + LORA_SINGLE + tuple(f"single_transformer_blocks.{i}.attn.to_out"
+                                             for i in range(num_single_layers))
+
+
+# ---- the pipelines' pieces, reproduced ---------------------------------------------------------
+def empirical_mu(image_seq_len: int, num_steps: int) -> float:
+    """``compute_empirical_mu`` of both FLUX.2 pipelines (BFL flux2 ``sampling.py``): the shift
+    exponent, linear in the token count, interpolated in the step count between fits at 10 and
+    200 steps (the 200-step fit alone above 4300 tokens)."""
+    a1, b1 = 8.73809524e-05, 1.89833333
+    a2, b2 = 0.00016927, 0.45666666
+    if image_seq_len > 4300:
+        return float(a2 * image_seq_len + b2)
+    m_200 = a2 * image_seq_len + b2
+    m_10 = a1 * image_seq_len + b1
+    slope = (m_200 - m_10) / 190.0
+    return float(slope * num_steps + (m_200 - 200.0 * slope))
+
+
+def patchify(z: Tensor) -> Tensor:
+    """VAE latents ``[B, C, h, w]`` -> ``[B, 4C, h/2, w/2]`` (the pipelines' ``_patchify_latents``)."""
+    b, c, h, w = z.shape
+    return z.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, h // 2, w // 2)
+
+
+def unpatchify(x: Tensor) -> Tensor:
+    """Inverse of :func:`patchify` (the pipelines' ``_unpatchify_latents``)."""
+    b, c, h, w = x.shape
+    return x.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, h * 2, w * 2)
+
+
+@functools.lru_cache(maxsize=16)
+def image_ids(h: int, w: int, device) -> Tensor:
+    """Position ids ``[h w, 4]`` of the latent tokens, ``(t=0, row, column, l=0)`` (int64, as the
+    pipelines' ``_prepare_latent_ids``); cached per shape and device."""
+    return torch.cartesian_prod(torch.arange(1), torch.arange(h), torch.arange(w), torch.arange(1)).to(device)
+
+
+@functools.lru_cache(maxsize=16)
+def text_ids(n: int, device) -> Tensor:
+    """Position ids ``[n, 4]`` of the text tokens, ``(0, 0, 0, index)`` (``_prepare_text_ids``)."""
+    return torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(n)).to(device)
+
+
+def bn_stats(vae, like: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and std ``[1, 4C, 1, 1]`` of the VAE's batch-norm running statistics, in ``like``'s
+    device and dtype, as the pipelines compute them."""
+    mean = vae.bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(like.device, like.dtype)
+    return mean, std
+
+
+class Flux2Base(FlowModel):
+    """What both FLUX.2 pipelines share: transformer call, latents, schedule, VAE; only
+    ``transformer`` trains. Subclasses add the text encoder and guidance."""
+
+    family = "flux2_base"
+    transformer_class = "Flux2Transformer2DModel"
+    export_formats = ("diffusers",)
+    default_layers: tuple[int, ...] = ()
+    options = ("max_sequence_length", "text_encoder_out_layers", "quantize_timesteps")
+
+    def __init__(self, transformer, vae, text_encoder, tokenizer, scheduler,
+                 max_sequence_length: int = MAX_SEQUENCE_LENGTH, text_encoder_out_layers=None,
+                 shift: float | None = None, quantize_timesteps: bool | None = None):
+        self.transformer = transformer
+        self.vae = frozen(vae)
+        self.text_encoder = frozen(text_encoder)
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        try:
+            self.max_sequence_length = int(max_sequence_length)
+        except (TypeError, ValueError):
+            self.max_sequence_length = 0
+        if self.max_sequence_length < 1:
+            raise UserError(f"max_sequence_length {max_sequence_length} is not a positive number of text tokens")
+        layers = self.default_layers if text_encoder_out_layers is None else text_encoder_out_layers
+        if isinstance(layers, (int, str)) or not all(isinstance(k, int) and not isinstance(k, bool)
+                                                     for k in (layers or ())) or not layers:
+            raise UserError(f"text_encoder_out_layers {text_encoder_out_layers!r} must be a list of hidden-state "
+                            f"indices of the text encoder, e.g. {list(self.default_layers)}")
+        self.text_encoder_out_layers = tuple(layers)
+        self.shift = None if shift is None else float(shift)
+        # off by default: both pipelines feed the unquantised scheduler timestep
+        self.quantize_timesteps = bool(quantize_timesteps)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self._check_compatible()
+
+    def text_hidden_size(self) -> int:
+        raise NotImplementedError
+
+    def text_layers(self) -> int:
+        raise NotImplementedError
+
+    def _check_compatible(self) -> None:
+        tc, vc = self.transformer.config, self.vae.config
+        depth = self.text_layers()
+        bad = [k for k in self.text_encoder_out_layers if not -depth - 1 <= k <= depth]
+        if bad:
+            raise UserError(f"text_encoder_out_layers {list(self.text_encoder_out_layers)} do not fit this text "
+                            f"encoder: it has {depth} layers (hidden states 0 to {depth}); set "
+                            f"model.options.text_encoder_out_layers")
+        pairs = [("transformer patch_size", tc.patch_size, "the pipeline's token packing", 1),
+                 ("transformer in_channels", tc.in_channels, "4 x vae latent_channels", 4 * vc.latent_channels),
+                 ("transformer in_channels", tc.in_channels, "vae batch-norm features", self.vae.bn.num_features),
+                 ("transformer joint_attention_dim", tc.joint_attention_dim,
+                  f"{len(self.text_encoder_out_layers)} stacked layers x text_encoder hidden_size",
+                  len(self.text_encoder_out_layers) * self.text_hidden_size())]
+        for name, got, other, want in pairs:
+            if got != want:
+                raise UserError(f"transformer does not fit this {self.family} model: {name} = {got} but {other} = "
+                                f"{want}; use a transformer trained for this base model")
+        self.lora_targets = lora_targets_for(tc.num_single_layers)
+
+    # ---- construction -----------------------------------------------------------------------
+    @classmethod
+    def _check_options(cls, unknown: dict) -> None:
+        if unknown:
+            raise UserError(f"unknown option(s) for model '{cls.family}': {', '.join(sorted(unknown))}; "
+                            f"valid: {', '.join(cls.options)}")
+
+    @classmethod
+    def check_pipeline_folder(cls, path, need_transformer: bool = True) -> Path:
+        """A local folder of exactly this family's pipeline, with every component folder."""
+        root = _check_folder(path, cls.family, "Flux2", COMPONENTS, need_transformer=need_transformer)
+        name = _model_index(root).get("_class_name", "")
+        if name != cls.pipeline_class:
+            other = {c.pipeline_class: c.family for c in (Flux2Model, Flux2KleinModel)}.get(name)
+            hint = f"use model '{other}'" if other else f"the '{cls.family}' model needs a {cls.pipeline_class} folder"
+            raise UserError(f"{root} holds a {name} pipeline, not {cls.pipeline_class}: {hint}")
+        return root
+
+    @classmethod
+    def load(cls, path=None, transformer_path=None, device="cpu", dtype=torch.float32, shift=None,
+             **options) -> "Flux2Base":
+        """A local diffusers folder of the family's pipeline, offline and from safetensors;
+        ``transformer_path`` replaces ``transformer/`` with a folder written by :meth:`save_transformer`."""
+        import diffusers
+        from diffusers import Flux2Transformer2DModel
+
+        cls._check_options({k: v for k, v in options.items() if k not in cls.options})
+        if not path:
+            raise UserError(f"model '{cls.family}' needs a path: set model.path to a local diffusers "
+                            f"{cls.pipeline_class} folder")
+        root = cls.check_pipeline_folder(path, need_transformer=not transformer_path)
+        dtype = resolve_dtype(dtype)
+        extra = {}
+        try:
+            if transformer_path:
+                check_transformer_folder(transformer_path, cls.transformer_class)
+                extra["transformer"] = Flux2Transformer2DModel.from_pretrained(
+                    str(transformer_path), dtype=dtype, local_files_only=True, use_safetensors=True)
+            pipe = getattr(diffusers, cls.pipeline_class).from_pretrained(
+                str(root), dtype=dtype, local_files_only=True, use_safetensors=True, **extra)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise load_error(transformer_path or root, e, f"a complete {cls.pipeline_class} folder with "
+                                                          f"safetensors weights is needed") from None
+        return cls.from_pipeline(pipe, shift=shift, **options).to(device)
+
+    @classmethod
+    def from_pipeline(cls, pipe, **kwargs) -> "Flux2Base":
+        """Wrap the components of an existing pipeline of this family."""
+        return cls(pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, **kwargs)
+
+    @classmethod
+    def _plan(cls, name, transformer, vae, text_params: int, max_len: int, height: int, width: int) -> PlanParts:
+        vc = vae.config
+        n = 2 ** len(vc.block_out_channels)  # VAE factor x the 2x2 patchify
+        return PlanParts(
+            name=name, transformer=transformer, vae=vae,
+            vae_config={"block_out_channels": tuple(vc.block_out_channels), "layers_per_block": vc.layers_per_block,
+                        "latent_channels": vc.latent_channels},
+            text_encoders=int(text_params), text_tokens=int(max_len), image_tokens=(height // n) * (width // n))
+
+    @classmethod
+    def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:
+        """Meta-device transformer, VAE and text encoder from the folder's configs (the flagship
+        checkpoint's dimensions without a path)."""
+        from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+
+        options = dict(options or {})
+        cls._check_options({k: v for k, v in options.items() if k not in cls.options})
+        max_len = int(options.get("max_sequence_length", MAX_SEQUENCE_LENGTH))
+        if not path:
+            t_cfg, v_cfg, text_params, name = cls.flagship()
+            with torch.device("meta"):
+                transformer = Flux2Transformer2DModel(**t_cfg)
+                vae = AutoencoderKLFlux2(**v_cfg)
+            return cls._plan(name, transformer, vae, text_params, max_len, height, width)
+        root = cls.check_pipeline_folder(path)
+        with torch.device("meta"):
+            transformer = Flux2Transformer2DModel.from_config(_read_config(root / "transformer"))
+            vae = AutoencoderKLFlux2.from_config(_read_config(root / "vae"))
+            encoder = cls.text_encoder_from_config(_read_config(root / "text_encoder"))
+        text_params = sum(p.numel() for p in encoder.parameters())
+        return cls._plan(f"{cls.pipeline_class} ({root.name})", transformer, vae, text_params, max_len, height, width)
+
+    @classmethod
+    def flagship(cls) -> tuple[dict, dict, int, str]:
+        raise NotImplementedError
+
+    @classmethod
+    def text_encoder_from_config(cls, config: dict):
+        raise NotImplementedError
+
+    # ---- FlowModel hooks --------------------------------------------------------------------
+    def _embeds(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The stacked hidden states ``[B, L, layers x D]`` of the text encoder, as both pipelines
+        make them (no mask reaches the transformer: padding tokens are attended to)."""
+        enc = self.text_encoder
+        device = next(enc.parameters()).device
+        out = enc(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                  output_hidden_states=True, use_cache=False)
+        x = torch.stack([out.hidden_states[k] for k in self.text_encoder_out_layers], dim=1).to(enc.dtype)
+        b, n, seq, d = x.shape
+        return x.permute(0, 2, 1, 3).reshape(b, seq, n * d).to(self.device)
+
+    def predict(self, latents: Tensor, sigma: Tensor, cond: Cond, guidance: float | None) -> Tensor:
+        """One Flux2Transformer2DModel call on the flattened latent tokens. The timestep is the
+        pipeline's: the scheduler's ``1000 sigma`` (float32) in the latents' dtype, divided by
+        1000 (the transformer multiplies by 1000 again), floored to an integer first when
+        ``quantize_timesteps``; ``guidance`` feeds the guidance embedding."""
+        b, c, h, w = latents.shape
+        dtype, device = self.dtype, self.device
+        x = latents.to(device, dtype).reshape(b, c, h * w).permute(0, 2, 1)
+        text = cond["prompt_embeds"].to(device, dtype)
+        t = sigma.to(device=device, dtype=torch.float32) * 1000
+        if self.quantize_timesteps:
+            t = torch.floor(sigma.to(device=device, dtype=torch.float64) * 1000 + 1e-6).float()
+        t = t.to(dtype)
+        g = None
+        if guidance is not None:
+            g = torch.full((b,), float(guidance), dtype=torch.float32, device=device)
+        out = self.transformer(
+            hidden_states=x, timestep=t / 1000, guidance=g, encoder_hidden_states=text,
+            txt_ids=text_ids(text.shape[1], device), img_ids=image_ids(h, w, device), return_dict=False,
+        )[0]
+        return out.permute(0, 2, 1).reshape(b, c, h, w)
+
+    def _scheduler(self):
+        """A fresh scheduler from the model's config (``shift`` overrides dynamic shifting)."""
+        config = dict(self.scheduler.config)
+        if self.shift is not None:
+            config.update(shift=self.shift, use_dynamic_shifting=False)
+        return type(self.scheduler).from_config(config)
+
+    def schedule(self, steps: int, height: int, width: int) -> Tensor:
+        """The pipeline's sigmas: ``linspace(1, 1/N, N)`` set on the scheduler with
+        ``mu = compute_empirical_mu(tokens, N)`` (used where the scheduler shifts dynamically, as
+        FLUX.2's does: ``exp(mu) / (exp(mu) + 1/s - 1)``), then the terminal 0."""
+        import numpy as np
+
+        n = self.vae_scale_factor * 2
+        seq_len = (height // n) * (width // n)
+        sched = self._scheduler()
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+        if getattr(sched.config, "use_flow_sigmas", False):  # as the pipeline: the scheduler's own
+            sigmas = None
+        sched.set_timesteps(steps, device="cpu", sigmas=sigmas, mu=empirical_mu(seq_len, steps))
+        return sched.sigmas.to(torch.float64)
+
+    def pixel_size(self, latents: Tensor) -> tuple[int, int]:
+        n = self.vae_scale_factor * 2
+        return latents.shape[-2] * n, latents.shape[-1] * n
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Normalised patchified latents -> pixels in [0, 1]; differentiable in ``latents``."""
+        mean, std = bn_stats(self.vae, latents)
+        z = unpatchify(latents * std + mean)
+        x = self.vae.decode(z.to(self.vae.device, self.vae.dtype), return_dict=False)[0]
+        return ((x + 1) / 2).clamp(0, 1).to(latents.dtype)
+
+    @torch.no_grad()
+    def encode(self, pixels: Tensor) -> Tensor:
+        """Pixels in [0, 1] -> normalised patchified latents (the posterior mode, as the pipelines
+        encode reference images)."""
+        z = self.vae.encode((pixels * 2 - 1).to(self.vae.device, self.vae.dtype)).latent_dist.mode()
+        z = patchify(z)
+        mean, std = bn_stats(self.vae, z)
+        return ((z - mean) / std).to(pixels.dtype)
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+        n = self.vae_scale_factor * 2
+        if height % n or width % n or height <= 0 or width <= 0:
+            raise UserError(f"image size {height}x{width} is not supported: height and width must be "
+                            f"positive multiples of {n} for this model")
+        return (batch, self.transformer.config.in_channels, height // n, width // n)
+
+    def _pipeline(self, **extra):
+        import diffusers
+
+        pipe = getattr(diffusers, self.pipeline_class)(
+            scheduler=self._scheduler(), vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+            transformer=self.transformer, **extra)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def pipeline(self):
+        """The family's pipeline sharing this model's modules (a fresh scheduler from the model's
+        config, with ``shift`` applied when it was overridden)."""
+        return self._pipeline()
+
+
+@MODELS.register("flux2")
+class Flux2Model(Flux2Base):
+    """A Flux2Pipeline's parts (FLUX.2 [dev]) behind the FlowModel contract."""
+
+    family = "flux2"
+    pipeline_class = "Flux2Pipeline"
+    lora_targets = lora_targets_for(FLUX2_DEV_TRANSFORMER["num_single_layers"])
+    guidance_mode = "embedded"
+    default_guidance = 4.0  # Flux2Pipeline's default guidance_scale
+    default_layers = (10, 20, 30)
+
+    def _check_compatible(self) -> None:
+        super()._check_compatible()
+        self.guidance_mode = "embedded" if self.transformer.config.guidance_embeds else "none"
+
+    def text_hidden_size(self) -> int:
+        return self.text_encoder.config.text_config.hidden_size
+
+    def text_layers(self) -> int:
+        return self.text_encoder.config.text_config.num_hidden_layers
+
+    @classmethod
+    def flagship(cls):
+        return FLUX2_DEV_TRANSFORMER, FLUX2_VAE, MISTRAL_SMALL_3_PARAMS, "FLUX.2 [dev]"
+
+    @classmethod
+    def text_encoder_from_config(cls, config: dict):
+        from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+        return Mistral3ForConditionalGeneration(Mistral3Config(**_clean(config)))
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        """``Flux2Pipeline.encode_prompt``: each prompt (``[IMG]`` removed) as a user turn after the
+        pipeline's system message, through the processor's chat template, padded and truncated to
+        ``max_sequence_length``; hidden states of ``text_encoder_out_layers`` stacked."""
+        from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+        from transformers import ProcessorMixin
+
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        messages = [[{"role": "system", "content": [{"type": "text", "text": SYSTEM_MESSAGE}]},
+                     {"role": "user", "content": [{"type": "text", "text": p.replace("[IMG]", "")}]}]
+                    for p in prompts]
+        kwargs = dict(padding="max_length", truncation=True, max_length=self.max_sequence_length)
+        if isinstance(self.tokenizer, ProcessorMixin):  # the same call, minus transformers' kwargs warning
+            kwargs = {"processor_kwargs": kwargs}
+        inputs = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=False, tokenize=True, return_dict=True, return_tensors="pt", **kwargs)
+        return {"prompt_embeds": self._embeds(inputs["input_ids"], inputs["attention_mask"])}
+
+    def pipeline_images(self, cond: Cond, noise: Tensor, steps: int, guidance: float) -> Tensor:
+        """``Flux2Pipeline.__call__`` on this model's modules, prompt embeddings and noise."""
+        pos = broadcast_cond(split_cond(cond)[0], noise.shape[0])
+        height, width = self.pixel_size(noise)
+        return self.pipeline()(
+            prompt_embeds=pos["prompt_embeds"], latents=noise.to(self.device), height=height, width=width,
+            num_inference_steps=steps, guidance_scale=float(guidance), output_type="pt",
+            max_sequence_length=self.max_sequence_length, text_encoder_out_layers=self.text_encoder_out_layers,
+        ).images.float()
+
+
+@MODELS.register("flux2_klein")
+class Flux2KleinModel(Flux2Base):
+    """A Flux2KleinPipeline's parts (FLUX.2 [klein]) behind the FlowModel contract."""
+
+    family = "flux2_klein"
+    pipeline_class = "Flux2KleinPipeline"
+    lora_targets = lora_targets_for(24)  # klein 9B's single blocks (4B has 20)
+    guidance_mode = "cfg"
+    default_guidance = 4.0  # Flux2KleinPipeline's default (base models); 1.0 for the distilled ones
+    cfg_batched = False  # the pipeline runs the conditional and the unconditional pass apart
+    default_layers = (9, 18, 27)
+    options = ("max_sequence_length", "text_encoder_out_layers", "quantize_timesteps", "negative_prompt")
+
+    def __init__(self, transformer, vae, text_encoder, tokenizer, scheduler, is_distilled: bool = False,
+                 negative_prompt: str = "", **kwargs):
+        super().__init__(transformer, vae, text_encoder, tokenizer, scheduler, **kwargs)
+        self.is_distilled = bool(is_distilled)
+        self.negative_prompt = negative_prompt or ""
+        self._negative: dict[tuple, Tensor] = {}
+        if self.is_distilled:  # step-distilled: the pipeline ignores the guidance scale
+            self.guidance_mode = "none"
+            self.default_guidance = 1.0
+
+    @classmethod
+    def from_pipeline(cls, pipe, **kwargs) -> "Flux2KleinModel":
+        return cls(pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
+                   is_distilled=pipe.config.is_distilled, **kwargs)
+
+    def text_hidden_size(self) -> int:
+        return self.text_encoder.config.hidden_size
+
+    def text_layers(self) -> int:
+        return self.text_encoder.config.num_hidden_layers
+
+    @classmethod
+    def flagship(cls):
+        return FLUX2_KLEIN_4B_TRANSFORMER, FLUX2_VAE, QWEN3_4B_PARAMS, "FLUX.2 [klein] 4B"
+
+    @classmethod
+    def text_encoder_from_config(cls, config: dict):
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        return Qwen3ForCausalLM(Qwen3Config(**_clean(config)))
+
+    def _encode(self, prompts: list[str]) -> Tensor:
+        ids, masks = [], []
+        for p in prompts:  # one at a time, as the pipeline tokenizes them
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                      add_generation_prompt=True, enable_thinking=False)
+            inputs = self.tokenizer(text, return_tensors="pt", padding="max_length", truncation=True,
+                                    max_length=self.max_sequence_length)
+            ids.append(inputs["input_ids"])
+            masks.append(inputs["attention_mask"])
+        return self._embeds(torch.cat(ids), torch.cat(masks))
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        """``Flux2KleinPipeline.encode_prompt`` (the Qwen3 chat template, thinking disabled, with
+        the generation prompt) and, under CFG, the negative prompt's embeddings (the pipeline's
+        ``""`` unless ``negative_prompt`` says otherwise), encoded once per batch size."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        cond = {"prompt_embeds": self._encode(prompts)}
+        if self.guidance_mode == "cfg":
+            key = (self.negative_prompt, self.max_sequence_length, len(prompts))
+            if key not in self._negative:
+                if len(self._negative) >= 4:
+                    self._negative.pop(next(iter(self._negative)))
+                self._negative[key] = self._encode([self.negative_prompt] * len(prompts))
+            cond["negative_prompt_embeds"] = self._negative[key].to(self.device)
+        return cond
+
+    def pipeline(self):
+        return self._pipeline(is_distilled=self.is_distilled)
+
+    def pipeline_images(self, cond: Cond, noise: Tensor, steps: int, guidance: float) -> Tensor:
+        """``Flux2KleinPipeline.__call__`` on this model's modules, embeddings and noise."""
+        b = noise.shape[0]
+        pos, neg = (broadcast_cond(c, b) for c in split_cond(cond))
+        if self.uses_cfg(guidance) and not neg:
+            raise UserError(f"CFG scale {guidance} needs the negative prompt's conditioning: "
+                            f"encode prompts with {type(self).__name__}.encode_prompts")
+        height, width = self.pixel_size(noise)
+        return self.pipeline()(
+            prompt_embeds=pos["prompt_embeds"], negative_prompt_embeds=neg.get("prompt_embeds"),
+            latents=noise.to(self.device), height=height, width=width, num_inference_steps=steps,
+            guidance_scale=float(guidance), output_type="pt", max_sequence_length=self.max_sequence_length,
+            text_encoder_out_layers=self.text_encoder_out_layers,
+        ).images.float()
+
+
+# ---- folders ---------------------------------------------------------------------------------
+def _model_index(root: Path) -> dict:
+    try:
+        index = json.loads((root / "model_index.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
+def _read_config(folder: Path) -> dict:
+    file = folder / "config.json"
+    if not file.is_file():
+        raise UserError(f"{folder} has no config.json: give a complete diffusers FLUX.2 folder")
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{file} is not valid JSON") from None
+
+
+def _clean(config: dict) -> dict:
+    skip = ("architectures", "transformers_version")
+    return {k: v for k, v in config.items() if not k.startswith("_") and k not in skip}
+
+
+# ---- tiny random-weight FLUX.2 ---------------------------------------------------------------
+_WORDS = dict(
+    adj=("red", "blue", "green", "yellow", "white", "black", "small", "large", "old", "shiny", "wooden", "glass",
+         "bright", "dark", "tiny", "soft"),
+    noun=("cube", "ball", "circle", "square", "triangle", "cat", "dog", "house", "tree", "car", "lighthouse",
+          "flower", "bird", "table", "mountain", "boat"),
+    place=("on a table", "in the grass", "at dusk", "at sunset", "by the sea", "in a forest", "in the snow",
+           "on a white background", "in a garden", "on a green lawn", "under the sky", "in a city"),
+)
+MISTRAL_SPECIAL = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                   "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]",
+                   "[IMG_END]", "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]")
+QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+# Mistral-Small-3.x's chat template for the turns Flux2Pipeline sends (system + user, text blocks)
+MISTRAL_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- if messages[0]['content'] is string %}{%- set system_message = messages[0]['content'] %}"
+    "{%- else %}{%- set system_message = messages[0]['content'][0]['text'] %}{%- endif %}"
+    "{%- set loop_messages = messages[1:] %}"
+    "{%- else %}{%- set system_message = '' %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{- '[SYSTEM_PROMPT]' + system_message + '[/SYSTEM_PROMPT]' }}"
+    "{%- for message in loop_messages %}"
+    "{%- if message['role'] == 'user' %}{{- '[INST]' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}{%- else %}"
+    "{%- for block in message['content'] %}"
+    "{%- if block['type'] == 'text' %}{{- block['text'] }}"
+    "{%- elif block['type'] in ('image', 'image_url') %}{{- '[IMG]' }}{%- endif %}"
+    "{%- endfor %}{%- endif %}{{- '[/INST]' }}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{%- if message['content'] is string %}{{- message['content'] + eos_token }}"
+    "{%- else %}{{- message['content'][0]['text'] + eos_token }}{%- endif %}"
+    "{%- endif %}{%- endfor %}"
+)
+# Qwen3's chat template for plain-text turns, with its enable_thinking switch
+QWEN3_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}{%- endif %}"
+)
+
+
+def train_bpe(special: tuple[str, ...], vocab_size: int = 512):
+    """A byte-level BPE (``tokenizers``, Qwen2's pre-tokenizer) trained on synthetic prompts and
+    FLUX.2's system message; deterministic: the same vocabulary every build."""
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    w = _WORDS
+    corpus = [f"a {a} {n} {p}" for a in w["adj"] for n in w["noun"] for p in w["place"]] + [SYSTEM_MESSAGE] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(special), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return tok
+
+
+@functools.lru_cache(maxsize=None)
+def mistral_processor():
+    """A ``PixtralProcessor`` (Flux2Pipeline's tokenizer component) over a tiny BPE with
+    Mistral-Small-3's special tokens at their ids (``<s>`` 1, ``[INST]`` 3, ``[IMG]`` 10, ``<pad>``
+    11, ``[SYSTEM_PROMPT]`` 17) and its chat template."""
+    from transformers import PixtralImageProcessor, PixtralProcessor, PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=train_bpe(MISTRAL_SPECIAL), bos_token="<s>",
+                                        eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    return PixtralProcessor(image_processor=PixtralImageProcessor(patch_size=4, size={"longest_edge": 16}),
+                            tokenizer=tokenizer, patch_size=4, spatial_merge_size=1, chat_template=MISTRAL_TEMPLATE)
+
+
+@functools.lru_cache(maxsize=None)
+def qwen_tokenizer():
+    """A ``Qwen2Tokenizer`` (Flux2KleinPipeline's tokenizer class) over a tiny BPE with Qwen3's
+    chat tokens and chat template; pads with ``<|endoftext|>`` on the right, as Qwen's."""
+    from transformers import Qwen2Tokenizer
+
+    model = json.loads(train_bpe(QWEN_SPECIAL).to_str())["model"]
+    tokenizer = Qwen2Tokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]],
+                               chat_template=QWEN3_TEMPLATE)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.add_tokens(["<think>", "</think>"])
+    return tokenizer
+
+
+def _tiny_modules(klein: bool, *, latent_channels=4, vae_channels=(8, 16), vae_groups=8, num_layers=1,
+                  num_single_layers=1, attention_head_dim=16, num_attention_heads=2, axes_dims_rope=(4, 4, 4, 4),
+                  timestep_guidance_channels=32, text_dim=16, text_layers=None, text_heads=2,
+                  text_encoder_out_layers=None, guidance_embeds=None) -> dict:
+    """The tiny modules (random init under the caller's RNG / device context). The text encoder
+    has ``max(text_encoder_out_layers) + 1`` layers by default, so the pipeline's own layer
+    indices (10, 20, 30) / (9, 18, 27) are intermediate hidden states, as in the real models."""
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Qwen3Config, Qwen3ForCausalLM
+
+    cls = Flux2KleinModel if klein else Flux2Model
+    layers = tuple(text_encoder_out_layers or cls.default_layers)
+    if sum(axes_dims_rope) != attention_head_dim or len(axes_dims_rope) != 4:
+        raise UserError(f"tiny FLUX.2 axes_dims_rope {tuple(axes_dims_rope)} must be 4 numbers summing to "
+                        f"attention_head_dim {attention_head_dim}")
+    depth = int(text_layers or max(layers) + 1)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=4 * latent_channels, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads,
+        joint_attention_dim=len(layers) * text_dim, timestep_guidance_channels=timestep_guidance_channels,
+        axes_dims_rope=tuple(axes_dims_rope),
+        guidance_embeds=(not klein) if guidance_embeds is None else bool(guidance_embeds),
+    )
+    n = len(vae_channels)
+    vae = AutoencoderKLFlux2(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(vae_channels), layers_per_block=1,
+        latent_channels=latent_channels, norm_num_groups=vae_groups, sample_size=32, use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    if vae.bn.running_mean.device.type != "meta":  # non-trivial latent statistics, so normalising shows
+        vae.bn.running_mean.copy_(0.3 * torch.randn(vae.bn.num_features))
+        vae.bn.running_var.copy_(0.5 + torch.rand(vae.bn.num_features))
+    head = text_dim // text_heads
+    if klein:
+        vocab = len(qwen_tokenizer())
+        text_encoder = Qwen3ForCausalLM(Qwen3Config(
+            vocab_size=vocab, hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=depth,
+            num_attention_heads=text_heads, num_key_value_heads=1, head_dim=head, max_position_embeddings=1024,
+            tie_word_embeddings=True, pad_token_id=0, bos_token_id=None, eos_token_id=0))
+    else:
+        vocab = len(mistral_processor().tokenizer)
+        text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(
+            text_config=dict(model_type="mistral", vocab_size=vocab, hidden_size=text_dim,
+                             intermediate_size=2 * text_dim, num_hidden_layers=depth, num_attention_heads=text_heads,
+                             num_key_value_heads=1, head_dim=head, max_position_embeddings=1024, rms_norm_eps=1e-5,
+                             rope_theta=1e9, sliding_window=None, bos_token_id=1, eos_token_id=2, pad_token_id=11),
+            vision_config=dict(model_type="pixtral", hidden_size=text_dim, intermediate_size=2 * text_dim,
+                               num_hidden_layers=1, num_attention_heads=text_heads, head_dim=head, image_size=16,
+                               patch_size=4, num_channels=3),
+            image_token_index=10, spatial_merge_size=1, vision_feature_layer=-1, tie_word_embeddings=False))
+    return dict(transformer=transformer, vae=vae, text_encoder=text_encoder, text_encoder_out_layers=layers)
+
+
+TINY_SIZES = tuple(inspect.signature(_tiny_modules).parameters)[1:]  # the size keywords
+
+
+def tiny_scheduler():
+    """FLUX.2's scheduler config (diffusers' conversion script takes FLUX.1-dev's): shift 3,
+    dynamic shifting (exponential), so the pipeline's empirical ``mu`` sets the schedule."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                           base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                           max_image_seq_len=4096)
+
+
+def _build_tiny(cls, seed: int = 0, max_sequence_length: int = 128, shift: float | None = None,
+                quantize_timesteps: bool | None = None, negative_prompt: str = "", is_distilled: bool = False,
+                **sizes):
+    klein = issubclass(cls, Flux2KleinModel)
+    unknown = set(sizes) - set(TINY_SIZES)
+    if unknown:
+        raise TypeError(f"unexpected option(s) {', '.join(sorted(unknown))}")
+    if not klein and (negative_prompt or is_distilled):
+        raise TypeError("negative_prompt and is_distilled are options of tiny_flux2_klein")
+    tokenizer = qwen_tokenizer() if klein else mistral_processor()  # built outside the forked RNG
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        m = _tiny_modules(klein, **sizes)
+    extra = dict(is_distilled=is_distilled, negative_prompt=negative_prompt) if klein else {}
+    return cls(m["transformer"], m["vae"], m["text_encoder"], tokenizer, tiny_scheduler(),
+               max_sequence_length=max_sequence_length, text_encoder_out_layers=m["text_encoder_out_layers"],
+               shift=shift, quantize_timesteps=quantize_timesteps, **extra)
+
+
+def build_tiny_flux2(seed: int = 0, **sizes) -> Flux2Model:
+    """A random-weight FLUX.2 [dev] (deterministic in ``seed``; the global RNG is left untouched).
+
+    The VAE downsamples by ``2 ** (len(vae_channels) - 1)`` (2 by default) and the pipeline's 2x2
+    patchify halves that again: 32x48 pixels are ``[16, 8, 12]`` contract latents, 96 tokens.
+    ``text_dim`` is the Mistral hidden size (the transformer's joint width is three times it). Also
+    takes ``max_sequence_length`` (128), ``shift`` (a schedule override), ``quantize_timesteps``,
+    ``text_encoder_out_layers``.
+    """
+    return _build_tiny(Flux2Model, seed, **sizes)
+
+
+def build_tiny_flux2_klein(seed: int = 0, **sizes) -> Flux2KleinModel:
+    """A random-weight FLUX.2 [klein] (Qwen3 text encoder, true CFG; ``is_distilled=True`` for
+    the step-distilled variant without CFG); sizes as :func:`build_tiny_flux2`, plus ``negative_prompt``."""
+    return _build_tiny(Flux2KleinModel, seed, **sizes)
+
+
+def save_tiny_flux2(path, seed: int = 0, klein: bool = False, **sizes) -> Flux2Base:
+    """Write a tiny FLUX.2 (``klein`` for the Flux2KleinPipeline one) as a full pipeline folder
+    (safetensors) and return it; ``<family>.load(path, max_sequence_length=model.max_sequence_length)``
+    and the pipeline's ``from_pretrained(path)`` both load it offline."""
+    model = (build_tiny_flux2_klein if klein else build_tiny_flux2)(seed, **sizes)
+    model.pipeline().save_pretrained(str(path), safe_serialization=True)
+    return model
+
+
+class _TinyLoad:
+    """``load`` / ``plan_parts`` of the tiny registered classes: built in code, no path."""
+
+    base: type
+
+    @classmethod
+    def load(cls, path=None, seed: int = 0, transformer_path=None, device="cpu", dtype=torch.float32,
+             shift=None, **sizes):
+        from diffusers import Flux2Transformer2DModel
+
+        if path:
+            raise UserError(f"model '{cls.family}' is built in code and takes no path (got {path}); "
+                            f"use model '{cls.base.family}' to load a folder")
+        try:
+            model = _build_tiny(cls, seed, shift=shift, **sizes)
+        except TypeError as e:
+            raise UserError(f"bad option for model '{cls.family}': {e}") from None
+        if transformer_path:
+            check_transformer_folder(transformer_path, cls.transformer_class)
+            model.transformer = Flux2Transformer2DModel.from_pretrained(
+                str(transformer_path), local_files_only=True, use_safetensors=True)
+            model._check_compatible()
+        dtype = resolve_dtype(dtype)
+        for m in (model.transformer, *model.frozen_modules().values()):
+            m.to(device=device) if m.dtype == dtype else m.to(device=device, dtype=dtype)
+        return model
+
+    @classmethod
+    def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:
+        options = dict(options or {})
+        if path:
+            raise UserError(f"model '{cls.family}' is built in code and takes no path (got {path})")
+        max_len = int(options.pop("max_sequence_length", 128))
+        for k in ("seed", "shift", "quantize_timesteps", "negative_prompt", "is_distilled"):
+            options.pop(k, None)
+        try:
+            with torch.device("meta"):
+                m = _tiny_modules(issubclass(cls, Flux2KleinModel), **options)
+        except TypeError as e:
+            raise UserError(f"bad option for model '{cls.family}': {e}") from None
+        text = sum(p.numel() for p in m["text_encoder"].parameters())
+        return cls._plan(f"tiny {cls.base.pipeline_class}", m["transformer"], m["vae"], text, max_len, height, width)
+
+
+@MODELS.register("tiny_flux2")
+class TinyFlux2Model(_TinyLoad, Flux2Model):
+    """A tiny random FLUX.2 [dev] built in code (for tests and the lab); takes no path."""
+
+    family = "tiny_flux2"
+    base = Flux2Model
+
+
+@MODELS.register("tiny_flux2_klein")
+class TinyFlux2KleinModel(_TinyLoad, Flux2KleinModel):
+    """A tiny random FLUX.2 [klein] built in code (for tests and the lab); takes no path."""
+
+    family = "tiny_flux2_klein"
+    base = Flux2KleinModel
+
+
+def _param_count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def count_text_encoder_params() -> dict[str, int]:
+    """The flagship text encoders' parameters from their configs on the meta device (what
+    ``MISTRAL_SMALL_3_PARAMS`` / ``QWEN3_4B_PARAMS`` hold)."""
+    with torch.device("meta"):
+        mistral = Flux2Model.text_encoder_from_config(MISTRAL_SMALL_3)
+        qwen = Flux2KleinModel.text_encoder_from_config(QWEN3_4B)
+    return {"mistral_small_3": _param_count(mistral), "qwen3_4b": _param_count(qwen)}
+

@@ -1,0 +1,590 @@
+"""Qwen-Image (and Qwen-Image-2512) as a FlowModel: diffusers' QwenImageTransformer2DModel (a 60-layer
+MMDiT) + AutoencoderKLQwenImage (the Wan-style causal 3-D VAE, one frame) + the Qwen2.5-VL-7B text
+encoder, sampled with QwenImagePipeline's true classifier-free guidance (``true_cfg_scale`` against
+a negative prompt, with its norm rescale).
+
+What the contract's pieces are here, each as ``QwenImagePipeline`` (diffusers 0.42) does it:
+
+- **latents** are 4-D ``[B, C, h, w]`` in the VAE's normalised space ``(z - latents_mean) / latents_std``
+  (per channel); the VAE's frame axis (``[B, C, 1, h, w]``) is added inside :meth:`decode` /
+  :meth:`encode`, the 2x2 packing into ``[B, (h/2)(w/2), 4C]`` tokens inside :meth:`predict`;
+- **prompts** go through the pipeline's chat template; the hidden states of the Qwen2.5-VL's last
+  layer are kept for the valid tokens only, the template's first 34 tokens
+  (``prompt_template_encode_start_idx``) are dropped and a 0/1 attention mask marks the rest. The
+  conditioning is zero-padded to a fixed ``max_sequence_length`` (so prompts encoded one at a time
+  concatenate); :meth:`predict` cuts it back to the batch's longest prompt and drops an all-ones
+  mask, which is exactly what ``encode_prompt`` hands the transformer;
+- **timestep**: the transformer takes ``t / 1000`` of the scheduler's ``t = 1000 sigma``;
+- **CFG**: ``v_u + s (v_c - v_u)``, rescaled per token to the norm of ``v_c`` (norms over the packed
+  channel axis); the two passes run apart (``cfg_batched = False``: text lengths and masks differ);
+- **schedule**: ``sigmas = linspace(1, 1/N, N)`` handed to the scheduler with
+  ``mu = calculate_shift(image tokens)``; Qwen-Image's scheduler config shifts them exponentially
+  (``use_dynamic_shifting``, base/max shift 0.5/0.9 over 256..8192 tokens) and stretches them to
+  end at ``shift_terminal`` 0.02.
+
+Qwen-Image-2512 loads the same way: a QwenImagePipeline folder of the same component classes (its
+configs are read from the folder, so any difference in them is honoured). Its model card recommends
+a long Chinese negative prompt where Qwen-Image's uses " ": pass it as ``negative_prompt``.
+
+The file also holds ``tiny_qwen_image``: random-weight models of the real classes built in code,
+with a small byte-level BPE ``Qwen2Tokenizer`` trained here (no Qwen tokenizer files exist
+offline); it splits the template's prefix into the same 34 tokens as Qwen's own vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..errors import UserError
+from . import MODELS
+from .base import (Cond, FlowModel, PlanParts, broadcast_cond, check_transformer_folder, frozen, load_error,
+                   resolve_dtype, split_cond)
+from .base import check_pipeline_folder as _check_folder
+
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+OPTIONS = ("max_sequence_length", "negative_prompt", "quantize_timesteps")
+# QwenImagePipeline.__init__ (diffusers 0.42): the template, the tokens it drops, the tokenizer limit
+PROMPT_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, "
+                   "text, spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}"
+                   "<|im_end|>\n<|im_start|>assistant\n")
+PROMPT_TEMPLATE_START_IDX = 34
+TOKENIZER_MAX_LENGTH = 1024
+MAX_SEQUENCE_LENGTH = 512  # QwenImagePipeline.__call__'s default (it accepts at most 1024)
+NEGATIVE_PROMPT = " "  # the Qwen-Image model card's "no concept to remove" negative prompt
+
+# Qwen/Qwen-Image transformer/config.json (the class defaults of diffusers' QwenImageTransformer2DModel,
+# 20.43e9 parameters); Qwen-Image-2512's is the same
+QWEN_IMAGE_TRANSFORMER = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                              num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False,
+                              axes_dims_rope=(16, 56, 56))
+# its vae/config.json (AutoencoderKLQwenImage's defaults: 16 latent channels, 8x, Wan 2.1's latent statistics)
+QWEN_IMAGE_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                      temperal_downsample=[False, True, True], dropout=0.0)
+# Qwen2_5_VLForConditionalGeneration of Qwen/Qwen2.5-VL-7B-Instruct (the text_encoder/ of Qwen-Image),
+# counted on the meta device from its config.json: 7.62e9 language model + lm_head, 0.68e9 vision tower
+TEXT_ENCODER_PARAMS = 8_292_166_656
+# Qwen/Qwen-Image scheduler/scheduler_config.json
+QWEN_IMAGE_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5,
+                            max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
+                            time_shift_type="exponential", invert_sigmas=False, stochastic_sampling=False)
+
+
+def pack(latents: Tensor) -> Tensor:
+    """``[B, C, h, w]`` -> ``[B, (h/2)(w/2), 4C]``: QwenImagePipeline._pack_latents' 2x2 patches."""
+    b, c, h, w = latents.shape
+    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: Tensor, h: int, w: int) -> Tensor:
+    """Inverse of :func:`pack` (QwenImagePipeline._unpack_latents without the frame axis)."""
+    b, _, d = tokens.shape
+    x = tokens.reshape(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, h, w)
+
+
+def trim_text(embeds: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Padded conditioning cut to the batch's longest prompt (its last valid token), as
+    ``encode_prompt`` pads a batch; contiguous, like the pipeline's."""
+    positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    n = max(int((mask.bool() * positions).max()), 1)
+    return embeds[:, :n].contiguous(), mask[:, :n].contiguous()
+
+
+def calculate_shift(image_seq_len, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15) -> float:
+    """diffusers' ``pipeline_qwenimage.calculate_shift``: ``mu`` linear in the image token count."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + (base_shift - m * base_seq_len)
+
+
+@MODELS.register("qwen_image")
+class QwenImageModel(FlowModel):
+    """A QwenImagePipeline's parts behind the FlowModel contract; only ``transformer`` trains."""
+
+    family = "qwen_image"
+    pipeline_class = "QwenImagePipeline"
+    transformer_class = "QwenImageTransformer2DModel"
+    # diffusers' examples/dreambooth/train_dreambooth_lora_qwen_image.py default (--lora_layers unset):
+    # the image stream's attention projections of every block
+    lora_targets = ("to_k", "to_q", "to_v", "to_out.0")
+    export_formats = ("diffusers",)
+    guidance_mode = "cfg"
+    default_guidance = 4.0  # true_cfg_scale of QwenImagePipeline and of the Qwen-Image / -2512 model cards
+    cfg_batched = False  # the pipeline runs the passes apart (the prompts' and the negative's lengths differ)
+
+    def __init__(self, transformer, vae, text_encoder, tokenizer, scheduler,
+                 max_sequence_length: int = MAX_SEQUENCE_LENGTH, negative_prompt: str = NEGATIVE_PROMPT,
+                 shift: float | None = None, quantize_timesteps: bool | None = None):
+        self.transformer = transformer
+        self.vae = frozen(vae)
+        self.text_encoder = frozen(text_encoder)
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        if not 1 <= int(max_sequence_length) <= 1024:
+            raise UserError(f"max_sequence_length {max_sequence_length} is out of range: QwenImagePipeline "
+                            f"accepts 1 to 1024 text tokens")
+        self.max_sequence_length = int(max_sequence_length)
+        self.negative_prompt = NEGATIVE_PROMPT if negative_prompt is None else str(negative_prompt)
+        self.shift = None if shift is None else float(shift)
+        # off by default: QwenImagePipeline feeds the unquantised t / 1000
+        self.quantize_timesteps = bool(quantize_timesteps)
+        self.vae_scale_factor = 2 ** len(vae.temperal_downsample)
+        self._negative: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._check_compatible()
+
+    def _check_compatible(self) -> None:
+        tc, z = self.transformer.config, self.vae.config.z_dim
+        width = self.text_encoder.config.get_text_config().hidden_size
+        pairs = [("transformer in_channels", tc.in_channels, "4 x vae z_dim", 4 * z),
+                 ("transformer out_channels", tc.out_channels, "vae z_dim", z),
+                 ("transformer patch_size", tc.patch_size, "the pipeline's 2x2 packing", 2),
+                 ("transformer joint_attention_dim", tc.joint_attention_dim, "text_encoder hidden_size", width)]
+        for name, got, other, want in pairs:
+            if got != want:
+                raise UserError(f"transformer does not fit this Qwen-Image model: {name} = {got} but {other} = "
+                                f"{want}; use a transformer trained for this base model")
+        for flag in ("guidance_embeds", "use_additional_t_cond"):
+            if getattr(tc, flag, False):
+                raise UserError(f"transformer has {flag} set, which QwenImagePipeline's text-to-image call does "
+                                f"not feed: give a Qwen-Image text-to-image transformer")
+
+    # ---- construction ---------------------------------------------------------------------
+    @classmethod
+    def load(cls, path=None, transformer_path=None, device="cpu", dtype=torch.float32, shift=None,
+             max_sequence_length: int = MAX_SEQUENCE_LENGTH, negative_prompt: str = NEGATIVE_PROMPT,
+             quantize_timesteps: bool | None = None, **unknown) -> "QwenImageModel":
+        """A local QwenImagePipeline folder (Qwen-Image, Qwen-Image-2512), offline and from safetensors;
+        ``transformer_path`` replaces ``transformer/`` with a folder written by :meth:`save_transformer`."""
+        from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
+
+        _check_options(cls.family, unknown)
+        if not path:
+            raise UserError(f"model '{cls.family}' needs a path: set model.path to a local diffusers "
+                            f"QwenImagePipeline folder")
+        root = check_pipeline_folder(path, need_transformer=not transformer_path)
+        dtype = resolve_dtype(dtype)
+        extra = {}
+        try:
+            if transformer_path:
+                check_transformer_folder(transformer_path, cls.transformer_class)
+                extra["transformer"] = QwenImageTransformer2DModel.from_pretrained(
+                    str(transformer_path), dtype=dtype, local_files_only=True, use_safetensors=True)
+            pipe = QwenImagePipeline.from_pretrained(str(root), dtype=dtype, local_files_only=True,
+                                                     use_safetensors=True, **extra)
+        except (OSError, ValueError, KeyError) as e:
+            raise load_error(transformer_path or root, e, "a complete QwenImagePipeline folder with "
+                                                          "safetensors weights is needed") from None
+        model = cls.from_pipeline(pipe, max_sequence_length=max_sequence_length, negative_prompt=negative_prompt,
+                                  shift=shift, quantize_timesteps=quantize_timesteps)
+        return model.to(device)
+
+    @classmethod
+    def from_pipeline(cls, pipe, **kwargs) -> "QwenImageModel":
+        """Wrap the components of an existing ``QwenImagePipeline``."""
+        return cls(pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, **kwargs)
+
+    @classmethod
+    def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:
+        """Meta-device transformer and VAE from the folder's configs (Qwen-Image without a path);
+        the text encoder counted from ``text_encoder/config.json`` (Qwen2.5-VL-7B without one)."""
+        from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+
+        options = dict(options or {})
+        max_len = int(options.pop("max_sequence_length", MAX_SEQUENCE_LENGTH))
+        options.pop("negative_prompt", None)
+        options.pop("quantize_timesteps", None)
+        _check_options(cls.family, options)
+        root = Path(path) if path else None
+        t_cfg = _read_config(root / "transformer") if root else None
+        v_cfg = _read_config(root / "vae") if root else None
+        e_cfg = _read_config(root / "text_encoder") if root else None
+        with torch.device("meta"):
+            transformer = (QwenImageTransformer2DModel.from_config(t_cfg) if t_cfg
+                           else QwenImageTransformer2DModel(**QWEN_IMAGE_TRANSFORMER))
+            vae = AutoencoderKLQwenImage.from_config(v_cfg) if v_cfg else AutoencoderKLQwenImage(**QWEN_IMAGE_VAE)
+        text = _count_text_encoder(e_cfg) if e_cfg else TEXT_ENCODER_PARAMS
+        name = f"Qwen-Image ({root.name})" if t_cfg else "Qwen-Image"
+        return _plan(name, transformer, vae, text, max_len, height, width)
+
+    # ---- FlowModel hooks ------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        """``QwenImagePipeline.encode_prompt``'s embeddings and masks of ``prompts`` and of
+        ``self.negative_prompt`` (encoded alone, as the pipeline encodes a string negative prompt,
+        and repeated per row), zero-padded to ``max_sequence_length`` tokens."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        embeds, mask = self._encode(prompts)
+        neg, neg_mask = self._negative_cond()
+        b = len(prompts)
+        return {"prompt_embeds": embeds, "prompt_embeds_mask": mask,
+                "negative_prompt_embeds": neg.expand(b, *neg.shape[1:]),
+                "negative_prompt_embeds_mask": neg_mask.expand(b, *neg_mask.shape[1:])}
+
+    def _negative_cond(self) -> tuple[Tensor, Tensor]:
+        key = (self.negative_prompt, self.max_sequence_length)
+        if key not in self._negative:
+            if len(self._negative) >= 4:
+                self._negative.pop(next(iter(self._negative)))
+            self._negative[key] = self._encode([self.negative_prompt])
+        return tuple(t.to(self.device) for t in self._negative[key])
+
+    def _encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """``_get_qwen_prompt_embeds`` + ``encode_prompt``'s truncation, padded to ``max_sequence_length``."""
+        device, drop = self.text_encoder.device, PROMPT_TEMPLATE_START_IDX
+        tokens = self.tokenizer([PROMPT_TEMPLATE.format(p) for p in prompts], max_length=TOKENIZER_MAX_LENGTH + drop,
+                                padding=True, truncation=True, return_tensors="pt").to(device)
+        hidden = self.text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                                   output_hidden_states=True).hidden_states[-1]
+        valid = tokens.attention_mask.bool()
+        rows = [h[m][drop:][: self.max_sequence_length] for h, m in zip(hidden, valid)]
+        embeds = hidden.new_zeros(len(rows), self.max_sequence_length, hidden.shape[-1])
+        mask = torch.zeros(len(rows), self.max_sequence_length, dtype=torch.long, device=hidden.device)
+        for i, r in enumerate(rows):
+            embeds[i, : len(r)] = r
+            mask[i, : len(r)] = 1
+        return embeds.to(dtype=self.text_encoder.dtype, device=self.device), mask.to(self.device)
+
+    def predict(self, latents: Tensor, sigma: Tensor, cond: Cond, guidance: float | None) -> Tensor:
+        """One QwenImageTransformer2DModel call on the packed latents; the timestep is the
+        pipeline's ``(1000 sigma) / 1000`` in the model's dtype (``floor(1000 sigma) / 1000`` when
+        ``quantize_timesteps``), the text cut to the batch's longest prompt with its mask (none
+        when every token is valid), ``img_shapes`` one frame of ``(h/2) x (w/2)`` patches."""
+        dtype, device = self.dtype, self.device
+        b, _, h, w = latents.shape
+        t = sigma.to(device=device, dtype=torch.float32) * 1000
+        if self.quantize_timesteps:
+            t = torch.floor(sigma.to(device=device, dtype=torch.float64) * 1000 + 1e-6).float()
+        embeds, mask = trim_text(cond["prompt_embeds"], cond["prompt_embeds_mask"])
+        out = self.transformer(
+            hidden_states=pack(latents.to(device, dtype)),
+            timestep=t.to(dtype) / 1000,
+            encoder_hidden_states_mask=None if bool(mask.all()) else mask.to(device),
+            encoder_hidden_states=embeds.to(device, dtype),
+            img_shapes=[[(1, h // 2, w // 2)]] * b,
+            return_dict=False,
+        )[0]
+        return unpack(out, h, w)
+
+    def combine_cfg(self, v_cond: Tensor, v_uncond: Tensor, guidance: float) -> Tensor:
+        """QwenImagePipeline's guidance: ``v_u + s (v_c - v_u)`` rescaled so that every packed token
+        keeps the norm of the conditional prediction."""
+        h, w = v_cond.shape[-2:]
+        cond, neg = pack(v_cond), pack(v_uncond)
+        comb = neg + guidance * (cond - neg)
+        comb = comb * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
+        return unpack(comb, h, w)
+
+    def schedule(self, steps: int, height: int, width: int) -> Tensor:
+        """The pipeline's sigmas: ``linspace(1, 1/N, N)`` through the scheduler's ``set_timesteps``
+        with ``mu`` from the packed image token count (the fixed ``shift`` instead when given)."""
+        import numpy as np
+
+        m = self.vae_scale_factor * 2
+        config = self._scheduler_config()
+        sched = type(self.scheduler).from_config(config)
+        mu = calculate_shift((height // m) * (width // m), config.get("base_image_seq_len", 256),
+                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                             config.get("max_shift", 1.15))
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device="cpu", mu=mu)
+        return sched.sigmas.to(torch.float64)
+
+    def _scheduler_config(self) -> dict:
+        config = dict(self.scheduler.config)
+        if self.shift is not None:
+            config.update(shift=self.shift, use_dynamic_shifting=False)
+        return config
+
+    def _latent_stats(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """(latents_mean, 1 / latents_std) shaped ``[1, C, 1, 1, 1]``, as the pipeline builds them."""
+        cfg = self.vae.config
+        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(z.device, z.dtype)
+        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(z.device, z.dtype)
+        return mean, inv_std
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Normalised ``[B, C, h, w]`` latents -> pixels in [0, 1] (one VAE frame); differentiable."""
+        z = latents.unsqueeze(2).to(self.vae.device, self.vae.dtype)
+        mean, inv_std = self._latent_stats(z)
+        x = self.vae.decode(z / inv_std + mean, return_dict=False)[0][:, :, 0]
+        return (x * 0.5 + 0.5).clamp(0, 1).to(latents.dtype)
+
+    @torch.no_grad()
+    def encode(self, pixels: Tensor) -> Tensor:
+        """Pixels in [0, 1] -> normalised latents (the posterior mode), as the img2img pipeline's
+        ``(z - latents_mean) / latents_std``."""
+        x = (2.0 * pixels - 1.0).unsqueeze(2).to(self.vae.device, self.vae.dtype)
+        z = self.vae.encode(x).latent_dist.mode()
+        mean, inv_std = self._latent_stats(z)
+        return ((z - mean) * inv_std)[:, :, 0].to(pixels.dtype)
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+        m = self.vae_scale_factor * 2
+        if height % m or width % m or height <= 0 or width <= 0:
+            raise UserError(f"image size {height}x{width} is not supported: height and width must be "
+                            f"positive multiples of {m} for this model")
+        return (batch, self.vae.config.z_dim, height // self.vae_scale_factor, width // self.vae_scale_factor)
+
+    def gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Activation checkpointing on every transformer block (diffusers' AutoencoderKLQwenImage
+        supports none: its decoder keeps a causal feature cache)."""
+        t = self.transformer
+        t.enable_gradient_checkpointing() if enabled else t.disable_gradient_checkpointing()
+
+    def pipeline(self):
+        """A ``QwenImagePipeline`` sharing this model's modules (a fresh scheduler from the model's
+        config, with ``shift`` applied when it was overridden)."""
+        from diffusers import QwenImagePipeline
+
+        pipe = QwenImagePipeline(scheduler=type(self.scheduler).from_config(self._scheduler_config()), vae=self.vae,
+                                 text_encoder=self.text_encoder, tokenizer=self.tokenizer, transformer=self.transformer)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def pipeline_images(self, cond: Cond, noise: Tensor, steps: int, guidance: float) -> Tensor:
+        b = noise.shape[0]
+        pos, neg = (broadcast_cond(c, b) for c in split_cond(cond))
+        cfg = self.uses_cfg(guidance)
+        if cfg and not neg:
+            raise UserError(f"CFG scale {guidance} needs the negative prompt's conditioning: "
+                            f"encode prompts with {type(self).__name__}.encode_prompts")
+        embeds, mask = trim_text(pos["prompt_embeds"], pos["prompt_embeds_mask"])
+        kwargs = {}
+        if cfg:
+            n_embeds, n_mask = trim_text(neg["prompt_embeds"], neg["prompt_embeds_mask"])
+            kwargs = dict(negative_prompt_embeds=n_embeds, negative_prompt_embeds_mask=n_mask)
+        height, width = self.pixel_size(noise)
+        images = self.pipeline()(
+            prompt_embeds=embeds, prompt_embeds_mask=mask, true_cfg_scale=float(guidance),
+            latents=pack(noise.to(self.device, embeds.dtype)), height=height, width=width, num_inference_steps=steps,
+            max_sequence_length=self.max_sequence_length, output_type="pt", **kwargs,
+        ).images
+        return images.float()
+
+
+# ---- folder checks -------------------------------------------------------------------------
+def _check_options(family: str, unknown: dict) -> None:
+    if unknown:
+        raise UserError(f"unknown option(s) for model '{family}': {', '.join(sorted(unknown))}; "
+                        f"valid: {', '.join(OPTIONS)}")
+
+
+def check_pipeline_folder(path, need_transformer: bool = True) -> Path:
+    """A local QwenImagePipeline folder with every component folder present (not one of the edit,
+    inpaint or layered Qwen-Image pipelines: their transformers are trained on image conditions)."""
+    from .base import read_class_name
+
+    root = _check_folder(path, "qwen_image", "QwenImage", COMPONENTS, need_transformer=need_transformer)
+    name = read_class_name(root / "model_index.json", "pipeline folder")
+    if name != "QwenImagePipeline":
+        raise UserError(f"{root} holds a {name} pipeline, not QwenImagePipeline: the 'qwen_image' model is "
+                        f"text-to-image and needs a QwenImagePipeline folder (Qwen-Image, Qwen-Image-2512)")
+    return root
+
+
+def _read_config(folder: Path) -> dict | None:
+    file = folder / "config.json"
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{file} is not valid JSON") from None
+
+
+def _count_text_encoder(config: dict) -> int:
+    """Parameters of a Qwen2_5_VLForConditionalGeneration from its config.json (meta device)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    cfg = Qwen2_5_VLConfig.from_dict({k: v for k, v in config.items() if not k.startswith("_")})
+    with torch.device("meta"):
+        return sum(p.numel() for p in Qwen2_5_VLForConditionalGeneration(cfg).parameters())
+
+
+def _plan(name, transformer, vae, text_params: int, max_len: int, height: int, width: int) -> PlanParts:
+    vc = vae.config
+    n = 2 ** len(vc.temperal_downsample) * 2
+    return PlanParts(
+        name=name, transformer=transformer, vae=vae,
+        vae_config={"block_out_channels": tuple(vc.base_dim * m for m in vc.dim_mult),
+                    "layers_per_block": vc.num_res_blocks, "latent_channels": vc.z_dim},
+        text_encoders=int(text_params), text_tokens=int(max_len),  # at most: the batch's longest prompt
+        image_tokens=(height // n) * (width // n),
+        vae_checkpointing=False,  # AutoencoderKLQwenImage keeps a causal cache: no decoder checkpointing
+    )
+
+
+# ---- tiny random-weight Qwen-Image ----------------------------------------------------------
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+_COLORS = "red blue green yellow black white orange purple pink brown gray golden silver dark bright".split()
+_THINGS = ("circle square triangle cube ball cat dog house tree car bird flower lighthouse mountain river boat "
+           "apple chair table cup book lamp clock horse fish sign city road window door castle bridge").split()
+_PLACES = ("on a table|in a garden|at sunset|on a white background|in the grass|by the sea|in a forest|"
+           "on a street|under the stars|in a room|at dusk|in the snow|near a lake|with a sky").split("|")
+_LEADS = "a photo of|a painting of|a drawing of|a close up of|a small|a large|two|three|an old|a|the".split("|")
+
+
+@lru_cache(maxsize=1)
+def tiny_tokenizer():
+    """A small byte-level BPE ``Qwen2Tokenizer`` (Qwen2's NFC + split regex + byte-level pipeline)
+    trained on a fixed synthetic corpus of templated prompts: deterministic, built in well under a
+    second, ~550 tokens; the Qwen2.5-VL special tokens sit after the BPE vocabulary and the template's
+    prefix is the same 34 tokens as in Qwen's vocabulary."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    lines = []
+    for i, c in enumerate(_COLORS):
+        for j, o in enumerate(_THINGS):
+            lead, place = _LEADS[(i + j) % len(_LEADS)], _PLACES[(3 * i + j) % len(_PLACES)]
+            text = PROMPT_TEMPLATE.format(f"{lead} {c} {o} {place}")
+            for s in SPECIAL_TOKENS:
+                text = text.replace(s, "\n")
+            lines.append(text)
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.train_from_iterator(lines, trainers.BpeTrainer(
+        vocab_size=1024, min_frequency=2, special_tokens=[], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    model = json.loads(bpe.to_str())["model"]
+    vocab = dict(model["vocab"])
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    for s in SPECIAL_TOKENS:
+        vocab[s] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                               additional_special_tokens=list(SPECIAL_TOKENS[1:]))
+    prefix = tokenizer(PROMPT_TEMPLATE.split("{}")[0]).input_ids
+    if len(prefix) != PROMPT_TEMPLATE_START_IDX:  # the pipeline drops exactly this many tokens
+        raise RuntimeError(f"tiny Qwen tokenizer splits the template prefix into {len(prefix)} tokens, not 34")
+    return tokenizer
+
+
+def _tiny_modules(*, latent_channels: int = 4, vae_base_dim: int = 8, vae_dim_mult: tuple[int, ...] = (1, 2, 4),
+                  vae_temporal_downsample: tuple[bool, ...] = (False, True), num_layers: int = 2,
+                  attention_head_dim: int = 16, num_attention_heads: int = 2,
+                  axes_dims_rope: tuple[int, int, int] = (8, 4, 4), text_dim: int = 32, text_layers: int = 2,
+                  text_heads: int = 2, text_kv_heads: int = 1, mrope_section: tuple[int, ...] = (2, 3, 3),
+                  vocab_size: int | None = None) -> dict:
+    """The tiny modules (random init under the caller's RNG / device context)."""
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    if len(vae_temporal_downsample) != len(vae_dim_mult) - 1:
+        raise UserError(f"tiny Qwen-Image vae_temporal_downsample needs {len(vae_dim_mult) - 1} entries "
+                        f"(one per VAE downsampling), got {len(vae_temporal_downsample)}")
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=4 * latent_channels, out_channels=latent_channels, num_layers=num_layers,
+        attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads,
+        joint_attention_dim=text_dim, guidance_embeds=False, axes_dims_rope=tuple(axes_dims_rope))
+    c = latent_channels  # fixed, non-trivial per-channel statistics, so the normalisation is exercised
+    vae = AutoencoderKLQwenImage(
+        base_dim=vae_base_dim, z_dim=latent_channels, dim_mult=list(vae_dim_mult), num_res_blocks=1,
+        temperal_downsample=list(vae_temporal_downsample),
+        latents_mean=[round(-0.3 + 0.6 * i / max(c - 1, 1), 4) for i in range(c)],
+        latents_std=[round(0.8 + 0.8 * i / max(c - 1, 1), 4) for i in range(c)])
+    special = {s: i for i, s in enumerate(SPECIAL_TOKENS)}
+    n = vocab_size if vocab_size is not None else len(tiny_tokenizer())
+    base = n - len(SPECIAL_TOKENS)  # the special tokens close the tiny vocabulary
+    ids = {k: base + v for k, v in special.items()}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=text_layers,
+                         num_attention_heads=text_heads, num_key_value_heads=text_kv_heads, vocab_size=n,
+                         rms_norm_eps=1e-6, max_position_embeddings=2048, tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "default", "mrope_section": list(mrope_section),
+                                          "rope_theta": 1e6},
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=text_dim),
+        vocab_size=n, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    return dict(transformer=transformer, vae=vae, text_encoder=text_encoder)
+
+
+def _build_tiny(cls, seed: int = 0, max_sequence_length: int = 64, negative_prompt: str = NEGATIVE_PROMPT,
+                shift: float | None = None, quantize_timesteps: bool | None = None, **sizes) -> QwenImageModel:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    tokenizer = tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        modules = _tiny_modules(**sizes)
+    scheduler = FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER)  # Qwen-Image's own
+    return cls(modules["transformer"], modules["vae"], modules["text_encoder"], tokenizer, scheduler,
+               max_sequence_length=max_sequence_length, negative_prompt=negative_prompt, shift=shift,
+               quantize_timesteps=quantize_timesteps)
+
+
+def build_tiny_qwen_image(seed: int = 0, **sizes) -> QwenImageModel:
+    """A random-weight Qwen-Image (deterministic in ``seed``; the global RNG is left untouched).
+
+    The VAE downsamples by ``2 ** len(vae_temporal_downsample)`` (4 by default, so 32x48 pixels are
+    8x12 latents, 4x6 packed tokens; sizes must be multiples of 8); ``text_dim`` is the Qwen2.5-VL
+    width and the transformer's joint attention width. Also takes ``max_sequence_length`` (64),
+    ``negative_prompt`` (" "), ``shift`` (a fixed-shift override) and ``quantize_timesteps``.
+    """
+    return _build_tiny(QwenImageModel, seed, **sizes)
+
+
+def save_tiny_qwen_image(path, seed: int = 0, **sizes) -> QwenImageModel:
+    """Write a tiny Qwen-Image as a full QwenImagePipeline folder (safetensors) and return it;
+    ``QwenImageModel.load(path, max_sequence_length=model.max_sequence_length)`` and
+    ``QwenImagePipeline.from_pretrained(path)`` both load it offline."""
+    model = build_tiny_qwen_image(seed, **sizes)
+    model.pipeline().save_pretrained(str(path), safe_serialization=True)
+    return model
+
+
+@MODELS.register("tiny_qwen_image")
+class TinyQwenImageModel(QwenImageModel):
+    """A tiny random Qwen-Image built in code (for tests and the lab); takes no path."""
+
+    family = "tiny_qwen_image"
+
+    @classmethod
+    def load(cls, path=None, seed: int = 0, transformer_path=None, device="cpu", dtype=torch.float32,
+             shift=None, **sizes) -> "TinyQwenImageModel":
+        from diffusers import QwenImageTransformer2DModel
+
+        if path:
+            raise UserError(f"model 'tiny_qwen_image' is built in code and takes no path (got {path}); "
+                            f"use model 'qwen_image' to load a folder")
+        try:
+            model = _build_tiny(cls, seed, shift=shift, **sizes)
+        except TypeError as e:
+            raise UserError(f"bad option for model 'tiny_qwen_image': {e}") from None
+        if transformer_path:
+            check_transformer_folder(transformer_path, cls.transformer_class)
+            model.transformer = QwenImageTransformer2DModel.from_pretrained(
+                str(transformer_path), local_files_only=True, use_safetensors=True)
+            model._check_compatible()
+        dtype = resolve_dtype(dtype)
+        for m in (model.transformer, *model.frozen_modules().values()):
+            m.to(device=device, dtype=dtype)
+        return model
+
+    @classmethod
+    def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:
+        options = dict(options or {})
+        if path:
+            raise UserError(f"model 'tiny_qwen_image' is built in code and takes no path (got {path})")
+        max_len = int(options.pop("max_sequence_length", 64))
+        for k in ("seed", "negative_prompt", "shift", "quantize_timesteps"):
+            options.pop(k, None)
+        try:
+            with torch.device("meta"):
+                modules = _tiny_modules(**options)
+        except TypeError as e:
+            raise UserError(f"bad option for model 'tiny_qwen_image': {e}") from None
+        text = sum(p.numel() for p in modules["text_encoder"].parameters())
+        return _plan("tiny Qwen-Image", modules["transformer"], modules["vae"], text, max_len, height, width)

@@ -1,0 +1,626 @@
+"""Z-Image / Z-Image-Turbo as a FlowModel: diffusers' ZImageTransformer2DModel (the single-stream
+S3-DiT) + the FLUX AutoencoderKL + a Qwen3 text encoder, as ``ZImagePipeline`` (diffusers 0.42)
+runs them.
+
+What the pipeline does, and this file reproduces:
+
+- **prompts**: each prompt goes through the tokenizer's chat template as one user message
+  (``add_generation_prompt=True, enable_thinking=True``, so ``<|im_start|>user\\n{prompt}<|im_end|>
+  \\n<|im_start|>assistant\\n``), is padded to ``max_sequence_length`` (512) and encoded by the
+  Qwen3 model with its attention mask; the features are the *second-to-last* hidden states, and
+  only the unmasked tokens are kept: every prompt has its own length. The transformer takes them
+  as a list. In the contract's conditioning they are stored padded to ``max_sequence_length``
+  (zeros past the prompt) with a boolean ``prompt_mask``, so conditionings of separately encoded
+  prompts concatenate; :meth:`predict` unpads them into the transformer's list again.
+- **timestep**: the scheduler's ``t = 1000 sigma`` goes in as ``(1000 - t) / 1000`` (``1 - sigma``:
+  the transformer's time runs from 0 at noise to 1 at the image, and it scales it by 1000
+  itself), and the transformer's output is the *negative* velocity (the pipeline negates it).
+- **schedule**: the pipeline passes its own sigmas ``linspace(1, 1/N, N)`` and ``mu`` from the
+  image sequence length to the FlowMatchEulerDiscreteScheduler, which applies its fixed ``shift``
+  (3.0 in Z-Image-Turbo's scheduler config) or, where its config asks for dynamic shifting, ``mu``.
+- **latents**: ``[B, 16, H/8, W/8]`` in the VAE's normalised space, decoded as
+  ``z / scaling_factor + shift_factor`` (0.3611 / 0.1159, the FLUX VAE's).
+- **guidance**: two variants, chosen by the load option ``variant``:
+
+  * ``turbo`` (the default): Z-Image-Turbo is distilled, sampled with ``guidance_scale=0`` (no CFG,
+    one pass); ``guidance_mode = "none"``, guidance is ignored.
+  * ``base``: Z-Image, sampled with true CFG against a negative prompt (``""`` by default).
+    ``ZImagePipeline`` writes it ``pos + g (pos - neg)``, which is the contract's CFG scale
+    ``s = g + 1`` (``neg + s (pos - neg)``): **srpo's guidance is the pipeline's
+    ``guidance_scale`` plus one** (the model card's ``guidance_scale=4`` is guidance 5 here), so
+    that "1 = one conditional pass" means the same for every family. Both passes run as one
+    batched transformer call, as the pipeline does. Its ``cfg_normalization`` (off) and
+    ``cfg_truncation`` (1.0: never) defaults change nothing; both are load options and are
+    reproduced when set (the norm cap in :meth:`combine_cfg`, the truncation in :meth:`velocity`).
+
+  The variant is an explicit option because a Turbo folder and a base folder have the same
+  pipeline class and the same transformer config: nothing in the folder says reliably which one
+  it is (the scheduler's shift differs, but that is a sampling setting, not an identity).
+
+LoRA: ``ZImagePipeline`` has ``ZImageLoraLoaderMixin`` in 0.42, so :meth:`FlowModel.save_lora`
+(``ZImagePipeline.save_lora_weights``) writes the file ``load_lora_weights`` reads.
+
+The file also holds ``tiny_z_image``: random-weight models built in code from the real classes,
+with a small byte-level BPE tokenizer in ``Qwen2Tokenizer`` (Qwen's class and pre-tokenizer, the
+chat-template tokens) trained on synthetic sentences, since no Qwen tokenizer exists offline.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..errors import UserError
+from . import MODELS
+from .base import (Cond, FlowModel, PlanParts, broadcast_cond, check_transformer_folder, frozen, load_error,
+                   resolve_dtype, split_cond)
+from .base import check_pipeline_folder as _check_folder
+
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+OPTIONS = ("variant", "max_sequence_length", "negative_prompt", "cfg_normalization", "cfg_truncation",
+           "quantize_timesteps")
+VARIANTS = ("turbo", "base")
+SEQ_MULTI_OF = 32  # the transformer pads captions and image tokens to multiples of 32
+
+# Tongyi-MAI/Z-Image-Turbo transformer/config.json (6.155e9 parameters); Z-Image (base) has the
+# same architecture
+Z_IMAGE_TRANSFORMER = dict(
+    all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
+    n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0, t_scale=1000.0,
+    axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512],
+)
+# its vae/config.json: the FLUX VAE (16 latent channels, 8x downsampling)
+Z_IMAGE_VAE = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    latent_channels=16, norm_num_groups=32, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
+    use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True, force_upcast=True,
+)
+# its text_encoder/config.json: Qwen3-4B, loaded as Qwen3Model (no LM head; the embeddings are tied)
+QWEN3_4B = dict(
+    vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
+    tie_word_embeddings=True, attention_bias=False,
+)
+QWEN3_4B_PARAMS = 4_022_468_096  # Qwen3Model(Qwen3Config(**QWEN3_4B)), counted on the meta device
+
+# Qwen3's chat template, as far as ZImagePipeline uses it (user / assistant / system messages,
+# the generation prompt, and the empty think block Qwen3 adds when thinking is switched off)
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+
+
+@MODELS.register("z_image")
+class ZImageModel(FlowModel):
+    """A ZImagePipeline's parts behind the FlowModel contract; only ``transformer`` trains."""
+
+    family = "z_image"
+    pipeline_class = "ZImagePipeline"
+    transformer_class = "ZImageTransformer2DModel"
+    # diffusers' examples/dreambooth/train_dreambooth_lora_z_image.py default targets
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    export_formats = ("diffusers",)
+    guidance_mode = "none"  # the default variant, turbo; an instance of the base variant says "cfg"
+    default_guidance = 1.0
+    cfg_batched = True  # the pipeline runs [positive, negative] as one transformer call
+
+    def __init__(self, transformer, vae, text_encoder, tokenizer, scheduler, variant: str = "turbo",
+                 max_sequence_length: int = 512, negative_prompt: str = "", cfg_normalization: float = 0.0,
+                 cfg_truncation: float = 1.0, shift: float | None = None, quantize_timesteps: bool | None = None):
+        self.transformer = transformer
+        self.vae = frozen(vae)
+        self.text_encoder = frozen(text_encoder)
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.variant = _check_variant(variant, self.family)
+        # per instance: the turbo variant is distilled (no CFG), the base one uses true CFG
+        self.guidance_mode = "none" if self.variant == "turbo" else "cfg"
+        # the Z-Image model card's guidance_scale 4.0 is CFG scale 5 in srpo's form (see the module doc)
+        self.default_guidance = 1.0 if self.variant == "turbo" else 5.0
+        if int(max_sequence_length) < 1:
+            raise UserError(f"max_sequence_length {max_sequence_length} is out of range: give at least 1 text "
+                            f"token (ZImagePipeline's default is 512)")
+        self.max_sequence_length = int(max_sequence_length)
+        self.negative_prompt = negative_prompt or ""
+        try:
+            self.cfg_normalization = float(cfg_normalization or 0.0)
+            self.cfg_truncation = 1.0 if cfg_truncation is None else float(cfg_truncation)  # None: never
+        except (TypeError, ValueError):
+            raise UserError(f"cfg_normalization and cfg_truncation must be numbers (got {cfg_normalization!r}, "
+                            f"{cfg_truncation!r})") from None
+        self.shift = None if shift is None else float(shift)
+        # off by default: ZImagePipeline feeds the unquantised (1000 - t) / 1000
+        self.quantize_timesteps = bool(quantize_timesteps)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self._negative: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._check_compatible()
+
+    def _check_compatible(self) -> None:
+        tc = self.transformer.config
+        pairs = [("transformer in_channels", tc.in_channels, "vae latent_channels", self.vae.config.latent_channels),
+                 ("transformer cap_feat_dim", tc.cap_feat_dim, "text_encoder hidden_size",
+                  self.text_encoder.config.hidden_size)]
+        for name, got, other, want in pairs:
+            if got != want:
+                raise UserError(f"transformer does not fit this Z-Image model: {name} = {got} but {other} = "
+                                f"{want}; use a transformer trained for this base model")
+        text = -(-self.max_sequence_length // SEQ_MULTI_OF) * SEQ_MULTI_OF
+        if text + 2 > tc.axes_lens[0]:
+            most = (tc.axes_lens[0] - 2) // SEQ_MULTI_OF * SEQ_MULTI_OF
+            raise UserError(f"max_sequence_length {self.max_sequence_length} is too long for this transformer "
+                            f"(its first rotary axis has {tc.axes_lens[0]} positions): set "
+                            f"model.options.max_sequence_length to at most {most}")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise UserError("the tokenizer has no chat template: ZImagePipeline formats prompts with it; "
+                            "use the tokenizer/ folder of a Z-Image model")
+
+    # ---- construction ---------------------------------------------------------------------
+    @classmethod
+    def load(cls, path=None, transformer_path=None, device="cpu", dtype=torch.float32, shift=None,
+             variant: str = "turbo", max_sequence_length: int = 512, negative_prompt: str = "",
+             cfg_normalization: float = 0.0, cfg_truncation: float = 1.0, quantize_timesteps: bool | None = None,
+             **unknown) -> "ZImageModel":
+        """A local ZImagePipeline folder (Z-Image-Turbo with ``variant: turbo``, the default;
+        Z-Image with ``variant: base``), offline and from safetensors; ``transformer_path``
+        replaces ``transformer/`` with a folder written by :meth:`save_transformer`."""
+        from diffusers import ZImagePipeline, ZImageTransformer2DModel
+
+        _check_options(cls.family, unknown)
+        _check_variant(variant, cls.family)
+        if not path:
+            raise UserError(f"model '{cls.family}' needs a path: set model.path to a local diffusers "
+                            f"ZImagePipeline folder (Z-Image-Turbo or Z-Image)")
+        root = check_pipeline_folder(path, need_transformer=not transformer_path)
+        dtype = resolve_dtype(dtype)
+        extra = {}
+        try:
+            if transformer_path:
+                check_transformer_folder(transformer_path, cls.transformer_class)
+                extra["transformer"] = ZImageTransformer2DModel.from_pretrained(
+                    str(transformer_path), dtype=dtype, local_files_only=True, use_safetensors=True)
+            pipe = ZImagePipeline.from_pretrained(str(root), dtype=dtype, local_files_only=True,
+                                                  use_safetensors=True, **extra)
+        except (OSError, ValueError, KeyError) as e:
+            raise load_error(transformer_path or root, e, "a complete ZImagePipeline folder with safetensors "
+                                                          "weights is needed") from None
+        model = cls.from_pipeline(pipe, variant=variant, max_sequence_length=max_sequence_length,
+                                  negative_prompt=negative_prompt, cfg_normalization=cfg_normalization,
+                                  cfg_truncation=cfg_truncation, shift=shift, quantize_timesteps=quantize_timesteps)
+        return model.to(device)
+
+    @classmethod
+    def from_pipeline(cls, pipe, **kwargs) -> "ZImageModel":
+        """Wrap the components of an existing ``ZImagePipeline``."""
+        return cls(pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, **kwargs)
+
+    @classmethod
+    def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:
+        """Meta-device transformer and VAE from the folder's configs (Z-Image-Turbo's without a
+        path: the 6.15e9-parameter S3-DiT, the FLUX VAE and Qwen3-4B, from the configs of
+        Tongyi-MAI/Z-Image-Turbo's transformer/, vae/ and text_encoder/ folders)."""
+        from diffusers import AutoencoderKL, ZImageTransformer2DModel
+
+        options = dict(options or {})
+        max_len = int(options.pop("max_sequence_length", 512))
+        variant = _check_variant(options.pop("variant", "turbo"), cls.family)
+        for k in ("negative_prompt", "cfg_normalization", "cfg_truncation", "quantize_timesteps"):
+            options.pop(k, None)
+        _check_options(cls.family, options)
+        root = Path(path) if path else None
+        if root:
+            check_pipeline_folder(root)
+        t_cfg = _read_config(root / "transformer") if root else None
+        v_cfg = _read_config(root / "vae") if root else None
+        e_cfg = _read_config(root / "text_encoder") if root else None
+        with torch.device("meta"):
+            transformer = (ZImageTransformer2DModel.from_config(t_cfg) if t_cfg
+                           else ZImageTransformer2DModel(**Z_IMAGE_TRANSFORMER))
+            vae = AutoencoderKL.from_config(v_cfg) if v_cfg else AutoencoderKL(**Z_IMAGE_VAE)
+            text_params = _qwen3_params(e_cfg) if e_cfg else QWEN3_4B_PARAMS
+        # Z-Image (base) and Z-Image-Turbo share the architecture
+        name = f"Z-Image ({root.name})" if t_cfg else ("Z-Image-Turbo" if variant == "turbo" else "Z-Image")
+        return _plan(name, transformer, vae, text_params, max_len, height, width,
+                     guidance_mode="cfg" if variant == "base" else "none")
+
+    # ---- FlowModel hooks ------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        """``ZImagePipeline.encode_prompt``'s embeddings of ``prompts`` (padded to
+        ``max_sequence_length`` with zeros, and their masks); for the base variant also those of
+        ``self.negative_prompt`` (cached per batch size) for CFG."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        embeds, mask = self._encode(prompts)
+        cond = {"prompt_embeds": embeds.to(self.device), "prompt_mask": mask.to(self.device)}
+        if self.guidance_mode == "cfg":
+            neg, neg_mask = self._negative_cond(len(prompts))
+            cond.update(negative_prompt_embeds=neg, negative_prompt_mask=neg_mask)
+        return cond
+
+    def _negative_cond(self, batch: int) -> tuple[Tensor, Tensor]:
+        """The negative prompt's conditioning for ``batch`` rows, encoded once per batch size
+        (as a batch of copies, like the pipeline, so ``encode_prompt`` parity is exact)."""
+        key = (self.negative_prompt, self.max_sequence_length, batch)
+        if key not in self._negative:
+            if len(self._negative) >= 4:
+                self._negative.pop(next(iter(self._negative)))
+            self._negative[key] = self._encode([self.negative_prompt] * batch)
+        return tuple(t.to(self.device) for t in self._negative[key])
+
+    def _encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """``ZImagePipeline._encode_prompt``: chat template, padding to ``max_sequence_length``,
+        the Qwen3 model's second-to-last hidden states; masked positions zeroed."""
+        texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                    add_generation_prompt=True, enable_thinking=True)
+                 for p in prompts]
+        inputs = self.tokenizer(texts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
+                                return_tensors="pt")
+        device = self.text_encoder.device
+        ids, mask = inputs.input_ids.to(device), inputs.attention_mask.to(device).bool()
+        hidden = self.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
+        return hidden.masked_fill(~mask[..., None], 0.0), mask
+
+    @staticmethod
+    def _unpad(cond: Cond) -> list[Tensor]:
+        """The per-prompt embeddings the pipeline and the transformer take: unmasked tokens only."""
+        return [e[m] for e, m in zip(cond["prompt_embeds"], cond["prompt_mask"].bool())]
+
+    def predict(self, latents: Tensor, sigma: Tensor, cond: Cond, guidance: float | None) -> Tensor:
+        """One ZImageTransformer2DModel call. The timestep is ``(1000 - 1000 sigma) / 1000`` in
+        float32, as the pipeline computes it from its scheduler's timesteps (with ``1000 sigma``
+        floored to an integer when ``quantize_timesteps``); the output is negated, as the
+        pipeline does, into the velocity ``eps - x0``."""
+        dtype, device = self.dtype, self.device
+        t = sigma.to(device=device, dtype=torch.float32) * 1000
+        if self.quantize_timesteps:
+            t = torch.floor(sigma.to(device=device, dtype=torch.float64) * 1000 + 1e-6).float()
+        t = (1000 - t) / 1000
+        x = list(latents.to(device, dtype).unsqueeze(2).unbind(0))  # [C, F=1, h, w] per sample
+        caps = self._unpad({"prompt_embeds": cond["prompt_embeds"].to(device, dtype),
+                            "prompt_mask": cond["prompt_mask"].to(device)})
+        out = self.transformer(x, t, caps, return_dict=False)[0]
+        return -torch.stack(out).squeeze(2)
+
+    def combine_cfg(self, v_cond: Tensor, v_uncond: Tensor, guidance: float) -> Tensor:
+        """ZImagePipeline's CFG: ``pos + g (pos - neg)`` with ``g = guidance - 1``, then, with
+        ``cfg_normalization`` c > 0, each sample scaled down to at most c times the norm of its
+        conditional prediction."""
+        g = float(guidance) - 1.0
+        pred = v_cond + g * (v_cond - v_uncond)
+        if self.cfg_normalization > 0.0:
+            rows = []
+            for pos, p in zip(v_cond, pred):
+                ori, new = torch.linalg.vector_norm(pos), torch.linalg.vector_norm(p)
+                limit = ori * self.cfg_normalization
+                rows.append(torch.where(new > limit, p * (limit / new), p))
+            pred = torch.stack(rows)
+        return pred
+
+    def velocity(self, latents: Tensor, sigma: Tensor | float, cond: Cond, guidance: float) -> Tensor:
+        """The base class's guided velocity, with ZImagePipeline's ``cfg_truncation``: where
+        ``1 - sigma`` exceeds it, CFG is off (one conditional pass). The default 1.0 never does."""
+        if not (self.uses_cfg(guidance) and self.cfg_truncation < 1.0):
+            return super().velocity(latents, sigma, cond, guidance)
+        b = latents.shape[0]
+        s = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).reshape(-1).expand(b)
+        late = ((1000 - s * 1000) / 1000).double() > self.cfg_truncation  # the pipeline's t_norm
+        if bool(late.all()):
+            return super().velocity(latents, sigma, cond, 1.0)
+        v = super().velocity(latents, sigma, cond, guidance)
+        if bool(late.any()):
+            v_1 = super().velocity(latents, sigma, cond, 1.0)
+            v = torch.where(late.reshape(-1, *([1] * (v.ndim - 1))), v_1, v)
+        return v
+
+    def _scheduler_config(self) -> dict:
+        config = dict(self.scheduler.config)
+        if self.shift is not None:
+            config.update(shift=self.shift, use_dynamic_shifting=False)
+        return config
+
+    def schedule(self, steps: int, height: int, width: int) -> Tensor:
+        """The pipeline's sigmas: ``linspace(1, 1/N, N)`` through the scheduler's shift (or its
+        dynamic shift at the pipeline's ``mu``), then 0."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas
+
+        config = self._scheduler_config()
+        m = self.vae_scale_factor * 2
+        seq_len = (2 * (height // m) // 2) * (2 * (width // m) // 2)  # as __call__ computes image_seq_len
+        mu = calculate_shift(seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                             config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+        sched = FlowMatchEulerDiscreteScheduler.from_config(config)
+        sched.set_timesteps(steps, device="cpu", sigmas=get_default_z_image_sigmas(steps), mu=mu)
+        return sched.sigmas.to(torch.float64)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Normalised latents -> pixels in [0, 1]; differentiable with respect to ``latents``."""
+        cfg = self.vae.config
+        z = latents / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+        x = self.vae.decode(z.to(self.vae.device, self.vae.dtype), return_dict=False)[0]
+        return ((x + 1) / 2).clamp(0, 1).to(latents.dtype)
+
+    @torch.no_grad()
+    def encode(self, pixels: Tensor) -> Tensor:
+        """Pixels in [0, 1] -> normalised latents (the posterior mode)."""
+        cfg = self.vae.config
+        z = self.vae.encode((pixels * 2 - 1).to(self.vae.device, self.vae.dtype)).latent_dist.mode()
+        return ((z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor).to(pixels.dtype)
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+        tc = self.transformer.config
+        m = self.vae_scale_factor * 2  # VAE downsampling x the transformer's 2x2 patches
+        if height % m or width % m or height <= 0 or width <= 0:
+            raise UserError(f"image size {height}x{width} is not supported: height and width must be "
+                            f"positive multiples of {m} for this model")
+        if height // m > tc.axes_lens[1] or width // m > tc.axes_lens[2]:
+            raise UserError(f"image size {height}x{width} is too large for this transformer: at most "
+                            f"{tc.axes_lens[1] * m}x{tc.axes_lens[2] * m} pixels (axes_lens {list(tc.axes_lens)})")
+        return (batch, self.vae.config.latent_channels, height // self.vae_scale_factor,
+                width // self.vae_scale_factor)
+
+    def pipeline(self):
+        """A ``ZImagePipeline`` sharing this model's modules (a fresh scheduler from the model's
+        config, with ``shift`` applied when it was overridden)."""
+        from diffusers import ZImagePipeline
+
+        pipe = ZImagePipeline(transformer=self.transformer, scheduler=type(self.scheduler).from_config(
+            self._scheduler_config()), vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def pipeline_images(self, cond: Cond, noise: Tensor, steps: int, guidance: float) -> Tensor:
+        """``ZImagePipeline.__call__`` with this conditioning (as its per-prompt lists) and noise;
+        guidance goes in as its ``guidance_scale = guidance - 1`` (0, no CFG, for turbo or
+        guidance <= 1), with this model's ``cfg_normalization`` and ``cfg_truncation``."""
+        b = noise.shape[0]
+        pos, neg = (broadcast_cond(c, b) for c in split_cond(cond))
+        cfg = self.uses_cfg(guidance)
+        if cfg and not neg:
+            raise UserError(f"CFG scale {guidance} needs the negative prompt's conditioning: "
+                            f"encode prompts with {type(self).__name__}.encode_prompts")
+        height, width = self.pixel_size(noise)
+        images = self.pipeline()(
+            prompt_embeds=self._unpad(pos), negative_prompt_embeds=self._unpad(neg) if cfg else None,
+            latents=noise.to(self.device, torch.float32), height=height, width=width, num_inference_steps=steps,
+            guidance_scale=float(guidance) - 1.0 if cfg else 0.0, cfg_normalization=self.cfg_normalization,
+            cfg_truncation=self.cfg_truncation, max_sequence_length=self.max_sequence_length, output_type="pt",
+        ).images
+        return images.float()
+
+
+# ---- folder checks -------------------------------------------------------------------------
+def _check_options(family: str, unknown: dict) -> None:
+    if unknown:
+        raise UserError(f"unknown option(s) for model '{family}': {', '.join(sorted(unknown))}; "
+                        f"valid: {', '.join(OPTIONS)}")
+
+
+def _check_variant(variant, family: str) -> str:
+    if variant not in VARIANTS:
+        raise UserError(f"unknown variant '{variant}' for model '{family}': use turbo (Z-Image-Turbo, "
+                        f"distilled, no CFG) or base (Z-Image, true CFG)")
+    return variant
+
+
+def check_pipeline_folder(path, need_transformer: bool = True) -> Path:
+    """A local ZImagePipeline folder with every component folder present."""
+    root = _check_folder(path, "z_image", "ZImage", COMPONENTS, need_transformer=need_transformer)
+    name = json.loads((root / "model_index.json").read_text()).get("_class_name", "")
+    if name != ZImageModel.pipeline_class:
+        raise UserError(f"{root} holds a {name} pipeline, not ZImagePipeline: the 'z_image' model needs a "
+                        f"text-to-image ZImagePipeline folder")
+    return root
+
+
+def _read_config(folder: Path) -> dict | None:
+    file = folder / "config.json"
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{file} is not valid JSON") from None
+
+
+def _qwen3_params(config: dict) -> int:
+    from transformers import Qwen3Config, Qwen3Model
+
+    with torch.device("meta"):
+        model = Qwen3Model(Qwen3Config.from_dict(config))
+    return sum(p.numel() for p in model.parameters())
+
+
+def _plan(name, transformer, vae, text_params: int, max_len: int, height: int, width: int,
+          guidance_mode: str | None = None) -> PlanParts:
+    tc, vc = transformer.config, vae.config
+    n = 2 ** (len(vc.block_out_channels) - 1) * tc.all_patch_size[0]
+    return PlanParts(
+        name=name, transformer=transformer, vae=vae,
+        vae_config={"block_out_channels": tuple(vc.block_out_channels), "layers_per_block": vc.layers_per_block,
+                    "latent_channels": vc.latent_channels},
+        text_encoders=int(text_params), text_tokens=-(-int(max_len) // SEQ_MULTI_OF) * SEQ_MULTI_OF,
+        image_tokens=(height // n) * (width // n), hidden=int(tc.dim), guidance_mode=guidance_mode,
+    )
+
+
+# ---- tiny random-weight Z-Image --------------------------------------------------------------
+_WORDS = {
+    "colour": "red blue green yellow purple orange white black pink brown grey golden silver".split(),
+    "thing": ("cube ball circle square triangle star cat dog bird horse tree flower house car boat robot "
+              "lighthouse mountain river city portrait apple cup chair lamp").split(),
+    "place": ("on a table|in the grass|at sunset|over the sea|in a garden|on a white background|at night|"
+              "in the rain|under a bridge|in a forest|on the moon|in a small room").split("|"),
+    "style": ("a photo of|a painting of|a drawing of|concept art of|a detailed render of|an anime picture of|"
+              "a realistic picture of|natural lighting,").split("|"),
+}
+
+
+def _sentences() -> list[str]:
+    out = ["user", "assistant", "system", "<think>", "</think>"]
+    c, t, p, s = (_WORDS[k] for k in ("colour", "thing", "place", "style"))
+    for i in range(600):
+        out.append(f"{s[i % len(s)]} {'two' if i % 7 == 0 else 'a'} {c[i % len(c)]} {t[(i * 5) % len(t)]} "
+                   f"{p[(i * 3) % len(p)]}")
+    return out
+
+
+@lru_cache(maxsize=None)
+def tiny_qwen_tokenizer(vocab_size: int = 640):
+    """A small ``Qwen2Tokenizer``: a byte-level BPE with Qwen2's pre-tokenizer, trained on
+    synthetic prompts (deterministic), the chat-template special tokens and the chat template."""
+    return _build_tokenizer(vocab_size)
+
+
+def _build_tokenizer(vocab_size: int):
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+    bpe.train_from_iterator(_sentences(), trainer)
+    state = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]]
+    tok = Qwen2Tokenizer(vocab=state["vocab"], merges=merges, model_max_length=131072)
+    tok.add_tokens(list(SPECIAL_TOKENS[1:]), special_tokens=True)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.padding_side = "right"
+    return tok
+
+
+def _tiny_modules(*, vocab_size: int, latent_channels: int = 4, vae_channels: tuple[int, ...] = (8, 16),
+                  vae_groups: int = 8, dim: int = 32, n_heads: int = 2, n_layers: int = 2,
+                  n_refiner_layers: int = 1, axes_dims: tuple[int, ...] = (4, 6, 6),
+                  axes_lens: tuple[int, ...] = (128, 64, 64), text_dim: int = 32, text_layers: int = 2,
+                  text_heads: int = 2, text_kv_heads: int = 1, text_positions: int = 128,
+                  scaling_factor: float = 0.3611, shift_factor: float = 0.1159) -> dict:
+    """The tiny modules (random init under the caller's RNG / device context)."""
+    from diffusers import AutoencoderKL, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    if dim % n_heads or sum(axes_dims) != dim // n_heads:
+        raise UserError(f"tiny Z-Image axes_dims {tuple(axes_dims)} must sum to the head width dim / n_heads "
+                        f"= {dim // n_heads if dim % n_heads == 0 else dim / n_heads}")
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=latent_channels, dim=dim, n_layers=n_layers,
+        n_refiner_layers=n_refiner_layers, n_heads=n_heads, n_kv_heads=n_heads, norm_eps=1e-5, qk_norm=True,
+        cap_feat_dim=text_dim, rope_theta=256.0, t_scale=1000.0, axes_dims=list(axes_dims),
+        axes_lens=list(axes_lens),
+    )
+    n = len(vae_channels)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(vae_channels), layers_per_block=1,
+        latent_channels=latent_channels, norm_num_groups=vae_groups, sample_size=32,
+        scaling_factor=scaling_factor, shift_factor=shift_factor, use_quant_conv=False, use_post_quant_conv=False,
+    )
+    text_encoder = Qwen3Model(Qwen3Config(
+        vocab_size=vocab_size, hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=text_layers,
+        num_attention_heads=text_heads, num_key_value_heads=text_kv_heads, head_dim=text_dim // text_heads,
+        max_position_embeddings=text_positions, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True,
+    ))
+    return dict(transformer=transformer, vae=vae, text_encoder=text_encoder)
+
+
+def _build_tiny(cls, seed: int = 0, variant: str = "turbo", max_sequence_length: int = 64,
+                negative_prompt: str = "", cfg_normalization: float = 0.0, cfg_truncation: float = 1.0,
+                shift: float | None = None, quantize_timesteps: bool | None = None, **sizes) -> ZImageModel:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    _check_variant(variant, "tiny_z_image")
+    tokenizer = tiny_qwen_tokenizer()
+    sizes.setdefault("text_positions", max(128, int(max_sequence_length)))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        modules = _tiny_modules(vocab_size=len(tokenizer), **sizes)
+    # Z-Image-Turbo's scheduler config: shift 3.0, no dynamic shifting
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+    return cls(modules["transformer"], modules["vae"], modules["text_encoder"], tokenizer, scheduler,
+               variant=variant, max_sequence_length=max_sequence_length, negative_prompt=negative_prompt,
+               cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation, shift=shift,
+               quantize_timesteps=quantize_timesteps)
+
+
+def build_tiny_z_image(seed: int = 0, **sizes) -> ZImageModel:
+    """A random-weight Z-Image (deterministic in ``seed``; the global RNG is left untouched).
+
+    The VAE downsamples by ``2 ** (len(vae_channels) - 1)`` (2 by default, so 32x48 pixels are
+    16x24 latents, 8x12 patches); ``dim`` / ``n_heads`` is the transformer's head width, which
+    ``axes_dims`` must sum to; ``text_dim`` is the Qwen3 hidden size and ``cap_feat_dim``. Also
+    takes the load options ``variant`` (turbo), ``max_sequence_length`` (64), ``negative_prompt``,
+    ``cfg_normalization``, ``cfg_truncation``, ``shift`` and ``quantize_timesteps``.
+    """
+    return _build_tiny(ZImageModel, seed, **sizes)
+
+
+def save_tiny_z_image(path, seed: int = 0, **sizes) -> ZImageModel:
+    """Write a tiny Z-Image as a full ZImagePipeline folder (safetensors) and return it;
+    ``ZImageModel.load(path, max_sequence_length=model.max_sequence_length)`` and
+    ``ZImagePipeline.from_pretrained(path)`` both load it offline."""
+    model = build_tiny_z_image(seed, **sizes)
+    model.pipeline().save_pretrained(str(path), safe_serialization=True)
+    return model
+
+
+@MODELS.register("tiny_z_image")
+class TinyZImageModel(ZImageModel):
+    """A tiny random Z-Image built in code (for tests and the lab); takes no path."""
+
+    family = "tiny_z_image"
+
+    @classmethod
+    def load(cls, path=None, seed: int = 0, transformer_path=None, device="cpu", dtype=torch.float32,
+             shift=None, **sizes) -> "TinyZImageModel":
+        from diffusers import ZImageTransformer2DModel
+
+        if path:
+            raise UserError(f"model 'tiny_z_image' is built in code and takes no path (got {path}); "
+                            f"use model 'z_image' to load a folder")
+        try:
+            model = _build_tiny(cls, seed, shift=shift, **sizes)
+        except TypeError as e:
+            raise UserError(f"bad option for model 'tiny_z_image': {e}") from None
+        if transformer_path:
+            check_transformer_folder(transformer_path, cls.transformer_class)
+            model.transformer = ZImageTransformer2DModel.from_pretrained(
+                str(transformer_path), local_files_only=True, use_safetensors=True)
+            model._check_compatible()
+        dtype = resolve_dtype(dtype)
+        for m in (model.transformer, *model.frozen_modules().values()):
+            m.to(device=device, dtype=dtype)
+        return model
+
+    @classmethod
+    def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:
+        options = dict(options or {})
+        if path:
+            raise UserError(f"model 'tiny_z_image' is built in code and takes no path (got {path})")
+        max_len = int(options.pop("max_sequence_length", 64))
+        _check_variant(options.pop("variant", "turbo"), cls.family)
+        for k in ("seed", "negative_prompt", "cfg_normalization", "cfg_truncation", "shift", "quantize_timesteps"):
+            options.pop(k, None)
+        options.setdefault("text_positions", max(128, max_len))
+        try:
+            with torch.device("meta"):
+                modules = _tiny_modules(vocab_size=len(tiny_qwen_tokenizer()), **options)
+        except TypeError as e:
+            raise UserError(f"bad option for model 'tiny_z_image': {e}") from None
+        text = sum(p.numel() for p in modules["text_encoder"].parameters())
+        return _plan("tiny Z-Image", modules["transformer"], modules["vae"], text, max_len, height, width)

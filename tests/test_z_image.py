@@ -1,0 +1,482 @@
+"""The Z-Image family: parity with ZImagePipeline (prompt encoding, timestep, schedule, CFG and its
+options, the whole sampler) for the Turbo and base variants, folder round trips and errors,
+transformer and LoRA export, plan sizes."""
+
+import json
+
+import peft
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+from srpo.errors import UserError
+from srpo.models import MODELS
+from srpo.models.z_image import (QWEN3_4B, QWEN3_4B_PARAMS, TinyZImageModel, ZImageModel, build_tiny_z_image,
+                                 save_tiny_z_image, tiny_qwen_tokenizer)
+from srpo.sampling import rollout
+
+PROMPTS = ["a red cube on a table", "a small blue ball in the grass at sunset"]
+H, W, STEPS, CFG = 32, 48, 4, 4.0  # CFG 4 here is ZImagePipeline's guidance_scale 3
+CPU = torch.device("cpu")
+
+
+def split(cond):
+    pos = {k: v for k, v in cond.items() if not k.startswith("negative_")}
+    neg = {k[len("negative_"):]: v for k, v in cond.items() if k.startswith("negative_")}
+    return pos, neg
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "z_image"
+    return path, save_tiny_z_image(path, seed=0, variant="base")
+
+
+@pytest.fixture(scope="module")
+def turbo(saved):
+    _, m = saved  # the same modules, the distilled variant's rules
+    return ZImageModel(m.transformer, m.vae, m.text_encoder, m.tokenizer, m.scheduler, variant="turbo",
+                       max_sequence_length=m.max_sequence_length)
+
+
+@pytest.fixture(scope="module")
+def inputs(saved):
+    _, model = saved
+    noise = torch.randn(model.latent_shape(2, H, W), generator=torch.Generator().manual_seed(1))
+    return noise, model.encode_prompts(PROMPTS)
+
+
+@pytest.fixture(scope="module")
+def base_images(saved, inputs):
+    _, model = saved
+    noise, cond = inputs
+    return model.pipeline_images(cond, noise, STEPS, CFG)
+
+
+def test_registered_classes_and_family_facts(saved, turbo):
+    _, base = saved
+    assert MODELS.get("z_image") is ZImageModel and MODELS.get("tiny_z_image") is TinyZImageModel
+    assert ZImageModel.pipeline_class == "ZImagePipeline"
+    assert ZImageModel.transformer_class == "ZImageTransformer2DModel"
+    assert (turbo.guidance_mode, turbo.default_guidance) == ("none", 1.0)
+    assert (base.guidance_mode, base.default_guidance) == ("cfg", 5.0) and base.cfg_batched
+
+
+def test_encode_prompts_equal_pipeline_encode_prompt(saved, turbo, inputs):
+    _, model = saved
+    _, cond = inputs
+    pipe = model.pipeline()
+    pos, neg = pipe.encode_prompt(list(PROMPTS), device=CPU, do_classifier_free_guidance=True,
+                                  max_sequence_length=model.max_sequence_length)
+    assert set(cond) == {"prompt_embeds", "prompt_mask", "negative_prompt_embeds", "negative_prompt_mask"}
+    lengths = cond["prompt_mask"].sum(1).tolist()
+    assert lengths[0] != lengths[1] and cond["prompt_embeds"].shape == (2, model.max_sequence_length, 32)
+    for key, ref in (("", pos), ("negative_", neg)):
+        mask = cond[key + "prompt_mask"]
+        assert len(ref) == 2 and all(torch.equal(r, e[m]) for r, e, m in zip(ref, cond[key + "prompt_embeds"], mask))
+        assert not cond[key + "prompt_embeds"][~mask].any()  # zeros past each prompt
+    # the template: <|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n, no think block
+    text = model.tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                               add_generation_prompt=True, enable_thinking=True)
+    assert text == "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n"
+    # the distilled variant has no negative branch; prompt features are the same
+    plain = turbo.encode_prompts(PROMPTS)
+    assert set(plain) == {"prompt_embeds", "prompt_mask"} and torch.equal(plain["prompt_embeds"], cond["prompt_embeds"])
+    # a non-empty negative prompt, as encode_prompt's negative_prompt (cached per batch size)
+    model.negative_prompt = "blurry, low quality"
+    try:
+        mine = model.encode_prompts(PROMPTS)
+        _, ref = pipe.encode_prompt(list(PROMPTS), device=CPU, negative_prompt=["blurry, low quality"] * 2,
+                                    max_sequence_length=model.max_sequence_length)
+        assert all(torch.equal(r, e[m]) for r, e, m in
+                   zip(ref, mine["negative_prompt_embeds"], mine["negative_prompt_mask"]))
+        assert mine["negative_prompt_mask"].sum() > cond["negative_prompt_mask"].sum()
+    finally:
+        model.negative_prompt = ""
+
+
+def test_prompts_encoded_alone_concatenate_to_the_batch(saved, inputs):
+    _, model = saved
+    _, cond = inputs
+    alone = [model.encode_prompts([p]) for p in PROMPTS]
+    for k, v in cond.items():
+        assert torch.allclose(torch.cat([a[k] for a in alone]).float(), v.float(), atol=1e-6), k
+
+
+def _pipeline_sigmas(model, steps):
+    """The sigmas ZImagePipeline.__call__ itself sets (read off its scheduler after a call)."""
+    pipe = model.pipeline()
+    cond = model.encode_prompts(PROMPTS[:1])
+    noise = torch.zeros(model.latent_shape(1, H, W))
+    pipe(prompt_embeds=model._unpad(cond), latents=noise, height=H, width=W, num_inference_steps=steps,
+         guidance_scale=0.0, output_type="latent")
+    return pipe.scheduler.sigmas.double()
+
+
+def test_schedule_equals_the_pipelines_sigmas(saved):
+    _, model = saved
+    for steps in (4, 9):
+        sigmas = model.schedule(steps, H, W)
+        assert torch.equal(sigmas, _pipeline_sigmas(model, steps))
+        assert sigmas[0] == 1 and sigmas[-1] == 0 and len(sigmas) == steps + 1
+    s = torch.linspace(1, 1 / 4, 4, dtype=torch.float32).double()  # the pipeline's own grid, shift 3
+    assert torch.allclose(model.schedule(4, H, W)[:-1], 3 * s / (1 + 2 * s), atol=1e-6)
+    m = model
+    shifted = ZImageModel(m.transformer, m.vae, m.text_encoder, m.tokenizer, m.scheduler, shift=1.5,
+                          max_sequence_length=m.max_sequence_length)  # an override reaches the pipeline too
+    assert torch.equal(shifted.schedule(4, H, W), _pipeline_sigmas(shifted, 4))
+    assert not torch.equal(shifted.schedule(4, H, W), model.schedule(4, H, W))
+    dynamic = ZImageModel(m.transformer, m.vae, m.text_encoder, m.tokenizer,
+                          FlowMatchEulerDiscreteScheduler.from_config(m.scheduler.config, use_dynamic_shifting=True),
+                          max_sequence_length=m.max_sequence_length)  # the pipeline's mu from the image size
+    assert torch.equal(dynamic.schedule(4, H, W), _pipeline_sigmas(dynamic, 4))
+    assert not torch.equal(dynamic.schedule(4, H, W), dynamic.schedule(4, 4 * H, 4 * W))
+
+
+def test_the_transformer_gets_the_pipelines_timesteps_and_inputs(saved, inputs):
+    """Every transformer call of the rollout equals the pipeline's: timestep (1000 - t) / 1000,
+    the [C, 1, h, w] latents and the unpadded per-prompt embeddings, in one batched CFG call."""
+    _, model = saved
+    noise, cond = inputs
+    calls = []
+
+    def hook(module, args):
+        x, t, caps = args
+        calls.append((torch.stack(x), t.clone(), [c.clone() for c in caps]))
+
+    handle = model.transformer.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            rollout(model, cond, noise, STEPS, CFG)
+        ours, calls[:] = list(calls), []
+        model.pipeline_images(cond, noise, STEPS, CFG)
+        theirs = list(calls)
+    finally:
+        handle.remove()
+    assert len(ours) == len(theirs) == STEPS
+    sigmas = model.schedule(STEPS, H, W)[:-1].float()
+    for i, ((x, t, caps), (x_p, t_p, caps_p)) in enumerate(zip(ours, theirs)):
+        # the pipeline batches [positive, negative]; srpo's velocity batches [negative, positive]
+        assert torch.equal(t, t_p) and torch.equal(t, (1000 - sigmas[i] * 1000).expand(4) / 1000)
+        assert x.shape == (4, 4, 1, 16, 24) and torch.allclose(x, x_p.roll(2, 0), atol=1e-5)
+        assert all(torch.equal(a, b) for a, b in zip(caps, caps_p[2:] + caps_p[:2]))
+    assert abs(theirs[0][1][0].item() - 0.0) < 1e-7  # sigma 1 is the transformer's time 0
+
+
+def test_cfg_one_pass_at_scale_one_and_by_hand_at_four(saved, turbo, inputs):
+    _, model = saved
+    noise, cond = inputs
+    sigma = torch.tensor([0.3, 0.8])
+    pos, neg = split(cond)
+    calls = []
+    hook = model.transformer.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with torch.no_grad():
+            v_c, v_u = model.predict(noise, sigma, pos, None), model.predict(noise, sigma, neg, None)
+            calls.clear()
+            v1 = model.velocity(noise, sigma, cond, 1.0)
+            assert len(calls) == 1 and torch.equal(v1, v_c.float())
+            v4 = model.velocity(noise, sigma, cond, 4.0)
+            assert len(calls) == 2  # both CFG passes in one batched call, as the pipeline makes them
+            calls.clear()
+            t4 = turbo.velocity(noise, sigma, pos, 4.0)  # the distilled variant ignores guidance
+            assert len(calls) == 1 and torch.equal(t4, v_c.float())
+    finally:
+        hook.remove()
+    assert torch.allclose(v4, v_c + 3.0 * (v_c - v_u), atol=1e-5)  # the pipeline's pos + g (pos - neg), g = 3
+    assert (v_c - v_u).abs().max() > 1e-3  # the negative branch really differs
+    # the velocity is eps - x0: the negated transformer output at time 1 - sigma
+    with torch.no_grad():
+        raw = model.transformer(list(noise.unsqueeze(2).unbind(0)), 1 - sigma, model._unpad(pos), return_dict=False)[0]
+    # (1 - sigma against the pipeline's (1000 - 1000 sigma) / 1000: rounding only)
+    assert torch.allclose(v_c, -torch.stack(raw).squeeze(2), atol=1e-4)
+
+
+def test_cfg_normalization_caps_each_samples_norm(saved):
+    _, model = saved
+    v_c = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    v_u = v_c.clone()
+    v_u[0] = -v_u[0]  # sample 0: the guided norm grows 7x; sample 1: unchanged
+    model.cfg_normalization = 1.5
+    try:
+        out = model.combine_cfg(v_c, v_u, 4.0)
+    finally:
+        model.cfg_normalization = 0.0
+    assert torch.allclose(out[0].norm(), 1.5 * v_c[0].norm()) and torch.allclose(out[0], v_c[0] * 1.5, atol=1e-6)
+    assert torch.equal(out[1], v_c[1])
+    assert torch.allclose(model.combine_cfg(v_c, v_u, 4.0)[0], 7 * v_c[0])
+
+
+def test_rollout_and_decode_equal_the_pipeline(saved, turbo, inputs, base_images):
+    _, model = saved
+    noise, cond = inputs
+    with torch.no_grad():
+        images = model.decode(rollout(model, cond, noise, STEPS, CFG))
+    assert images.shape == base_images.shape == (2, 3, H, W) and base_images.dtype == torch.float32
+    assert (images - base_images).abs().max() < 1e-4
+    assert (images[0] - images[1]).abs().max() > 0.05  # two prompts (and noises), two images
+    without_cfg = model.pipeline_images(cond, noise, STEPS, 1.0)
+    assert (without_cfg - base_images).abs().max() > 1e-3
+    # Turbo: the pipeline at guidance_scale 0, whatever guidance srpo is given
+    pos, _ = split(cond)
+    turbo_ref = turbo.pipeline_images(pos, noise, 6, CFG)
+    with torch.no_grad():
+        turbo_images = turbo.decode(rollout(turbo, pos, noise, 6, CFG))
+    assert (turbo_images - turbo_ref).abs().max() < 1e-4
+    assert (turbo_ref - model.pipeline_images(cond, noise, 6, 1.0)).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("options", [{"cfg_normalization": 1.0}, {"cfg_truncation": 0.3}])
+def test_the_pipelines_cfg_options_are_reproduced(saved, inputs, base_images, options):
+    _, m = saved
+    noise, cond = inputs
+    model = ZImageModel(m.transformer, m.vae, m.text_encoder, m.tokenizer, m.scheduler, variant="base",
+                        max_sequence_length=m.max_sequence_length, **options)
+    ref = model.pipeline_images(cond, noise, STEPS, 6.0)
+    with torch.no_grad():
+        images = model.decode(rollout(model, cond, noise, STEPS, 6.0))
+        default = m.decode(rollout(m, cond, noise, STEPS, 6.0))
+    assert (images - ref).abs().max() < 1e-4
+    assert (images - default).abs().max() > 1e-3  # the option changes the images
+    if "cfg_truncation" in options:  # per-sample levels: CFG off exactly where 1 - sigma > 0.3 (the 4th step)
+        sigma = torch.tensor([0.3, 0.8])
+        with torch.no_grad():
+            v = model.velocity(noise, sigma, cond, 6.0)
+            v_1, v_6 = m.velocity(noise, sigma, cond, 1.0), m.velocity(noise, sigma, cond, 6.0)
+        assert torch.allclose(v[0], v_1[0], atol=1e-6) and torch.allclose(v[1], v_6[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["both", "cond"])
+def test_cfg_gradient_flows_through_the_passes_the_setting_names(saved, inputs, mode):
+    _, model = saved
+    noise, cond = inputs
+    sigma = torch.tensor([0.3, 0.8])
+    pos, neg = split(cond)
+    params = [p for p in model.transformer.parameters() if p.requires_grad]
+    w = torch.randn(noise.shape, generator=torch.Generator().manual_seed(3))
+
+    def grads(fn):
+        model.transformer.zero_grad(set_to_none=True)
+        (fn() * w).sum().backward()
+        return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+
+    model.set_precision("none", mode)
+    try:
+        got = grads(lambda: model.velocity(noise, sigma, cond, 4.0))
+    finally:
+        model.set_precision("none", "both")
+    if mode == "both":
+        want = grads(lambda: 4.0 * model.predict(noise, sigma, pos, None)
+                     - 3.0 * model.predict(noise, sigma, neg, None))
+    else:
+        with torch.no_grad():
+            v_u = model.predict(noise, sigma, neg, None)
+        want = grads(lambda: 4.0 * model.predict(noise, sigma, pos, None) - 3.0 * v_u)
+    scale = max(g.abs().max().item() for g in want)
+    assert scale > 0 and max((a - b).abs().max().item() for a, b in zip(got, want)) < 1e-5 * scale
+    model.transformer.zero_grad(set_to_none=True)
+
+
+def test_quantize_timesteps_floors_the_timestep(saved, inputs):
+    _, model = saved
+    noise, cond = inputs
+    pos, _ = split(cond)
+    sigma = torch.tensor([0.30049, 0.8])
+    assert not model.quantize_timesteps  # the pipeline's unquantised timestep by default
+    with torch.no_grad():
+        exact = model.predict(noise, sigma, pos, None)
+        ref = -torch.stack(model.transformer(list(noise.unsqueeze(2).unbind(0)), torch.tensor([0.7, 0.2]),
+                                             model._unpad(pos), return_dict=False)[0]).squeeze(2)
+        model.quantize_timesteps = True
+        try:
+            assert torch.allclose(model.predict(noise, sigma, pos, None), ref, atol=1e-6)
+        finally:
+            model.quantize_timesteps = False
+        assert not torch.allclose(exact, ref, atol=1e-6)
+
+
+def test_decode_is_differentiable_and_encode_inverts_the_normalisation(saved, inputs):
+    _, model = saved
+    noise, _ = inputs
+    latents = noise.clone().requires_grad_(True)
+    pixels = model.decode(latents)
+    pixels.mean().backward()
+    assert latents.grad is not None and latents.grad.abs().sum() > 0
+    assert pixels.min() >= 0 and pixels.max() <= 1
+    z = model.encode(pixels.detach())
+    assert z.shape == noise.shape and not z.requires_grad
+    cfg = model.vae.config
+    assert (cfg.scaling_factor, cfg.shift_factor) == (0.3611, 0.1159)
+    raw = model.vae.encode(pixels.detach() * 2 - 1).latent_dist.mode()
+    assert torch.allclose(z, (raw - cfg.shift_factor) * cfg.scaling_factor)
+
+
+def test_latent_shape_and_size_errors(saved):
+    _, model = saved
+    assert model.latent_shape(2, H, W) == (2, 4, 16, 24)
+    with pytest.raises(UserError, match="multiples of 4"):
+        model.latent_shape(1, 30, 48)
+    with pytest.raises(UserError, match="too large"):
+        model.latent_shape(1, 4 * 65, 32)
+
+
+def test_incompatible_parts_are_one_line_errors(saved):
+    _, m = saved
+    bad = ZImageTransformer2DModel(in_channels=8, dim=32, n_layers=1, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
+                                   cap_feat_dim=32, axes_dims=[4, 6, 6], axes_lens=[128, 64, 64])
+    cases = [(lambda: ZImageModel(bad, m.vae, m.text_encoder, m.tokenizer, m.scheduler),
+              "in_channels = 8 but vae latent_channels = 4"),
+             (lambda: ZImageModel(m.transformer, m.vae, m.text_encoder, m.tokenizer, m.scheduler,
+                                  max_sequence_length=200), "too long for this transformer"),
+             (lambda: ZImageModel(m.transformer, m.vae, m.text_encoder, m.tokenizer, m.scheduler, variant="dev"),
+              "unknown variant 'dev'")]
+    for call, message in cases:
+        with pytest.raises(UserError) as e:
+            call()
+        assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_saved_folder_loads_with_the_same_images(saved, inputs, base_images):
+    path, model = saved
+    noise, cond = inputs
+    index = json.loads((path / "model_index.json").read_text())
+    assert index["_class_name"] == "ZImagePipeline" and index["text_encoder"] == ["transformers", "Qwen3Model"]
+    assert index["tokenizer"] == ["transformers", "Qwen2Tokenizer"]
+    loaded = ZImageModel.load(path, variant="base", max_sequence_length=model.max_sequence_length)
+    assert type(loaded) is ZImageModel and type(loaded.tokenizer).__name__ == "Qwen2Tokenizer"
+    assert loaded.tokenizer.chat_template == model.tokenizer.chat_template
+    assert all(torch.equal(cond[k], v) for k, v in loaded.encode_prompts(PROMPTS).items())
+    assert torch.equal(loaded.pipeline_images(cond, noise, STEPS, CFG), base_images)
+    assert ZImageModel.load(path, max_sequence_length=64).guidance_mode == "none"  # turbo unless told otherwise
+    assert not any(path.rglob("*.bin")) and any(path.rglob("*.safetensors"))
+    other = build_tiny_z_image(seed=1, variant="base")  # another seed is another model: the comparison can fail
+    assert (other.pipeline_images(cond, noise, STEPS, CFG) - base_images).abs().max() > 1e-3
+
+
+def _fake_folder(root, saved_path, drop=(), class_name=None):
+    root.mkdir()
+    index = json.loads((saved_path / "model_index.json").read_text())
+    if class_name:
+        index["_class_name"] = class_name
+    (root / "model_index.json").write_text(json.dumps(index))
+    for c in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if c not in drop:
+            (root / c).mkdir()
+    return root
+
+
+def test_load_errors_are_one_line_and_name_the_problem(saved, tmp_path):
+    path, _ = saved
+    cases = [
+        (lambda: ZImageModel.load(tmp_path / "nowhere"), "does not exist"),
+        (lambda: ZImageModel.load(None), "needs a path"),
+        (lambda: ZImageModel.load(path, resolution=512), "unknown option(s) for model 'z_image': resolution"),
+        (lambda: ZImageModel.load(path, variant="distilled"), "unknown variant 'distilled'"),
+        (lambda: ZImageModel.load(_fake_folder(tmp_path / "novae", path, drop=("vae",))), "lacks vae/"),
+        (lambda: ZImageModel.load(_fake_folder(tmp_path / "flux", path, class_name="FluxPipeline")),
+         "holds a FluxPipeline pipeline, not ZImage"),
+        (lambda: ZImageModel.load(_fake_folder(tmp_path / "omni", path, class_name="ZImageOmniPipeline")),
+         "holds a ZImageOmniPipeline pipeline, not ZImagePipeline"),
+        (lambda: ZImageModel.load(_fake_folder(tmp_path / "noweights", path)), "cannot load weights from"),
+        (lambda: TinyZImageModel.load(path), "takes no path"),
+        (lambda: TinyZImageModel.load(depth=3), "bad option for model 'tiny_z_image'"),
+        (lambda: TinyZImageModel.load(axes_dims=(4, 4, 4)), "must sum to the head width"),
+    ]
+    (tmp_path / "model_index").mkdir()
+    cases.append((lambda: ZImageModel.load(tmp_path / "model_index"), "no model_index.json"))
+    wrong = tmp_path / "wrong_transformer"
+    wrong.mkdir()
+    (wrong / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel"}))
+    cases.append((lambda: ZImageModel.load(path, transformer_path=wrong),
+                  "holds a FluxTransformer2DModel, not a ZImageTransformer2DModel"))
+    for call, message in cases:
+        with pytest.raises(UserError) as e:
+            call()
+        assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_save_transformer_round_trip(saved, inputs, tmp_path):
+    path, model = saved
+    noise, cond = inputs
+    model.save_transformer(tmp_path / "t")
+    reloaded = ZImageTransformer2DModel.from_pretrained(tmp_path / "t", local_files_only=True)
+    mine, theirs = model.transformer.state_dict(), reloaded.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    sigma = torch.tensor([0.5, 0.5])
+    pos, _ = split(cond)
+    with torch.no_grad():
+        v = model.predict(noise, sigma, pos, None)
+        for other in (ZImageModel.load(path, transformer_path=tmp_path / "t", max_sequence_length=64),
+                      TinyZImageModel.load(seed=5, transformer_path=tmp_path / "t")):
+            assert torch.equal(other.predict(noise, sigma, pos, None), v)
+
+
+def test_lora_saved_by_the_model_loads_in_the_pipeline(saved, inputs, base_images, tmp_path):
+    path, model = saved
+    noise, cond = inputs
+    adapted = ZImageModel.load(path, variant="base", max_sequence_length=model.max_sequence_length)
+    targets = sorted(ZImageModel.lora_targets)
+    adapted.transformer.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=targets,
+                                                    init_lora_weights="gaussian"))
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(3)
+        for name, p in adapted.transformer.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    layers = peft.get_peft_model_state_dict(adapted.transformer)
+    assert layers and all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in layers)
+    assert any(k.startswith("layers.") for k in layers) and any(k.startswith("noise_refiner.") for k in layers)
+    assert any(".attention.to_out.0." in k for k in layers)
+    adapted.save_lora(tmp_path / "lora", layers, {"r": 4, "lora_alpha": 4, "target_modules": targets,
+                                                  "lora_dropout": 0.0})
+    images = adapted.pipeline_images(cond, noise, STEPS, CFG)
+    assert (images - base_images).abs().max() > 1e-3
+
+    pipe = ZImagePipeline.from_pretrained(path, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(tmp_path / "lora")
+    pos, neg = split(cond)
+    ref = pipe(prompt_embeds=model._unpad(pos), negative_prompt_embeds=model._unpad(neg), latents=noise, height=H,
+               width=W, num_inference_steps=STEPS, guidance_scale=CFG - 1, output_type="pt").images
+    assert (images - ref).abs().max() < 1e-4
+
+
+def test_plan_parts_sizes(saved):
+    from transformers import Qwen3Config, Qwen3Model
+
+    path, model = saved
+    big = ZImageModel.plan_parts(None, {}, 1024, 1024)
+    assert big.name == "Z-Image-Turbo" and big.image_tokens == 64 * 64 and big.text_tokens == 512
+    assert next(big.transformer.parameters()).device.type == "meta"
+    assert sum(p.numel() for p in big.transformer.parameters()) == 6_154_908_736  # "6B"
+    with torch.device("meta"):
+        assert sum(p.numel() for p in Qwen3Model(Qwen3Config(**QWEN3_4B)).parameters()) == QWEN3_4B_PARAMS
+    assert big.text_encoders == QWEN3_4B_PARAMS
+    assert big.vae_config == {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2,
+                              "latent_channels": 16}
+    other = ZImageModel.plan_parts(None, {"variant": "base"}, 768, 1344)
+    assert other.name == "Z-Image" and other.image_tokens == 48 * 84
+    small = ZImageModel.plan_parts(path, {"max_sequence_length": 64}, H, W)
+    assert small.image_tokens == 8 * 12 and small.text_tokens == 64
+    n = sum(p.numel() for p in model.transformer.parameters())
+    assert sum(p.numel() for p in small.transformer.parameters()) == n
+    assert small.text_encoders == sum(p.numel() for p in model.text_encoder.parameters())
+    tiny = TinyZImageModel.plan_parts(None, {"seed": 3}, H, W)
+    assert sum(p.numel() for p in tiny.transformer.parameters()) == n and tiny.image_tokens == 96
+    assert tiny.text_encoders == small.text_encoders
+    for bad in ({"foo": 1}, {"variant": "dev"}):
+        with pytest.raises(UserError):
+            ZImageModel.plan_parts(None, bad, 1024, 1024)
+
+
+def test_tiny_is_deterministic_in_seed_and_leaves_the_global_rng_alone():
+    from srpo.models.z_image import _build_tokenizer
+
+    state = torch.random.get_rng_state()
+    a, b, c = build_tiny_z_image(seed=0), build_tiny_z_image(seed=0), build_tiny_z_image(seed=1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    wa, wb, wc = (m.transformer.state_dict()["layers.0.attention.to_q.weight"] for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+    assert _build_tokenizer(640).get_vocab() == tiny_qwen_tokenizer().get_vocab()  # the same vocabulary every build
+    t = TinyZImageModel.load(dtype="bfloat16")
+    assert type(t) is TinyZImageModel and t.dtype == torch.bfloat16 and t.vae.dtype == torch.bfloat16
