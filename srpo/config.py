@@ -25,13 +25,13 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    name: str = Field("flux", description="Model family: a registered name (flux, sd3; tiny_flux, tiny_sd3 built in code) or a dotted path to a FlowModel subclass (docs/models.md).")
+    name: str = Field("flux", description="Model family: a registered name (flux, sd3, qwen_image, flux2, flux2_klein, z_image; tiny_<family> built in code) or a dotted path to a FlowModel subclass (docs/models.md).")
     path: str | None = Field(None, description="Local diffusers folder of the base model, in the layout of the family's diffusers pipeline (docs/models.md).")
     transformer_path: str | None = Field(None, description="Optional folder with transformer weights that replace the base model's.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Storage dtype of the frozen parts (text encoders, VAE); trainable weights stay float32.")
-    shift: float | None = Field(None, gt=0, description="Time shift m of the sampling schedule, m t / (1 + (m - 1) t); null: the family's rule (flux: 3, the reference trainer's fixed shift; sd3: its scheduler config's shift, dynamic where the config asks for it).")
-    quantize_timesteps: bool | None = Field(None, description="Floor the transformer's timestep input to multiples of 1/1000 as the reference FLUX trainer feeds it (noise levels themselves stay exact); null: the family's default (flux: on; sd3: off, as its pipeline).")
-    options: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments of the family's load() (flux: max_sequence_length; sd3: max_sequence_length, negative_prompt; tiny_*: seed and sizes).")
+    shift: float | None = Field(None, gt=0, description="Time shift m of the sampling schedule, m t / (1 + (m - 1) t); null: the family's rule (flux: 3, the reference trainer's fixed shift; the others: the pipeline's own, from its scheduler config, dynamic where the config asks for it).")
+    quantize_timesteps: bool | None = Field(None, description="Floor the transformer's timestep input to multiples of 1/1000 as the reference FLUX trainer feeds it (noise levels themselves stay exact); null: the family's default (flux: on; the others: off, as their pipelines feed it).")
+    options: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments of the family's load() (flux: max_sequence_length; sd3, qwen_image: max_sequence_length, negative_prompt; flux2: max_sequence_length, text_encoder_out_layers, negative_prompt (klein); z_image: variant (turbo | base), max_sequence_length, negative_prompt, cfg_normalization, cfg_truncation; tiny_*: seed and sizes). docs/models.md.")
 
 
 class RewardConfig(Section):

@@ -396,6 +396,8 @@ def test_plan_parts_sizes(saved):
         tiny = (TinyFlux2KleinModel if v == "klein" else TinyFlux2Model).plan_parts(None, {}, H, W)
         assert sum(p.numel() for p in tiny.transformer.parameters()) == n and tiny.image_tokens == 96
         assert tiny.text_encoders == small.text_encoders
+    assert dev.guidance_mode is None and klein.guidance_mode is None  # the classes' modes
+    assert TinyFlux2KleinModel.plan_parts(None, {"is_distilled": True}, H, W).guidance_mode == "none"
     with pytest.raises(UserError, match="unknown option"):
         Flux2Model.plan_parts(None, {"foo": 1}, 1024, 1024)
 

@@ -173,6 +173,16 @@ def test_brightness_scaling_moves_brightness_not_saturation():
     assert hack_index(image_stats(darker), image_stats(images)) == max(d.values())
 
 
+def test_hack_index_does_not_depend_on_the_order_of_the_statistics():
+    """One NaN statistic must give the same hack index wherever it sits in the dict (Python's max
+    keeps a leading NaN but skips a later one)."""
+    base = {"saturation": torch.tensor([0.1, 0.2]), "contrast": torch.tensor([0.1, 0.2])}
+    now = {"saturation": torch.tensor([math.nan, 0.2]), "contrast": torch.tensor([0.9, 0.9])}
+    flipped = {"contrast": now["contrast"], "saturation": now["saturation"]}
+    a, b = hack_index(now, base), hack_index(flipped, base)
+    assert (math.isnan(a) and math.isnan(b)) or a == b, (a, b)
+
+
 def test_drift_with_a_constant_base_statistic_is_finite():
     """A base statistic with no spread (std 0) is divided by 1e-8, not by 0."""
     base = {"brightness": torch.tensor([0.5, 0.5])}
@@ -382,31 +392,54 @@ def test_best_refs_in_stop_rules_see_the_previous_steps_only():
 
 # --------------------------------------------------------------------------- state round trip
 
-def test_state_round_trip_through_json_decides_like_the_original():
-    """The real measurement (tiny CLIP reward with SRP: reward, srp_reward, drift, diversity):
-    a fresh Guard loaded from the JSON'd state measures and decides exactly like the original."""
+@pytest.fixture(scope="module")
+def clip_guard():
+    """Guards on the real tiny CLIP reward with SRP (reward, srp_reward, drift, diversity): 2
+    prompts x 2 seeds, built by ``make(**overrides)``."""
     from srpo.algorithms import RewardFn
     from srpo.rewards.factory import build_reward
     from srpo.rewards.srp import SRP
 
-    cfg = load_config(TINY, ["guard.prompts=2", "guard.seeds=2", "guard.best_when=[\"hack_index <= 50\"]",
-                             "guard.stop_when=[\"srp_reward < best - 0.5\", \"diversity < 0.01 * base\"]"])
-    reward = build_reward(cfg.reward, device="cpu", training=True).frozen()
-    reward_fn = RewardFn(reward, SRP(reward, cfg.srp.pos_words, cfg.srp.neg_words, template=cfg.srp.template))
+    cfg0 = load_config(TINY)
+    reward = build_reward(cfg0.reward, device="cpu", training=True).frozen()
+    reward_fn = RewardFn(reward, SRP(reward, cfg0.srp.pos_words, cfg0.srp.neg_words, template=cfg0.srp.template))
     prompts = ["a red square in the snow", "a blue circle at sunset"]
 
-    def fresh():
-        return Guard(cfg, reward_fn, prompts, "cpu")
+    def make(*sets):
+        return Guard(load_config(TINY, ["guard.prompts=2", "guard.seeds=2", *sets]), reward_fn, prompts, "cpu")
 
+    return make
+
+
+def test_diversity_through_the_guard_images_and_features(clip_guard):
+    """Image i is prompt i // seeds at seed i % seeds: the same image for both seeds of each
+    prompt has diversity 0 (and the relative diversity is then undefined, not 1)."""
+    g = clip_guard()
+    a, b = _gradients(n=2, size=32, seed=5), _gradients(n=2, size=32, seed=6)
+    same = torch.stack([a[0], a[0], a[1], a[1]])
+    m = g.measure(same)
+    assert m["diversity_abs"] == pytest.approx(0.0, abs=1e-5) and math.isnan(m["diversity"])
+    g = clip_guard()
+    distinct = torch.stack([a[0], b[0], a[1], b[1]])
+    m = g.measure(distinct)
+    assert m["diversity_abs"] > 0 and m["diversity"] == 1.0  # relative to itself at the base
+    m = g.measure(same)
+    assert m["diversity_abs"] == pytest.approx(0.0, abs=1e-5) and m["diversity"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_state_round_trip_through_json_decides_like_the_original(clip_guard):
+    """A fresh Guard loaded from the JSON'd state measures and decides exactly like the original."""
+    sets = ["guard.best_when=[\"hack_index <= 50\"]",
+            "guard.stop_when=[\"srp_reward < best - 0.5\", \"diversity < 0.01 * base\"]"]
     images = _gradients(n=4, size=32, seed=3)
     steps = [images, adjust(images, saturation=1.2), adjust(images, saturation=1.5, contrast=1.3, sharpen=1.0),
              adjust(images, saturation=0.8, contrast=0.7)]
-    g = fresh()
-    assert g.feature_model is not None and "diversity" in g.metric_names()
+    g = clip_guard(*sets)
+    assert g.feature_model is not None and "diversity" in g.metric_names() and g.metric == "srp_reward"
     for step, img in zip((0, 2), steps[:2]):
         g.decide(step, g.measure(img))
     state = json.loads(json.dumps(g.state()))  # as state.json stores it (NaN / -inf survive Python's json)
-    h = fresh()
+    h = clip_guard(*sets)
     h.load(state)
     for step, img in zip((4, 6), steps[2:]):
         a, b = g.measure(img), h.measure(img)
@@ -416,8 +449,7 @@ def test_state_round_trip_through_json_decides_like_the_original():
         assert json.dumps(g.state()) == json.dumps(h.state())
     assert (g.best_step, g.best_value) == (h.best_step, h.best_value)
     # the test can tell: without the state, a fresh Guard takes the next images as its base
-    blank = fresh()
-    assert blank.measure(steps[2])["hack_index"] == 0.0
+    assert clip_guard(*sets).measure(steps[2])["hack_index"] == 0.0
 
 
 def test_state_without_a_best_or_diversity_survives_json():

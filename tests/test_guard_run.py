@@ -4,7 +4,9 @@ carries the guard's state so a killed and resumed run decides exactly like an un
 
 Runs (trained once per module):
 - ``ref``: 6 updates, guard every 2, checkpoints every 2 (all kept), a stop rule that can never
-  fire, best_when [] (every guard step is eligible: a best exists);
+  fire, best_when hack_index <= 2 (update 2 always qualifies with this model, so a best exists;
+  update 6 does not, so best/ is an earlier step than final/ and resuming from checkpoint 4
+  must carry the best found before it);
 - ``killed``: the same config as a real ``srpo train`` process that SIGKILLs itself while writing
   checkpoint 6 (the test hook ``SRPO_TEST_KILL_IN_SAVE``), i.e. after the guard evaluated update
   6 but before anything of the end was written; the newest checkpoint is step 4. It trains while
@@ -38,7 +40,8 @@ CONFIG = ROOT / "configs" / "tiny.yaml"
 STEPS = 6
 QUICK = [f"train.max_steps={STEPS}", "rollout.steps=2", "data.eval_steps=2", "guard.prompts=2", "log.tensorboard=false",
          "log.progress=false", "guard.every=2", "log.checkpoint_every=2", "log.keep_checkpoints=10"]
-REF = QUICK + ['guard.stop_when=["hack_index > 1e9"]', "guard.best_when=[]"]
+BEST_WHEN = 2.0  # hack_index <= 2: with the tiny model, updates 2 and 4 qualify, 6 (about 2.2) does not
+REF = QUICK + ['guard.stop_when=["hack_index > 1e9"]', f'guard.best_when=["hack_index <= {BEST_WHEN}"]']
 NEVER = "hack_index > 1e9"
 STOP = "hack_index > 0"
 
@@ -170,10 +173,11 @@ def test_best_is_the_checkpoint_of_the_best_step_bit_for_bit(runs):
     ref = runs.ref
     g = _summary(ref)["guard"]
     assert g["best_metric"] == "srp_reward"
-    guard_rows = [r for r in _rows(ref) if _guard_part(r)]
-    values = [r["guard/srp_reward"] for r in guard_rows]
-    # best_when []: the first guard step with the highest srp_reward (ties keep the earlier)
-    want = guard_rows[values.index(max(values))]["step"]
+    eligible = [r for r in _rows(ref) if _guard_part(r) and r["guard/hack_index"] <= BEST_WHEN]
+    assert eligible, "no guard step met best_when: choose a larger BEST_WHEN"
+    values = [r["guard/srp_reward"] for r in eligible]
+    # the first eligible guard step with the highest srp_reward (ties keep the earlier)
+    want = eligible[values.index(max(values))]["step"]
     assert g["best_step"] == want and g["best_value"] == max(values)
     best = _weights(ref / "best")
     assert _same(best, _ckpt(ref, want))

@@ -216,9 +216,19 @@ class FlowModel:
                 with torch.set_grad_enabled(torch.is_grad_enabled() and not grad_cond_only):
                     v_u = self.predict(latents, sigma, neg, None).float()
             else:  # one batched call, [negative, positive], as diffusers' pipelines make it
-                both = {k: torch.cat([neg[k], pos[k]]) for k in pos}
-                v_u, v = self.predict(torch.cat([latents, latents]), torch.cat([sigma, sigma]), both, None).float().chunk(2)
+                v_u, v = self.predict(torch.cat([latents, latents]), torch.cat([sigma, sigma]),
+                                      self._cfg_batch(pos, neg), None).float().chunk(2)
             return self.combine_cfg(v, v_u, guidance)
+
+    def _cfg_batch(self, pos: Cond, neg: Cond) -> Cond:
+        """``[negative, positive]`` conditioning, concatenated once per conditioning (a rollout
+        reuses it at every step, as the pipelines concatenate once before their loop)."""
+        sources = [t for k in pos for t in (pos[k], neg[k])]
+        cached = getattr(self, "_cfg_cached", None)  # (the source tensors, held so no id is reused; the batch)
+        if cached is None or len(cached[0]) != len(sources) or any(a is not b for a, b in zip(cached[0], sources)):
+            cached = (sources, {k: torch.cat([neg[k], pos[k]]) for k in pos})
+            self._cfg_cached = cached
+        return cached[1]
 
     def gradient_forwards(self, guidance: float) -> int:
         """Transformer passes per gradient forward that keep activations (for the memory plan)."""

@@ -253,14 +253,16 @@ class Flux2Base(FlowModel):
         return cls(pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, **kwargs)
 
     @classmethod
-    def _plan(cls, name, transformer, vae, text_params: int, max_len: int, height: int, width: int) -> PlanParts:
+    def _plan(cls, name, transformer, vae, text_params: int, max_len: int, height: int, width: int,
+              distilled: bool = False) -> PlanParts:
         vc = vae.config
         n = 2 ** len(vc.block_out_channels)  # VAE factor x the 2x2 patchify
         return PlanParts(
             name=name, transformer=transformer, vae=vae,
             vae_config={"block_out_channels": tuple(vc.block_out_channels), "layers_per_block": vc.layers_per_block,
                         "latent_channels": vc.latent_channels},
-            text_encoders=int(text_params), text_tokens=int(max_len), image_tokens=(height // n) * (width // n))
+            text_encoders=int(text_params), text_tokens=int(max_len), image_tokens=(height // n) * (width // n),
+            guidance_mode="none" if distilled else None)
 
     @classmethod
     def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:
@@ -283,7 +285,8 @@ class Flux2Base(FlowModel):
             vae = AutoencoderKLFlux2.from_config(_read_config(root / "vae"))
             encoder = cls.text_encoder_from_config(_read_config(root / "text_encoder"))
         text_params = sum(p.numel() for p in encoder.parameters())
-        return cls._plan(f"{cls.pipeline_class} ({root.name})", transformer, vae, text_params, max_len, height, width)
+        return cls._plan(f"{cls.pipeline_class} ({root.name})", transformer, vae, text_params, max_len, height, width,
+                         distilled=bool(_model_index(root).get("is_distilled", False)))
 
     @classmethod
     def flagship(cls) -> tuple[dict, dict, int, str]:
@@ -805,6 +808,7 @@ class _TinyLoad:
         if path:
             raise UserError(f"model '{cls.family}' is built in code and takes no path (got {path})")
         max_len = int(options.pop("max_sequence_length", 128))
+        distilled = bool(options.get("is_distilled", False))
         for k in ("seed", "shift", "quantize_timesteps", "negative_prompt", "is_distilled"):
             options.pop(k, None)
         try:
@@ -813,7 +817,8 @@ class _TinyLoad:
         except TypeError as e:
             raise UserError(f"bad option for model '{cls.family}': {e}") from None
         text = sum(p.numel() for p in m["text_encoder"].parameters())
-        return cls._plan(f"tiny {cls.base.pipeline_class}", m["transformer"], m["vae"], text, max_len, height, width)
+        return cls._plan(f"tiny {cls.base.pipeline_class}", m["transformer"], m["vae"], text, max_len, height, width,
+                         distilled=distilled)
 
 
 @MODELS.register("tiny_flux2")
