@@ -88,7 +88,7 @@ def train(cfg: Config, output: str | Path, resume: bool = False) -> dict:
     last_eval: dict = {}
     if eval_prompts and start == 0:
         if guard is not None:  # the guard's images serve the before grid and metrics
-            summary["eval_before"], _ = guard_step(guard, model, 0, log, ctx, "before.png")
+            summary["eval_before"], _, _ = guard_step(guard, model, 0, log, ctx, "before.png")
         else:
             summary["eval_before"], images = evaluate(model, reward_fn, cfg, eval_prompts)
             log.grid(images, "before.png")
@@ -104,8 +104,8 @@ def train(cfg: Config, output: str | Path, resume: bool = False) -> dict:
         done = step + 1
         if guard is not None and ((cfg.guard.every and done % cfg.guard.every == 0) or done == t.max_steps):
             name = "after.png" if done == t.max_steps else f"step-{done:06d}.png"
-            last_eval, decision = guard_step(guard, model, done, log, ctx, name)
-            row.update({f"guard/{k}": v for k, v in last_eval.items()})
+            last_eval, decision, seconds = guard_step(guard, model, done, log, ctx, name)
+            row.update({f"guard/{k}": v for k, v in last_eval.items()}, guard_seconds=seconds)
             if decision.best:
                 export.save_final(model, output, cfg, ctx, name="best")  # best/ (LoRA merged), best-lora/
             if decision.stop is not None:
@@ -154,12 +154,15 @@ def train(cfg: Config, output: str | Path, resume: bool = False) -> dict:
 def guard_step(guard, model, step: int, log, ctx, grid_name: str):
     """One guard evaluation: its images become the step's sample grid; every rank takes rank 0's
     decision (the images are the same on every rank; this makes it certain)."""
+    t0 = time.perf_counter()
     metrics, images = guard.evaluate(model)
     decision = parallel.broadcast_object(guard.decide(step, metrics), ctx)
+    seconds = time.perf_counter() - t0  # the evaluation's cost (guard_seconds in metrics.jsonl)
     log.grid(images, grid_name)
     if step == 0:  # metrics.jsonl holds updates; the base evaluation is eval_before.json (and TensorBoard step 0)
         log.scalars(0, {f"guard/{k}": v for k, v in metrics.items()})
-    return metrics, decision
+        log.write_json("guard_before.json", {"seconds": seconds})
+    return metrics, decision, seconds
 
 
 def save_checkpoint(output: Path, step: int, model, optimizer, cfg: Config, ctx, guard=None) -> None:

@@ -11,7 +11,7 @@ from diffusers.pipelines.flux.pipeline_flux_img2img import retrieve_latents
 
 from srpo.errors import UserError
 from srpo.models import MODELS
-from srpo.models.flux import FluxModel, pack
+from srpo.models.flux import FluxModel
 from srpo.models.tiny import build_tiny_flux, save_tiny_flux
 
 PROMPTS = ["a red cube on a table", "a small blue ball in the grass"]

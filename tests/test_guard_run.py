@@ -89,14 +89,22 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("guard_run")
     killed = _srpo("train", CONFIG, "--output", tmp / "killed", *[a for s in REF for a in ("--set", s)],
                    SRPO_TEST_KILL_IN_SAVE=str(STEPS))
-    train(load_config(CONFIG, QUICK + [f'guard.stop_when=["{NEVER}", "{STOP}"]', 'guard.best_when=["hack_index < 0"]']),
-          tmp / "stopped")
-    no_best = _srpo("sample", "--model", tmp / "stopped", "--which", "best", "--prompt", "a red square",
-                    "--steps", "1", "-o", tmp / "never")
-    train(load_config(CONFIG, REF), tmp / "ref")
-    _, err = killed.communicate(timeout=300)
-    assert killed.returncode == -signal.SIGKILL, err[-2000:]
-    out, err = no_best.communicate(timeout=300)
+    procs = [killed]
+    try:
+        train(load_config(CONFIG, QUICK + [f'guard.stop_when=["{NEVER}", "{STOP}"]',
+                                           'guard.best_when=["hack_index < 0"]']), tmp / "stopped")
+        no_best = _srpo("sample", "--model", tmp / "stopped", "--which", "best", "--prompt", "a red square",
+                        "--steps", "1", "-o", tmp / "never")
+        procs.append(no_best)
+        train(load_config(CONFIG, REF), tmp / "ref")
+        _, err = killed.communicate(timeout=300)
+        assert killed.returncode == -signal.SIGKILL, err[-2000:]
+        _, err = no_best.communicate(timeout=300)
+    finally:
+        for p in procs:  # only on a failure above: do not leave them running
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     return SimpleNamespace(tmp=tmp, ref=tmp / "ref", killed=tmp / "killed", stopped=tmp / "stopped",
                            no_best=(no_best.returncode, err))
 

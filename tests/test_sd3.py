@@ -2,7 +2,6 @@
 the whole sampler), folder round trips and errors, transformer and LoRA export, plan sizes."""
 
 import json
-import shutil
 
 import peft
 import pytest

@@ -26,7 +26,7 @@ from .. import seeding
 from ..rewards.factory import build_reward
 from ..sampling import rollout
 from . import rules as R
-from .stats import STATS, diversity, drift, image_stats
+from .stats import STATS, diversity, drift, image_stats, max_drift
 
 
 @dataclass
@@ -107,7 +107,7 @@ class Guard:
             self.base_stats = stats
         d = drift(stats, self.base_stats)
         out.update({f"drift:{k}": v for k, v in d.items()})
-        out["hack_index"] = max(d.values())
+        out["hack_index"] = max_drift(d)
         for name, judge in self.judges.items():
             device = next(iter(judge.parameters()), torch.empty(0)).device
             scores = [judge.score(images[i:i + 16].to(device), prompts[i:i + 16]).float().cpu()

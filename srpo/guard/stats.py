@@ -8,6 +8,8 @@ for the guard and the lab's judge (which reads it over the three statistics it w
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -73,9 +75,14 @@ def drift(now: dict[str, Tensor], base: dict[str, Tensor]) -> dict[str, float]:
 
 
 def hack_index(now: dict[str, Tensor], base: dict[str, Tensor], keys=None) -> float:
-    """The largest drift over ``keys`` (all statistics present by default)."""
-    d = drift(now, base)
-    return max(d[k] for k in (keys or d))
+    """The largest drift over ``keys`` (all statistics present by default); NaN when any is NaN
+    (never a silently smaller index)."""
+    return max_drift(drift(now, base), keys)
+
+
+def max_drift(d: dict[str, float], keys=None) -> float:
+    values = [d[k] for k in (keys or d)]
+    return math.nan if any(math.isnan(v) for v in values) else max(values)
 
 
 def diversity(features: Tensor, groups: int) -> float:

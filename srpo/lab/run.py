@@ -5,7 +5,8 @@
 3. train with :func:`srpo.trainer.train` (the same code path as real models), then sample and
    judge again on the same seeds, and at every checkpoint for the curves;
 4. the control: the same budget maximising the absolute reward (SRP off, late timesteps, no
-   inversion branch), which should hack the reward's saturation / contrast / sharpness bias;
+   inversion branch), which should hack the reward's saturation / contrast / sharpness bias:
+   once under the default guard (which should stop it) and once without it (the table's column);
 5. write ``summary.json``, grids and curves, and print a table.
 """
 
@@ -27,6 +28,7 @@ CONFIG = ROOT / "configs" / "lab.yaml"
 WEIGHTS = Path(__file__).parent / "weights"
 METRICS = ("realism", "fidelity", "hack_index", "reward", "srp_reward")
 EVAL_REPEATS = 2  # seeds per held-out prompt
+UNGUARDED = "control-unguarded"  # the control run without the guard (the table's control column)
 
 # the control: maximise the absolute reward late in the trajectory, no inversion branch, at 20x
 # the learning rate (at SRPO's own rate, late-timestep updates barely move the model: docs/lab.md)
@@ -169,7 +171,12 @@ def table(summary: dict) -> str:
     for name, g in summary.get("guard", {}).items():
         ran = f"stopped after update {g['stopped_at']} ({g['rule']})" if g.get("stopped_at") else "ran every update"
         best = f"best/ at update {g['best_step']}" if g.get("best_step") else "no best/"
-        lines.append(f"guard {name}: {ran}; {best}")
+        line = f"guard {name}: {ran}; {best}"
+        if g.get("stopped_at") and g.get("unguarded_final"):
+            at, end = g["final"], g["unguarded_final"]
+            line += (f"; at the stop realism {at['realism']:.3f} fidelity {at['fidelity']:.3f} vs unguarded "
+                     f"{end['realism']:.3f} / {end['fidelity']:.3f}")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -180,7 +187,7 @@ def run_lab(output, quick: bool = False, control: bool = True, config=None, over
 
     t0 = time.perf_counter()
     output = Path(output)
-    if (output / "srpo" / "checkpoints").is_dir():
+    if (output / "srpo" / "checkpoints").is_dir() or (output / UNGUARDED).is_dir():
         raise UserError(f"{output} already holds a lab run: choose another --output or delete it")
     output.mkdir(parents=True, exist_ok=True)
     cfg = lab_config(config, overrides, quick)
@@ -195,19 +202,30 @@ def run_lab(output, quick: bool = False, control: bool = True, config=None, over
     before, before_images = evaluator()
     summary = {"before": {k: before[k] for k in METRICS}}
     curves = {"srpo": [{"step": 0, **before}]}
+    # the control twice: under the default guard (it stops on the hack rule) and without it, all
+    # updates (the table's control column: what maximising the absolute reward does when unwatched)
     runs = {"srpo": cfg}
     if control:
         runs["control"] = lab_config(config, list(overrides) + CONTROL, quick)
+        runs[UNGUARDED] = lab_config(config, list(overrides) + CONTROL + ["guard.enabled=false"], quick)
         curves["control"] = [{"step": 0, **before}]
+        curves[UNGUARDED] = [{"step": 0, **before}]
     _grid(before_images, output / "before.png")
     rows = {}
     summary["guard"] = {}
     for name, run_cfg in runs.items():
-        final, images, curve, summary["guard"][name] = _train(run_cfg, output / name, evaluator, progress)
+        final, images, curve, guard = _train(run_cfg, output / name, evaluator, progress)
         curves[name] += curve
         rows[name] = _read_metrics(output / name)
-        summary["after" if name == "srpo" else name] = {k: final[k] for k in METRICS}
-        _grid(images, output / ("after.png" if name == "srpo" else f"{name}.png"))
+        if name == UNGUARDED:
+            summary["control"] = {k: final[k] for k in METRICS}
+            summary["guard"]["control"]["unguarded_final"] = guard["final"]
+            _grid(images, output / "control.png")
+        else:
+            summary["guard"][name] = guard
+            if name == "srpo":
+                summary["after"] = {k: final[k] for k in METRICS}
+                _grid(images, output / "after.png")
     summary["detail"] = {name: curve[-1] for name, curve in curves.items()}
     summary["detail"]["before"] = before
     summary["targets"] = targets(summary)
