@@ -171,7 +171,7 @@ class MemoryConfig(Section):
 class GuardConfig(Section):
     enabled: bool = Field(True, description="Watch the run for reward hacking and over-optimisation: evaluate the held-out prompts (data.eval_prompts; no eval prompts: no guard) with fixed seeds before training, every guard.every updates and at the end; drift of image statistics against the base model, held-out judges, diversity; stop rules; best/ (docs/guard.md).")
     every: int = Field(10, ge=0, description="Guard evaluation every N updates (0: only before and after training).")
-    prompts: int | None = Field(8, ge=1, description="The first N held-out prompts the guard renders (null: all of data.eval_prompts).")
+    prompts: int | None = Field(4, ge=1, description="The first N held-out prompts the guard renders (null: all of data.eval_prompts); at the defaults (4 x 2 seeds every 10 updates) the guard costs under 10 % of training time on the lab (BENCHMARKS.md).")
     seeds: int = Field(2, ge=1, description="Fixed seeds per held-out prompt (diversity needs 2 or more).")
     batch: int = Field(8, ge=1, description="Images per rollout batch of a guard evaluation.")
     judges: list[RewardConfig] = Field(default_factory=list, description="Held-out judges: rewards the run does not train on, scored absolutely (e.g. train on hps, watch pickscore and aesthetic); metric judge:<name> (options.label overrides the name).")
