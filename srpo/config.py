@@ -133,9 +133,10 @@ class OfflineConfig(Section):
 
 
 class DataConfig(Section):
-    prompts: str | list[str] | None = Field(None, description="Training prompts: a text file (one per line) or an inline list (required unless data.offline gives captioned images).")
+    prompts: str | list[str] | None = Field(None, description="Training prompts: a text file (one per line), a .jsonl, .csv or .parquet file (column data.prompt_column), a local Hugging Face datasets folder written by save_to_disk, or an inline list (required unless data.offline gives captioned images).")
+    prompt_column: str = Field("prompt", description="The column holding the prompt in .jsonl / .csv / .parquet files and datasets folders (data.prompts and data.eval_prompts).")
     offline: OfflineConfig | None = Field(None, description="Offline mode: x0 from VAE-encoded real images with captions, fresh noise per sample.")
-    eval_prompts: str | list[str] | None = Field(None, description="Held-out prompts for evaluation (file or list); none: skip evaluation.")
+    eval_prompts: str | list[str] | None = Field(None, description="Held-out prompts for evaluation and the guard (any form data.prompts takes); none: skip evaluation.")
     eval_seed: int = Field(1234, description="Seed of the evaluation noise (the same before and after training).")
     eval_steps: int = Field(25, ge=1, description="Sampling steps of evaluation and sample grids.")
     eval_guidance: float = Field(3.5, ge=0, description="Guidance of evaluation and sample grids, as the family applies it (FLUX embedded guidance, CFG scale).")
@@ -192,12 +193,22 @@ class GuardConfig(Section):
         return v
 
 
+class WandbConfig(Section):
+    project: str = Field(..., description="Weights & Biases project.")
+    mode: Literal["online", "offline", "disabled"] = Field("online", description="online: sync as it runs; offline: write the run under dir (wandb sync uploads it later; needs no network); disabled: no-op.")
+    entity: str | None = Field(None, description="W&B entity (team or user); none: the default of the logged-in user.")
+    name: str | None = Field(None, description="Run name; none: the run folder's name.")
+    dir: str | None = Field(None, description="Where W&B writes its files; none: the run folder.")
+    tags: list[str] = Field(default_factory=list, description="Run tags.")
+
+
 class LogConfig(Section):
     sample_every: int = Field(0, ge=0, description="Without the guard: a sample grid of the eval prompts every N updates (0: only before and after). With the guard, the grids are its images at each guard evaluation.")
     checkpoint_every: int = Field(0, ge=0, description="Write a resumable checkpoint every N updates (0: only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="How many of the newest checkpoints to keep.")
     tensorboard: bool = Field(True, description="Write TensorBoard events next to metrics.jsonl.")
     progress: bool = Field(True, description="Show a progress bar.")
+    wandb: WandbConfig | None = Field(None, description="Also log to Weights & Biases (pip install 'srpo[wandb]'): metrics, sample grids and the resolved config, from rank 0 only.")
 
 
 class BaselineSection(Section):
