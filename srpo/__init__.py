@@ -1,3 +1,22 @@
-"""srpo: Semantic-Relative Preference Optimization for diffusers flow-matching models."""
+"""srpo: Semantic-Relative Preference Optimization for diffusers flow-matching models.
+
+``srpo.train(config, output, **overrides)`` and ``srpo.load_run(folder)`` are the Python API
+(:mod:`srpo.api`); the ``srpo`` command is :mod:`srpo.cli`."""
 
 __version__ = "0.1.0"
+
+
+def train(config, output, resume: bool = False, **overrides) -> dict:
+    from .api import train as _train
+
+    return _train(config, output, resume=resume, **overrides)
+
+
+def load_run(folder, which: str = "final", device: str = "auto"):
+    from .api import load_run as _load_run
+
+    return _load_run(folder, which=which, device=device)
+
+
+train.__doc__ = "Train a config into a run folder; see :func:`srpo.api.train`."
+load_run.__doc__ = "A trained run ready to sample; see :func:`srpo.api.load_run`."

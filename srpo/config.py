@@ -8,6 +8,7 @@ one-line :class:`~srpo.errors.UserError`. ``docs/config.md`` is generated from t
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -335,15 +336,46 @@ def validate(tree: dict) -> Config:
         raise UserError(_format_error(e)) from None
 
 
-def load_config(source: str | Path | dict, overrides: list[str] | None = None) -> Config:
-    """Load, override, validate. ``source`` is a YAML path or an already-parsed dict."""
+BUILTIN = Path(__file__).resolve().parent / "configs"  # package data: tiny*, lab and the real-model templates
+
+
+def builtin_configs() -> list[str]:
+    return sorted(p.stem for p in BUILTIN.glob("*.yaml"))
+
+
+def find_config(source: str | Path) -> Path:
+    """A config file: a path, or the name of a built-in config (``tiny``, ``tiny-sd3``, ``lab``,
+    ``flux-hps``, ...) that ships with the package."""
+    path = Path(source)
+    if path.is_file():
+        return path
+    if path.parent == Path(".") and path.suffix in ("", ".yaml"):
+        candidate = BUILTIN / f"{path.stem}.yaml"
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"config file not found: {path} (built-in configs by name: {', '.join(builtin_configs())})")
+
+
+def apply_values(tree: dict, values: dict, prefix: str = "") -> dict:
+    """Python overrides: ``{"train.lr": 1e-5}`` or nested ``{"train": {"lr": 1e-5}}``."""
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and dotted.split(".")[0] in Config.model_fields and dotted.count(".") < 1:
+            apply_values(tree, value, dotted + ".")
+        else:
+            _set_dotted(tree, dotted, value)
+    return tree
+
+
+def load_config(source: str | Path | dict, overrides: list[str] | None = None, values: dict | None = None) -> Config:
+    """Load, override, validate. ``source`` is a YAML path, a built-in config's name or an
+    already-parsed dict; ``overrides`` are ``--set`` strings, ``values`` Python values by
+    dotted key or section dict (applied after ``overrides``)."""
     base = Path.cwd()
     if isinstance(source, dict):
         tree = source
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise UserError(f"config file not found: {path}")
+        path = find_config(source)
         try:
             tree = yaml.safe_load(path.read_text())
         except (yaml.YAMLError, UnicodeDecodeError) as e:
@@ -355,7 +387,8 @@ def load_config(source: str | Path | dict, overrides: list[str] | None = None) -
         if not isinstance(tree, dict):
             raise UserError(f"config file {path} must be a mapping of sections (model:, reward:, ...)")
         base = path.resolve().parent
-    tree = apply_overrides(dict(tree), overrides or [])
+    tree = apply_overrides(copy.deepcopy(tree), overrides or [])
+    tree = apply_values(tree, values or {})
     return resolve_paths(validate(tree), base)
 
 

@@ -23,8 +23,7 @@ from ..errors import UserError
 from .judge import Judge
 from .render import image_stats
 
-ROOT = Path(__file__).resolve().parents[2]
-CONFIG = ROOT / "configs" / "lab.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "lab.yaml"  # package data (configs/ in a checkout)
 WEIGHTS = Path(__file__).parent / "weights"
 METRICS = ("realism", "fidelity", "hack_index", "reward", "srp_reward")
 EVAL_REPEATS = 2  # seeds per held-out prompt
@@ -45,7 +44,7 @@ def lab_config(config=None, overrides=(), quick: bool = False):
 
     path = Path(config) if config else CONFIG
     if not path.is_file():
-        raise UserError(f"lab config {path} not found: run from a source checkout or pass --config")
+        raise UserError(f"lab config {path} not found: pass --config with a lab config file")
     cfg = load_config(path, list(overrides) + (QUICK if quick else []))
     for what, p in (("base model", cfg.model.path), ("reward", cfg.reward.path)):
         if p and not Path(p).exists():
