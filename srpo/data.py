@@ -130,7 +130,7 @@ def _from_jsonl(path: Path, what: str, column: str) -> list[str]:
 
 def _from_csv(path: Path, what: str, column: str) -> list[str]:
     text = _read_text(path, what, "utf-8-sig")
-    reader = csv.reader(text.splitlines(keepends=True))
+    reader = csv.reader(text.splitlines(keepends=True), strict=True)  # bad quoting is an error
     try:
         header = next(reader, None)
         if header is None or not any(h.strip() for h in header):
@@ -150,7 +150,8 @@ def _from_csv(path: Path, what: str, column: str) -> list[str]:
                                 f"quote values that hold commas")
             prompts.append(_value(what, where, column, row[i]))
     except csv.Error as e:
-        raise UserError(f"{what} file {path} is not a readable CSV file (line {reader.line_num}: {e})") from None
+        raise UserError(f"{what} file {path} is not a readable CSV file (line {reader.line_num}: {e}): "
+                        f"put values holding commas, quotes or line breaks in double quotes, inner quotes doubled") from None
     if not prompts:
         raise UserError(f"{what} file {path} has a header but no rows: write one row per prompt")
     return prompts
@@ -193,9 +194,13 @@ def _from_datasets_folder(path: Path, what: str, column: str) -> list[str]:
         raise UserError(f"{what}: {path} is a Hugging Face datasets folder, which needs the datasets "
                         f"package: {EXTRA}") from None
     where = f"datasets folder {path}"
+    empty = [f"{where} split {s.name!r}" if is_dict else where
+             for s in (sorted(path.iterdir()) if is_dict else [path]) if _saved_empty(s)]
     try:
         ds = datasets.load_from_disk(str(path))  # local files only: no download, no remote code
     except Exception as e:
+        if empty:  # datasets cannot load the empty datasets it saves
+            raise UserError(f"{what} {empty[0]} has no rows: give at least one prompt") from None
         raise UserError(f"{what}: {where} could not be read ({_brief(e)}): "
                         f"write it again with Dataset.save_to_disk") from None
     if isinstance(ds, datasets.DatasetDict):
@@ -216,3 +221,12 @@ def _from_datasets_folder(path: Path, what: str, column: str) -> list[str]:
         raise UserError(f"{what}: {where} could not be read ({_brief(e)}): "
                         f"write it again with Dataset.save_to_disk") from None
     return _from_column(values, what, where, column)
+
+
+def _saved_empty(folder: Path) -> bool:
+    """Whether ``folder`` holds a dataset that ``save_to_disk`` wrote with no rows (no data files)."""
+    try:
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and state.get("_data_files") == []

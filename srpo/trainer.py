@@ -64,7 +64,8 @@ def train(cfg: Config, output: str | Path, resume: bool = False) -> dict:
     prompts = load_prompts(cfg.data.prompts) or offline.captions  # every input is checked before anything is written
     eval_prompts = load_prompts(cfg.data.eval_prompts, "eval prompts")
     model, reward_fn, algorithm = build(cfg, ctx.device)
-    log = RunLog(output, enabled=ctx.is_main, tensorboard=cfg.log.tensorboard, resume=resume)
+    log = RunLog(output, enabled=ctx.is_main, tensorboard=cfg.log.tensorboard, resume=resume,
+                 wandb=cfg.log.wandb, config=cfg.model_dump(mode="json"))
     if ctx.is_main:
         (output / "config.yaml").write_text(dump_config(cfg))
 

@@ -144,7 +144,12 @@ def test_empty_files(tmp_path):
     pq = write_parquet(tmp_path / "p.parquet", {"prompt": []})
     assert f"prompts file {pq} has no rows" in error(pq)
     ds = save_dataset(tmp_path / "ds", {"prompt": []})
-    assert f"datasets folder {ds} has no rows" in error(ds)
+    assert error(ds) == f"prompts datasets folder {ds} has no rows: give at least one prompt"
+    import datasets
+
+    dd = tmp_path / "dd"
+    datasets.DatasetDict(train=datasets.Dataset.from_dict({"prompt": []})).save_to_disk(str(dd))
+    assert error(dd) == f"prompts datasets folder {dd} split 'train' has no rows: give at least one prompt"
 
 
 def test_missing_column_names_the_columns_there(tmp_path):
@@ -206,9 +211,14 @@ def test_malformed_csv(tmp_path):
     ragged.write_text("prompt,id\na,1\nb,2,extra\n")
     assert (f"prompts file {ragged} line 3 has 3 fields but the header has 2: quote values that hold commas"
             == error(ragged))
-    nul = tmp_path / "n.csv"
-    nul.write_text("prompt\na\x00b\n")
-    assert f"prompts file {nul} is not a readable CSV file" in error(nul)
+    unclosed = tmp_path / "u.csv"
+    unclosed.write_text('prompt,id\na,1\n"b,2\nc,3\n')  # an unclosed quote would swallow the rest
+    assert error(unclosed) == (f"prompts file {unclosed} is not a readable CSV file "
+                               f"(line 4: unexpected end of data): put values holding commas, quotes or line breaks "
+                               f"in double quotes, inner quotes doubled")
+    badquote = tmp_path / "q.csv"
+    badquote.write_text('prompt\n"a"b\n')
+    assert error(badquote).startswith(f"prompts file {badquote} is not a readable CSV file (line 2: ',' expected after '\"'): ")
 
 
 def test_corrupt_parquet(tmp_path):
