@@ -16,7 +16,7 @@ from srpo.lab.run import EVAL_REPEATS, Evaluator, lab_config
 def main() -> None:
     torch.set_num_threads(1)
     cfg = lab_config()
-    heldout = load_prompts(cfg.data.eval_prompts, "lab held-out prompts")
+    heldout = load_prompts(cfg.data.eval_prompts, "lab held-out prompts", cfg.data.prompt_column)
     judge = Judge.load(Path(cfg.model.path).parent / "judge")
     for name, prompts in (("one object", [p for p in heldout if " and " not in p]),
                           ("two objects", [p for p in heldout if " and " in p])):

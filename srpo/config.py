@@ -134,7 +134,7 @@ class OfflineConfig(Section):
 
 
 class DataConfig(Section):
-    prompts: str | list[str] | None = Field(None, description="Training prompts: a text file (one per line), a .jsonl, .csv or .parquet file (column data.prompt_column), a local Hugging Face datasets folder written by save_to_disk, or an inline list (required unless data.offline gives captioned images).")
+    prompts: str | list[str] | None = Field(None, description="Training prompts: a text file (one per line), a .jsonl, .csv or .parquet file (column data.prompt_column), a local Hugging Face datasets folder written by save_to_disk (a DatasetDict folder gives its train split; point at FOLDER/<split> for another), or an inline list (required unless data.offline gives captioned images).")
     prompt_column: str = Field("prompt", description="The column holding the prompt in .jsonl / .csv / .parquet files and datasets folders (data.prompts and data.eval_prompts).")
     offline: OfflineConfig | None = Field(None, description="Offline mode: x0 from VAE-encoded real images with captions, fresh noise per sample.")
     eval_prompts: str | list[str] | None = Field(None, description="Held-out prompts for evaluation and the guard (any form data.prompts takes); none: skip evaluation.")

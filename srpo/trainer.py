@@ -61,8 +61,8 @@ def train(cfg: Config, output: str | Path, resume: bool = False) -> dict:
     ctx = parallel.setup(cfg)
     t_start = time.perf_counter()
     offline = OfflineData.from_config(cfg)  # captioned real images for x0 (data.offline), or None
-    prompts = load_prompts(cfg.data.prompts) or offline.captions  # every input is checked before anything is written
-    eval_prompts = load_prompts(cfg.data.eval_prompts, "eval prompts")
+    prompts = load_prompts(cfg.data.prompts, column=cfg.data.prompt_column) or offline.captions  # every input is checked before anything is written
+    eval_prompts = load_prompts(cfg.data.eval_prompts, "eval prompts", cfg.data.prompt_column)
     model, reward_fn, algorithm = build(cfg, ctx.device)
     log = RunLog(output, enabled=ctx.is_main, tensorboard=cfg.log.tensorboard, resume=resume,
                  wandb=cfg.log.wandb, config=cfg.model_dump(mode="json"))

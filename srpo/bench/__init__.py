@@ -157,7 +157,7 @@ def _training_parts(result, bench, cfg, judge, config, parts, budget, output, ov
     from .measure import flops
     from .runs import ABLATIONS, E_OVERRIDES, PUBLISHED, SAME_REWARD, equal_gain_table, time_to_target_table, train_and_judge
 
-    heldout = load_prompts(cfg.data.eval_prompts, "lab held-out prompts")
+    heldout = load_prompts(cfg.data.eval_prompts, "lab held-out prompts", cfg.data.prompt_column)
     if budget["eval_prompts"]:
         heldout = heldout[: budget["eval_prompts"]]
     evaluator = Evaluator(cfg, heldout, Judge.load(judge))

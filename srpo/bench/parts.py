@@ -26,7 +26,7 @@ class Bench:
         self.cfg, self.device = cfg, device
         self.model, self.reward_fn, _ = build(cfg, device)
         memory.prepare(self.model, cfg)  # the trainer's precision and memory settings
-        self.prompts = load_prompts(cfg.data.prompts)[: cfg.train.batch_size]
+        self.prompts = load_prompts(cfg.data.prompts, column=cfg.data.prompt_column)[: cfg.train.batch_size]
         self.state = {k: v.clone() for k, v in self.model.transformer.state_dict().items()}
         self.ctx = parallel.Context(device=device)
 

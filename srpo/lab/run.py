@@ -190,7 +190,7 @@ def run_lab(output, quick: bool = False, control: bool = True, config=None, over
         raise UserError(f"{output} already holds a lab run: choose another --output or delete it")
     output.mkdir(parents=True, exist_ok=True)
     cfg = lab_config(config, overrides, quick)
-    heldout = load_prompts(cfg.data.eval_prompts, "lab held-out prompts")
+    heldout = load_prompts(cfg.data.eval_prompts, "lab held-out prompts", cfg.data.prompt_column)
     if quick:
         heldout = heldout[:QUICK_PROMPTS]
     prompts = [p for _ in range(1 if quick else EVAL_REPEATS) for p in heldout]
