@@ -25,7 +25,7 @@ from .models import load_model
 from .offline import OfflineData
 from .rewards.factory import build_reward
 from .rewards.srp import SRP
-from .runlog import RunLog, plot_curves
+from .runlog import RunLog, import_wandb, plot_curves
 
 
 class Diverged(UserError):
@@ -63,6 +63,8 @@ def train(cfg: Config, output: str | Path, resume: bool = False) -> dict:
     offline = OfflineData.from_config(cfg)  # captioned real images for x0 (data.offline), or None
     prompts = load_prompts(cfg.data.prompts, column=cfg.data.prompt_column) or offline.captions  # every input is checked before anything is written
     eval_prompts = load_prompts(cfg.data.eval_prompts, "eval prompts", cfg.data.prompt_column)
+    if cfg.log.wandb is not None:
+        import_wandb()  # a missing wandb fails here, before a model is loaded or a file written
     model, reward_fn, algorithm = build(cfg, ctx.device)
     log = RunLog(output, enabled=ctx.is_main, tensorboard=cfg.log.tensorboard, resume=resume,
                  wandb=cfg.log.wandb, config=cfg.model_dump(mode="json"))

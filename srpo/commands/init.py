@@ -130,56 +130,67 @@ def reward_info(name: str) -> RewardInfo:
 
 # ------------------------------------------------------------------ the recipe
 
-Line = tuple  # (key, value, comment); key None: a comment line
-
-
 @dataclass
 class Section:
+    """One section's lines: (key, value, comment); key None: a comment line of its own."""
+
     name: str
     comment: str
     lines: list = field(default_factory=list)
 
-    def add(self, key: str, value: Any, comment: str = "") -> None:
+    def add(self, key: str, value: Any, comment: str = "", above: str = "") -> None:
+        if above:
+            self.note(above)
         self.lines.append((key, value, comment))
 
     def note(self, text: str) -> None:
         self.lines.append((None, None, text))
 
 
-def _src(source: str, why: str = "") -> str:
-    return f"{source} ({why})" if why else source
+def _ref(what: str = "") -> str:
+    return f"{REF} ({what})" if what else REF
+
+
+def _ours(why: str = "") -> str:
+    return f"{OURS} ({why})" if why else OURS
 
 
 def recipe(family: str, reward: str, lora: bool) -> list[Section]:
-    """The sections of the starter config, values and comments."""
+    """The sections of the starter config: values and their comments."""
     from .. import config as C
     from ..models import MODELS
 
     cls = MODELS.get(family)
     fam = family_info(family, cls)
     rew = reward_info(reward)
-    qwen = family == "qwen_image"  # the reference Qwen-Image trainer's recipe
-    flux = family == "flux"  # the reference FLUX.1 trainer's recipe
+    flux = family == "flux"  # the reference FLUX.1 trainer's recipe (HPSv2.1, PickScore)
+    qwen = family == "qwen_image"  # the reference Qwen-Image trainer's recipe (PickScore)
     pick = reward == "pickscore"
+    flux_ref = flux and reward in ("hps", "pickscore")  # a reference run of exactly this pair
+    recipe_src = "FLUX.1" if flux else "Qwen-Image" if qwen else ""
+    ref_or_ours = (lambda what="": _ref(recipe_src)) if recipe_src else (lambda what="": _ours(what))
     components = getattr(sys.modules[cls.__module__], "COMPONENTS", ())
-    layout = f"{cls.pipeline_class} layout" + (f": model_index.json, {'/, '.join(components)}/" if components else "")
-
+    layout = f"the {cls.pipeline_class} layout" + (f" (model_index.json, {'/, '.join(components)}/)"
+                                                   if components else "")
     out = []
-    s = Section("algorithm", "")
-    out.append(s)
+
+    top = Section("", "")
+    top.add("algorithm", _default(C.Config, "algorithm"), "Direct-Align + SRP (docs/algorithms.md)")
+    out.append(top)
 
     # ---- model
     m = Section("model", "the flow model to fine-tune (docs/models.md)")
-    m.add("name", family, f"{fam.title}; families: {', '.join(families())}")
-    m.add("path", PLACEHOLDER + fam.folder, f"EDIT: a local diffusers folder ({layout}), e.g. {fam.source}")
-    m.add("dtype", "bfloat16", "storage of the frozen text encoders and VAE; trainable weights stay float32")
+    m.add("name", family, f"{fam.title}; the families: {', '.join(families())}")
+    m.add("path", PLACEHOLDER + fam.folder, "EDIT",
+          above=f"a local diffusers folder in {layout}, e.g. {fam.source}")
+    m.add("dtype", "bfloat16", "frozen text encoders and VAE; trainable weights stay float32")
     if qwen:
-        m.add("shift", 1.0, _src(REF, "the Qwen-Image trainer's fixed --shift 1, not the pipeline's dynamic one"))
-        m.add("quantize_timesteps", True, _src(REF, "the Qwen-Image trainer feeds int(1000 sigma) / 1000"))
+        m.add("shift", 1.0, _ref("--shift 1: a fixed shift, not the pipeline's dynamic one"))
+        m.add("quantize_timesteps", True, _ref("the trainer feeds int(1000 sigma) / 1000"))
     options, notes = {}, []
     if family == "z_image":
         options["variant"] = _option_default(cls, "variant")
-        notes.append("turbo: the distilled Z-Image-Turbo (guidance ignored); base: Z-Image with true CFG")
+        notes.append("turbo: the distilled Z-Image-Turbo (guidance ignored); base: Z-Image, true CFG")
     if fam.guidance == "cfg" and _option_default(cls, "negative_prompt") is not None:
         options["negative_prompt"] = _option_default(cls, "negative_prompt")
         notes.append("the negative prompt of true CFG (the pipeline's default)")
@@ -188,52 +199,51 @@ def recipe(family: str, reward: str, lora: bool) -> list[Section]:
     out.append(m)
 
     # ---- reward
-    r = Section("reward", "the reward model, local files only (docs/rewards.md); check it with srpo score")
-    r.add("name", reward, f"{rew.title}; rewards: {', '.join(rewards())}")
+    r = Section("reward", "the reward model, from local files (docs/rewards.md); check it with srpo score")
+    r.add("name", reward, f"{rew.title}; the rewards: {', '.join(rewards())}")
     if rew.path is not None:
-        r.add("path", rew.path, f"EDIT: {rew.needs}")
+        r.add("path", rew.path, "EDIT", above=rew.needs)
     else:
         r.note(f"no path: {rew.needs}")
     if rew.options:
-        r.add("options", dict(rew.options), ("EDIT " if any(str(v).startswith(PLACEHOLDER) for v in
-                                                            rew.options.values()) else "") + rew.options_note)
+        edit = any(str(v).startswith(PLACEHOLDER) for v in rew.options.values())
+        r.add("options", dict(rew.options), "EDIT" if edit else rew.options_note,
+              above=rew.options_note if edit else "")
     out.append(r)
 
     # ---- srp
-    p = Section("srp", "semantic-relative reward: control words prepended to the prompt, reward pos - neg")
+    p = Section("srp", "semantic-relative reward: control words joined to the prompt, reward pos - neg")
     if not rew.text_conditioned:
         p.add("enabled", False, f"{rew.title} is image-only: plain Direct-Align on its absolute score")
     else:
-        p.add("pos_words", _default(C.SRPConfig, "pos_words"), _src(REF, "the paper's realism words"))
+        p.add("pos_words", _default(C.SRPConfig, "pos_words"), _ref("the paper's realism words"))
         neg = _default(C.SRPConfig, "neg_words")
+        p.add("neg_words", neg[:3] if qwen else neg,
+              _ref("the Qwen-Image trainer's three") if qwen else _ref("the paper's"))
         if qwen:
-            p.add("neg_words", neg[:3], _src(REF, "the Qwen-Image trainer's three negative words"))
+            p.note("k_pos / k_inv: not used by method.variant discounted (k = 0)")
+        elif pick:
+            src = _ref("FLUX.1 + PickScore") if flux else _ours("the FLUX.1 + PickScore reference's")
+            p.add("k_pos", [0.10, 0.50], src)
+            p.add("k_inv", [0.60, 0.01], src)
         else:
-            p.add("neg_words", neg, _src(REF, "the paper's"))
-        if not qwen:  # the discounted variant uses no k
-            if pick:
-                src = REF + " (FLUX.1 + PickScore)" if flux else _src(OURS, "the FLUX.1 PickScore reference's")
-                p.add("k_pos", [0.10, 0.50], src)
-                p.add("k_inv", [0.60, 0.01], src)
-            else:
-                p.add("k_pos", _default(C.SRPConfig, "k_pos"), _src(REF if flux and reward == "hps" else OURS,
-                                                                    "the FLUX.1 + HPSv2.1 reference's"))
-                p.add("k_inv", _default(C.SRPConfig, "k_inv"), _src(REF if flux and reward == "hps" else OURS,
-                                                                    "the FLUX.1 + HPSv2.1 reference's"))
+            src = _ref("FLUX.1 + HPSv2.1") if flux_ref else _ours("the FLUX.1 + HPSv2.1 reference's")
+            p.add("k_pos", _default(C.SRPConfig, "k_pos"), src)
+            p.add("k_inv", _default(C.SRPConfig, "k_inv"), src)
     out.append(p)
 
     # ---- method
     d = Section("method", "Direct-Align: which noise levels train and how (docs/algorithms.md)")
     if qwen:
-        d.add("variant", "discounted", _src(REF, "the Qwen-Image trainer: one branch, noise discount, loss -r, k = 0"))
-        d.add("passes", 2, _src(REF, "--gradient_accumulation_steps 2: two passes per rollout, each its own ts"))
-        d.add("index_range", [5, 40], _src(REF, "--train_timestep 5 40 of the 50-step schedule"))
-        d.add("schedule_steps", _default(C.MethodConfig, "schedule_steps"), REF)
-        d.add("cells", 100, _src(REF, "--timestep_length 100"))
-        d.add("max_step_cells", 41, _src(REF, "int((1 - groundtruth_ratio 0.6) * 100) + 1"))
-        d.add("ts_margin", 2, _src(REF, "ts drawn in [2, 98]"))
+        d.add("variant", "discounted", _ref("the Qwen-Image trainer: one branch, noise discount, loss -r, k = 0"))
+        d.add("passes", 2, _ref("--gradient_accumulation_steps 2: two passes per rollout, each its own ts"))
+        d.add("index_range", [5, 40], _ref("--train_timestep 5 40 of the 50-step schedule"))
+        d.add("schedule_steps", _default(C.MethodConfig, "schedule_steps"), _ref())
+        d.add("cells", 100, _ref("--timestep_length 100"))
+        d.add("max_step_cells", 41, _ref("int((1 - groundtruth_ratio 0.6) * 100) + 1"))
+        d.add("ts_margin", 2, _ref("ts drawn in [2, 98]"))
         d.add("discount_shift", _default(C.MethodConfig, "discount_shift"),
-              _src(REF, "discount = shift3(linspace(0, 1, 101))[ts]"))
+              _ref("discount = shift3(linspace(0, 1, 101))[ts]"))
     else:
         d.add("variant", _default(C.MethodConfig, "variant"),
               "the FLUX.1 trainer's SRPO: denoise + inversion branch, hinge loss")
@@ -243,87 +253,83 @@ def recipe(family: str, reward: str, lora: bool) -> list[Section]:
         narrow = lora and family in ("flux", "sd3")  # docs/models.md: the one-GPU LoRA rows
         if narrow:
             start = 10
-        if flux and not lora and reward in ("hps", "pickscore"):
-            why = REF + (" (FLUX.1 + PickScore)" if pick else " (FLUX.1 + HPSv2.1)")
+        if flux_ref and not lora:
+            why = _ref("FLUX.1 + PickScore" if pick else "FLUX.1 + HPSv2.1")
         elif narrow:
-            why = _src(OURS, "one GPU: the narrower range the authors suggest; late indices bring hacking back")
+            why = _ours("one GPU: the narrower range the authors suggest")
         else:
-            why = _src(OURS, "the reference's range of the 50-step schedule")
-        d.add("index_range", [start, end], why)
-        d.add("loss", _default(C.MethodConfig, "loss"), f"relu({_default(C.MethodConfig, 'hinge_threshold')} - r)"
-              f"; {REF}")
+            why = _ours("the reference's range")
+        d.add("index_range", [start, end], why, above=f"indices of the {_default(C.MethodConfig, 'schedule_steps')}"
+              "-step inference schedule; late indices bring reward hacking back")
+        d.add("hinge_threshold", _default(C.MethodConfig, "hinge_threshold"),
+              "loss relu(threshold - r); " + (_ref("FLUX.1") if flux else _ours("the FLUX.1 reference's")))
     out.append(d)
 
-    # ---- guidance, from the family
-    train_default = _default(C.TrainConfig, "guidance")
+    # ---- guidance, as the family applies it
     if fam.guidance == "embedded":
         roll = 2.0 if flux and pick else 1.0
-        roll_why = _src(REF if flux and reward in ("hps", "pickscore") else OURS,
-                        "embedded guidance: 1 with HPSv2.1, 2 with PickScore, as the FLUX.1 reference")
-        tr, tr_why = train_default, _src(REF if flux else OURS, "the FLUX.1 reference's embedded 3.5")
+        roll_why = ("embedded guidance; " + (_ref("FLUX.1: 1 with HPSv2.1, 2 with PickScore") if flux_ref
+                                             else _ours("the FLUX.1 reference's 1 with HPSv2.1")))
+        tr = _default(C.TrainConfig, "guidance")
+        tr_why = "embedded guidance; " + (_ref("FLUX.1") if flux else _ours("the FLUX.1 reference's"))
     elif fam.guidance == "cfg":
         roll = float(cls.default_guidance)
-        roll_why = _src(REF if qwen else OURS, f"true CFG at {cls.__name__}.default_guidance")
+        roll_why = f"true CFG scale, {cls.__name__}.default_guidance; " + (_ref("Qwen-Image") if qwen else OURS)
         tr = 1.0
-        tr_why = _src(REF if qwen else OURS, "the conditional pass alone, as the Qwen-Image trainer's --train_cfg 1; "
-                                             "> 1 applies CFG (train.cfg_gradient)")
+        tr_why = ("the conditional pass alone (> 1: CFG, train.cfg_gradient); "
+                  + (_ref("Qwen-Image: --train_cfg 1") if qwen else _ours("as the Qwen-Image reference")))
     else:
         roll = tr = float(cls.default_guidance)
-        roll_why = "distilled: guidance is ignored"
-        tr_why = "distilled: one pass"
-    eval_guidance = float(cls.default_guidance)
+        roll_why = tr_why = f"{cls.__name__}.default_guidance; distilled: guidance is ignored"
 
     # ---- rollout
     o = Section("rollout", "the online rollout that produces the clean image x0")
-    o.add("steps", 26 if qwen else _default(C.RolloutConfig, "steps"),
-          _src(REF, "--sampling_steps 26") if qwen else (REF if flux else OURS))
+    steps = 26 if qwen else _default(C.RolloutConfig, "steps")
+    o.add("steps", steps, _ref("Qwen-Image: --sampling_steps 26") if qwen else ref_or_ours())
     o.add("guidance", roll, roll_why)
     if family == "z_image":
-        o.note("Z-Image base (options.variant: base): guidance 5 here and in data.eval_guidance "
+        o.note("Z-Image base (model.options.variant: base): guidance 5 here and in data.eval_guidance "
                "(the pipeline's guidance_scale 4, plus one)")
-    o.add("height", _default(C.RolloutConfig, "height"), REF)
-    o.add("width", _default(C.RolloutConfig, "width"), REF)
+    o.add("height", _default(C.RolloutConfig, "height"), ref_or_ours("the references' 720"))
+    o.add("width", _default(C.RolloutConfig, "width"), ref_or_ours("the references' 720"))
     out.append(o)
 
     # ---- train
     t = Section("train", "optimisation: AdamW at a constant learning rate")
     t.add("max_steps", 50 if qwen else _default(C.TrainConfig, "max_steps"),
-          _src(REF, "the Qwen-Image trainer saves at step 50") if qwen else (REF if flux else OURS) + " (updates)")
-    t.add("batch_size", 1, "prompts per GPU per micro-step; " + REF)
+          "optimizer updates; " + (_ref("Qwen-Image saves at step 50") if qwen else ref_or_ours("FLUX.1's")))
+    t.add("batch_size", 1, "prompts per GPU and micro-step; " + ref_or_ours("the references'"))
     if lora:
-        t.add("lr", 1.0e-4, _src(OURS, "the FLUX.1 LoRA r64 recipe; no LoRA reference exists"))
-    elif qwen:
-        t.add("lr", 3.0e-6, REF)
+        t.add("lr", 1.0e-4, _ours("the FLUX.1 LoRA r64 start; no LoRA reference exists"))
     else:
-        t.add("lr", _default(C.TrainConfig, "lr"), REF if flux else _src(OURS, "the FLUX.1 reference's"))
-    if qwen:
-        t.add("grad_clip", 50.0, _src(REF, "--max_grad_norm 50"))
-    else:
-        t.add("grad_clip", _default(C.TrainConfig, "grad_clip"), REF if flux else _src(OURS, "the FLUX.1 reference's"))
+        t.add("lr", 3.0e-6 if qwen else _default(C.TrainConfig, "lr"), ref_or_ours("FLUX.1's"))
+    t.add("grad_clip", 50.0 if qwen else _default(C.TrainConfig, "grad_clip"),
+          _ref("Qwen-Image: --max_grad_norm 50") if qwen else ref_or_ours("FLUX.1's"))
     t.add("guidance", tr, tr_why)
     t.add("autocast", "bf16", "transformer calls under bf16 autocast, fp32 master weights")
     t.add("gradient_checkpointing", True, "activation checkpointing in the transformer blocks")
     out.append(t)
 
     # ---- data
-    a = Section("data", "prompts: a text file (one per line), .jsonl / .csv / .parquet, or an inline list")
+    a = Section("data", "prompts: a text file (one per line), .jsonl / .csv / .parquet or an inline list")
     a.add("prompts", PLACEHOLDER + "prompts.txt", "EDIT: training prompts")
     a.add("eval_prompts", PLACEHOLDER + "eval-prompts.txt", "EDIT: held-out prompts (evaluation and the guard)")
-    steps = {"flux": 50, "qwen_image": 50, "sd3": 28}.get(family)
-    a.add("eval_steps", steps or o.lines[0][1],
-          {"flux": REF, "qwen_image": REF, "sd3": _src(OURS, "the SD3.5 Large model card's 28")}.get(
-              family, _src(OURS, "the rollout's steps")))
-    a.add("eval_guidance", eval_guidance, f"{cls.__name__}.default_guidance, as the family samples")
+    if flux or qwen:
+        a.add("eval_steps", 50, _ref(recipe_src))
+    elif family == "sd3":
+        a.add("eval_steps", 28, _ours("the SD3.5 Large model card's"))
+    else:
+        a.add("eval_steps", steps, _ours("the rollout's"))
+    a.add("eval_guidance", float(cls.default_guidance), f"{cls.__name__}.default_guidance, as the family samples")
     out.append(a)
 
-    # ---- memory (the Qwen-Image text encoder is 8B)
     if qwen:
-        y = Section("memory", "frozen parts")
-        y.add("offload_frozen", True, _src(OURS, "the 8B text encoder visits the GPU only for new prompts"))
+        y = Section("memory", "the frozen parts")
+        y.add("offload_frozen", True, _ours("the 8B text encoder visits the GPU only for new prompts"))
         out.append(y)
 
     # ---- guard
-    g = Section("guard", "watches for reward hacking on the eval prompts and stops the run (docs/guard.md)")
+    g = Section("guard", "watches the eval prompts for reward hacking and stops the run (docs/guard.md)")
     for key in ("enabled", "every", "prompts", "seeds", "stop_when", "keep_best", "best_when"):
         g.add(key, _default(C.GuardConfig, key), "srpo's default")
     other = "pickscore" if reward != "pickscore" else "hps"
@@ -331,10 +337,10 @@ def recipe(family: str, reward: str, lora: bool) -> list[Section]:
     out.append(g)
 
     # ---- lora
-    lo = Section("lora", "LoRA adapters on the transformer (the base stays frozen in model.dtype)")
+    lo = Section("lora", "LoRA adapters on the transformer; the base stays frozen in model.dtype")
     if lora:
-        lo.add("enabled", True, "LoRA fine-tune (srpo init --full: all weights)")
-        lo.add("rank", 64, _src(OURS, "the FLUX.1 LoRA recipe"))
+        lo.add("enabled", True, "LoRA fine-tune (srpo init --full: every weight)")
+        lo.add("rank", 64, _ours("the FLUX.1 LoRA start"))
         lo.add("alpha", 64, "the update is scaled by alpha / rank")
         lo.note("target_modules: the family's defaults (docs/models.md)")
     else:
@@ -342,7 +348,7 @@ def recipe(family: str, reward: str, lora: bool) -> list[Section]:
     out.append(lo)
 
     # ---- parallel
-    pa = Section("parallel", "multi-GPU strategy (docs/scale.md)")
+    pa = Section("parallel", "the multi-GPU strategy (docs/scale.md)")
     if lora:
         pa.add("strategy", "none", "one GPU; several: ddp, launched with torchrun")
     else:
@@ -352,11 +358,9 @@ def recipe(family: str, reward: str, lora: bool) -> list[Section]:
     # ---- log
     lg = Section("log", "run-folder outputs")
     every = 10 if qwen else 5
-    lg.add("sample_every", every, REF if flux or qwen else OURS)
-    lg.add("checkpoint_every", every, "resumable checkpoint every N updates; " + (REF if flux or qwen else OURS))
+    lg.add("sample_every", every, "sample grid every N updates; " + ref_or_ours("FLUX.1's"))
+    lg.add("checkpoint_every", every, "resumable checkpoint every N updates; " + ref_or_ours("FLUX.1's"))
     out.append(lg)
-
-    s.add("algorithm", _default(C.Config, "algorithm"), "Direct-Align + SRP (docs/algorithms.md)")
     return out
 
 
@@ -378,13 +382,14 @@ def _pad(text: str, comment: str) -> str:
     return f"{text:<{COLUMN - 1}} # {comment}" if len(text) < COLUMN - 1 else f"{text}  # {comment}"
 
 
-def render(sections: list[Section], header: list[str]) -> tuple[str, dict]:
-    """The file's text and the tree it must parse to."""
+def render(sections: list[Section], header: list[str]) -> tuple[str, dict, list[str]]:
+    """The file's text, the tree it must parse to and the dotted keys the user must edit."""
     lines = [f"# {h}" if h else "#" for h in header]
     tree: dict = {}
+    edits: list[str] = []
     for s in sections:
         lines.append("")
-        if s.name == "algorithm":  # a top-level key, not a section
+        if not s.name:  # top-level keys, not a section
             for key, value, comment in s.lines:
                 lines.append(_pad(f"{key}: {_y(value)}", comment))
                 tree[key] = value
@@ -398,11 +403,14 @@ def render(sections: list[Section], header: list[str]) -> tuple[str, dict]:
                 continue
             lines.append(_pad(f"  {key}: {_y(value)}", comment))
             node[key] = value
-    return "\n".join(lines) + "\n", tree
+            if comment.startswith("EDIT"):
+                edits.append(f"{s.name}.{key}")
+    return "\n".join(lines) + "\n", tree, edits
 
 
-def build(family: str, reward: str, lora: bool, output: str = "config.yaml") -> str:
-    """The starter config's text (checked: it parses to the intended values and validates)."""
+def build(family: str, reward: str, lora: bool, output: str = "config.yaml") -> tuple[str, list[str]]:
+    """The starter config's text (checked: it parses to the intended values and validates) and
+    the dotted keys whose placeholders the user must edit."""
     from ..config import load_config
 
     valid = families()
@@ -415,7 +423,7 @@ def build(family: str, reward: str, lora: bool, output: str = "config.yaml") -> 
     launch = (f"srpo train {output} --output runs/{Path(output).stem}" if lora else
               f"torchrun --nproc_per_node 8 -m srpo train {output} --output runs/{Path(output).stem}")
     header = [
-        f"srpo starter config: {family_info(family, None if family in FAMILIES else _cls(family)).title} "
+        f"srpo starter config: {family_info(family, _cls(family)).title} "
         f"({family}) + {reward_info(reward).title} ({reward}), {mode}.",
         f"Written by: srpo init {family} --reward {reward} {'--lora' if lora else '--full'} --output {output}",
         "",
@@ -426,11 +434,11 @@ def build(family: str, reward: str, lora: bool, output: str = "config.yaml") -> 
         f'Numbers marked "{REF}" are the SRPO authors\' recipe (their FLUX.1 / Qwen-Image trainers);',
         f'"{OURS}": no reference exists, srpo\'s documented start (docs/models.md). Every key: docs/config.md.',
     ]
-    text, tree = render(sections, header)
+    text, tree, edits = render(sections, header)
     if yaml.safe_load(text) != tree:
         raise RuntimeError("srpo init wrote text that does not parse to its values")  # a bug
     load_config(tree)  # raises the same one-line error srpo train would
-    return text
+    return text, edits
 
 
 def _cls(family: str):
@@ -456,14 +464,13 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     output = Path(args.output)
-    text = build(args.family, args.reward, args.lora, str(output))
+    text, edits = build(args.family, args.reward, args.lora, str(output))
     if output.is_dir():
         raise UserError(f"--output {output} is a folder: give a file name such as {output / 'config.yaml'}")
     if output.exists() and not args.force:
         raise UserError(f"{output} exists: pass --force to overwrite it or choose another --output")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text)
-    edits = [line.split(":")[0].strip() for line in text.splitlines() if "# EDIT" in line]
     print(f"wrote {output}: edit {', '.join(edits)} (every {PLACEHOLDER}...), check memory with "
           f"srpo plan {output}, then srpo train {output}")
     return 0
