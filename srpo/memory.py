@@ -119,7 +119,12 @@ def model_sizes(cfg) -> Sizes:
     m = cfg.model
     fam = family(m.name)
     options = dict(m.options)
-    parts = fam.plan_parts(m.path, options, cfg.rollout.height, cfg.rollout.width)
+    from pathlib import Path
+
+    path = m.path if m.path and Path(m.path).exists() else None  # no folder yet: the family's flagship
+    parts = fam.plan_parts(path, options, cfg.rollout.height, cfg.rollout.width)
+    if m.path and path is None:
+        parts.name = f"{parts.name} ({m.path} not found: its flagship's dimensions)"
     tr, vae_cfg = parts.transformer, parts.vae_config
     chans = list(reversed(vae_cfg["block_out_channels"]))
     levels = [(c, 2**i) for i, c in enumerate(chans)]

@@ -81,7 +81,8 @@ REWARDS_INFO = {
                             "clip_path: CLIP ViT-L/14, openai/clip-vit-large-patch14 (transformers folder) or an "
                             "open_clip file", text_conditioned=False),
     "tiny_clip": RewardInfo("tiny random CLIP", None,
-                            "random weights built in code for smoke tests: no files", {"seed": 0}, "seed of the weights"),
+                            "random weights built in code for smoke tests: no files", {"seed": 0},
+                            "seed of the weights"),
 }
 
 
@@ -120,7 +121,7 @@ def family_info(name: str, cls) -> FamilyInfo:
     if name in FAMILIES:
         return FAMILIES[name]
     kind = {"cfg": "cfg", "embedded": "embedded"}.get(cls.guidance_mode, "distilled")
-    return FamilyInfo(name, f"<{cls.pipeline_class} folder>".replace(" ", "-"), "docs/models.md", kind)
+    return FamilyInfo(name, f"{cls.pipeline_class or name}-folder", "docs/models.md", kind)
 
 
 def reward_info(name: str) -> RewardInfo:
@@ -421,7 +422,7 @@ def build(family: str, reward: str, lora: bool, output: str = "config.yaml") -> 
     sections = recipe(family, reward, lora)
     mode = "LoRA (rank 64, one GPU)" if lora else "full fine-tune (FSDP2, several GPUs)"
     launch = (f"srpo train {output} --output runs/{Path(output).stem}" if lora else
-              f"torchrun --nproc_per_node 8 -m srpo train {output} --output runs/{Path(output).stem}")
+              f"torchrun --nproc_per_node N -m srpo train {output} --output runs/{Path(output).stem}")
     header = [
         f"srpo starter config: {family_info(family, _cls(family)).title} "
         f"({family}) + {reward_info(reward).title} ({reward}), {mode}.",
@@ -469,8 +470,15 @@ def run(args) -> int:
         raise UserError(f"--output {output} is a folder: give a file name such as {output / 'config.yaml'}")
     if output.exists() and not args.force:
         raise UserError(f"{output} exists: pass --force to overwrite it or choose another --output")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(text)
-    print(f"wrote {output}: edit {', '.join(edits)} (every {PLACEHOLDER}...), check memory with "
-          f"srpo plan {output}, then srpo train {output}")
+    above = next((d for d in output.parents if d.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UserError(f"cannot write {output}: {above} is a file, not a folder")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text)
+    except OSError as e:
+        raise UserError(f"cannot write {output}: {e.strerror or e}") from None
+    train = f"srpo train {output}" if args.lora else f"torchrun --nproc_per_node N -m srpo train {output}"
+    print(f"wrote {output}: edit {', '.join(edits)} (every {PLACEHOLDER}...); srpo plan {output} --gpus N shows "
+          f"the memory; once the paths exist: {train}")
     return 0
