@@ -168,6 +168,8 @@ class LoRAConfig(Section):
 class MemoryConfig(Section):
     cache_text: bool = Field(True, description="Cache text-encoder outputs per prompt (on CPU) so each prompt is encoded once.")
     offload_frozen: bool = Field(False, description="Keep the text encoders on the CPU and move them to the device only to encode prompts not yet cached.")
+    text_cache_dir: bool = Field(False, description="Also keep each prompt's text features on disk in RUN/text_cache (keyed by the model and the text), so a resumed run encodes nothing.")
+    release_text_encoders: bool = Field(False, description="Encode every training, held-out and offline prompt once at the start, then free the text encoders for the rest of the run (srpo plan counts them for the start only); a prompt not seen at the start is then an error.")
 
 
 class GuardConfig(Section):

@@ -10,10 +10,17 @@ measured peak.
 
 from __future__ import annotations
 
+import gc
+import hashlib
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
+
+from .errors import UserError
 
 GiB = 1024**3
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -33,8 +40,31 @@ def prepare(model, cfg) -> None:
         m.requires_grad_(False)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing(True)  # every transformer block and the VAE decoder
-    if cfg.memory.cache_text:
+    if cfg.memory.cache_text or cfg.memory.release_text_encoders:
         model.encode_prompts = TextCache(model, offload=cfg.memory.offload_frozen)
+
+
+def text_cache_key(cfg) -> str:
+    """What a cached text feature depends on: the model's family, folder and options."""
+    m = cfg.model
+    return json.dumps([m.name, m.path, m.dtype, m.options], sort_keys=True, default=str)
+
+
+def pre_encode(model, prompts: list[str], folder=None, key: str = "", release: bool = False) -> int:
+    """Encode ``prompts`` once into the model's text cache (read from / written to ``folder`` on
+    disk when given), then, with ``release``, free the text encoders. Returns how many prompts
+    the encoders actually encoded."""
+    cache = model.encode_prompts
+    if not isinstance(cache, TextCache):
+        return 0
+    if folder is not None:
+        cache.disk, cache.key = Path(folder), key
+    before = cache.encoded
+    for i in range(0, len(prompts), 16):
+        cache(prompts[i:i + 16])
+    if release:
+        cache.release()
+    return cache.encoded - before
 
 
 class TextCache:
@@ -47,13 +77,53 @@ class TextCache:
         self.model, self.offload = model, offload
         self.encode = model.encode_prompts  # the adapter's own method
         self.store: dict[str, dict[str, torch.Tensor]] = {}
+        self.disk: Path | None = None  # RUN/text_cache when the features are also kept on disk
+        self.key = ""
+        self.encoded = 0  # prompts the text encoders encoded (not read from memory or disk)
+        self.released = False
         if offload:
             for m in model.text_encoders():
                 m.to("cpu")
 
+    def _file(self, prompt: str) -> Path:
+        return self.disk / (hashlib.sha256(f"{self.key}\0{prompt}".encode()).hexdigest()[:40] + ".safetensors")
+
+    def _from_disk(self, prompt: str) -> bool:
+        if self.disk is None or not self._file(prompt).is_file():
+            return False
+        from safetensors.torch import load_file
+
+        self.store[prompt] = load_file(str(self._file(prompt)))
+        return True
+
+    def _to_disk(self, prompt: str) -> None:
+        if self.disk is None:
+            return
+        from safetensors.torch import save_file
+
+        self.disk.mkdir(parents=True, exist_ok=True)
+        path = self._file(prompt)
+        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+        save_file({k: v.contiguous() for k, v in self.store[prompt].items()}, str(tmp))
+        os.replace(tmp, path)  # atomic: ranks writing the same prompt write the same bytes
+
+    def release(self) -> None:
+        """Free the text encoders: every later prompt must already be in the cache."""
+        for name, m in list(self.model.frozen_modules().items()):
+            if name.startswith("text_encoder"):
+                setattr(self.model, name, None)
+                del m
+        self.released = True
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def __call__(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        missing = [p for p in dict.fromkeys(prompts) if p not in self.store]
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.store and not self._from_disk(p)]
+        if missing and self.released:
+            raise UserError(f"prompt {missing[0]!r} was not encoded before the text encoders were released "
+                            f"(memory.release_text_encoders): list it in data.prompts or data.eval_prompts")
         if missing:
             device = self.model.device
             encoders = self.model.text_encoders() if self.offload else []
@@ -62,6 +132,8 @@ class TextCache:
             try:
                 for p in missing:
                     self.store[p] = {k: v.detach().cpu() for k, v in self.encode([p]).items()}
+                    self.encoded += 1
+                    self._to_disk(p)
             finally:
                 for m in encoders:
                     m.to("cpu")
@@ -239,4 +311,5 @@ def estimate_for(cfg, s: Sizes, gpus: int, strategy: str | None = None, lora: bo
                     batch=cfg.train.batch_size, height=cfg.rollout.height, width=cfg.rollout.width,
                     model_bytes=BYTES[cfg.model.dtype], reward_bytes=reward_bytes,
                     act_bytes=2 if cfg.train.autocast != "none" else 4,
-                    checkpointing=cfg.train.gradient_checkpointing, offload_text=cfg.memory.offload_frozen)
+                    checkpointing=cfg.train.gradient_checkpointing,
+                    offload_text=cfg.memory.offload_frozen or cfg.memory.release_text_encoders)

@@ -73,6 +73,10 @@ def train(cfg: Config, output: str | Path, resume: bool = False) -> dict:
 
     lora.apply(model, cfg.lora, seed=cfg.train.seed)  # adapters; no-op unless lora.enabled
     memory.prepare(model, cfg)  # precision, fp32 master weights, checkpointing, frozen parts, text cache
+    if cfg.memory.text_cache_dir or cfg.memory.release_text_encoders:  # every prompt once, then maybe no encoders
+        memory.pre_encode(model, list(dict.fromkeys(prompts + eval_prompts + (offline.captions if offline else []))),
+                          output / "text_cache" if cfg.memory.text_cache_dir else None, memory.text_cache_key(cfg),
+                          release=cfg.memory.release_text_encoders)
     parallel.apply(model, cfg, ctx)
     params = [p for p in model.transformer.parameters() if p.requires_grad]
     optimizer = steps.make_optimizer(params, cfg)

@@ -36,7 +36,7 @@ def render(cfg, sizes, gpus: int, gpu_memory: float) -> str:
         f"run: {mode}, {cfg.rollout.height}x{cfg.rollout.width}, batch {cfg.train.batch_size} per GPU, "
         f"strategy {strategy}, {gpus} GPU(s), autocast {cfg.train.autocast}, "
         f"checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}, "
-        f"text encoders {'offloaded' if cfg.memory.offload_frozen else 'resident'}",
+        f"text encoders {'released after the start' if cfg.memory.release_text_encoders else 'offloaded' if cfg.memory.offload_frozen else 'resident'}",
         "",
     ]
     parts = estimate_for(cfg, sizes, gpus, strategy)
