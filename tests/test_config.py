@@ -85,3 +85,10 @@ def test_shipped_configs_validate_round_trip_and_plan(name):
     assert again == cfg
     sizes = model_sizes(cfg)  # srpo plan accepts it: the family counts its parts at the config's size
     assert sizes.transformer > 0 and sizes.image_tokens > 0 and estimate_for(cfg, sizes, 1)["total"] > 0
+    if cfg.model.name.startswith("tiny"):  # the meta-device count equals the model the trainer builds
+        from srpo.models import load_model
+
+        model = load_model(cfg.model, "cpu")
+        assert sizes.transformer == sum(p.numel() for p in model.transformer.parameters())
+        assert sizes.text_encoders == sum(p.numel() for e in model.text_encoders() for p in e.parameters())
+        assert sizes.vae == sum(p.numel() for p in model.vae.parameters())

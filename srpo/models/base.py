@@ -112,6 +112,50 @@ class FlowModel:
         """Sizes for ``srpo plan`` (meta-device modules; no weights read)."""
         raise UserError(f"model family '{cls.family}' does not provide sizes for srpo plan")
 
+    @classmethod
+    def pipeline_from_folder(cls, root, transformer_path, dtype: torch.dtype, **components):
+        """The family's diffusers pipeline from a checked local folder, offline and from
+        safetensors; ``transformer_path`` replaces its transformer (a ``save_transformer``
+        folder). A load failure is one line naming the folder."""
+        import diffusers
+
+        try:
+            if transformer_path:
+                check_transformer_folder(transformer_path, cls.transformer_class)
+                components["transformer"] = getattr(diffusers, cls.transformer_class).from_pretrained(
+                    str(transformer_path), dtype=dtype, local_files_only=True, use_safetensors=True)
+            return getattr(diffusers, cls.pipeline_class).from_pretrained(
+                str(root), dtype=dtype, local_files_only=True, use_safetensors=True, **components)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise load_error(transformer_path or root, e, f"a complete {cls.pipeline_class} folder with "
+                                                          f"safetensors weights is needed") from None
+
+    @classmethod
+    def load_tiny(cls, build, path, transformer_path, device, dtype, folder_family: str) -> "FlowModel":
+        """A ``tiny_*`` family's ``load``: ``build()`` makes the random model in code (``path``
+        must be empty); ``transformer_path`` replaces its transformer; then device and dtype."""
+        import diffusers
+
+        if path:
+            raise UserError(f"model '{cls.family}' is built in code and takes no path (got {path}); "
+                            f"use model '{folder_family}' to load a folder")
+        try:
+            model = build()
+        except TypeError as e:
+            raise UserError(f"bad option for model '{cls.family}': {e}") from None
+        if transformer_path:
+            check_transformer_folder(transformer_path, cls.transformer_class)
+            model.transformer = getattr(diffusers, cls.transformer_class).from_pretrained(
+                str(transformer_path), local_files_only=True, use_safetensors=True)
+            model._check_compatible()
+        dtype = resolve_dtype(dtype)
+        for m in (model.transformer, *model.frozen_modules().values()):
+            m.to(device=device) if getattr(m, "dtype", None) == dtype else m.to(device=device, dtype=dtype)
+        return model
+
+    def _check_compatible(self) -> None:
+        """One-line errors when the transformer does not fit the other parts (families override)."""
+
     # ---- family hooks -------------------------------------------------------------------------
     def encode_prompts(self, prompts: list[str]) -> Cond:
         """Text conditioning for a batch of prompts (no grad); under true CFG it also holds the

@@ -20,8 +20,7 @@ from torch import Tensor
 from ..errors import UserError
 from ..method import time_shift
 from . import MODELS
-from .base import (Cond, FlowModel, PlanParts, check_pipeline_folder, check_transformer_folder, frozen,
-                   load_error, resolve_dtype)
+from .base import Cond, FlowModel, PlanParts, check_pipeline_folder, frozen, resolve_dtype
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 REFERENCE_SHIFT = 3.0  # the reference FLUX trainer's fixed time shift
@@ -116,8 +115,6 @@ class FluxModel(FlowModel):
         ``transformer_path`` optionally replaces ``transformer/`` with a folder written by
         :meth:`save_transformer` (or any ``FluxTransformer2DModel`` folder).
         """
-        from diffusers import FluxPipeline, FluxTransformer2DModel
-
         if unknown:
             raise UserError(f"unknown option(s) for model 'flux': {', '.join(sorted(unknown))}; "
                             f"valid: max_sequence_length, quantize_timesteps")
@@ -125,16 +122,7 @@ class FluxModel(FlowModel):
             raise UserError("model 'flux' needs a path: set model.path to a local diffusers FLUX folder")
         root = check_pipeline_folder(path, "flux", "Flux", COMPONENTS, need_transformer=not transformer_path)
         dtype = resolve_dtype(dtype)
-        extra = {}
-        try:
-            if transformer_path:
-                check_transformer_folder(transformer_path, cls.transformer_class)
-                extra["transformer"] = FluxTransformer2DModel.from_pretrained(
-                    transformer_path, dtype=dtype, local_files_only=True, use_safetensors=True)
-            pipe = FluxPipeline.from_pretrained(
-                root, dtype=dtype, local_files_only=True, use_safetensors=True, **extra)
-        except (OSError, ValueError, KeyError) as e:
-            raise load_error(transformer_path or root, e, "a complete FLUX.1 folder with safetensors weights is needed")
+        pipe = cls.pipeline_from_folder(root, transformer_path, dtype)
         model = cls.from_pipeline(pipe, max_sequence_length=max_sequence_length, shift=shift,
                                   quantize_timesteps=quantize_timesteps)
         return model.to(device)

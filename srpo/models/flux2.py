@@ -41,8 +41,7 @@ from torch import Tensor
 
 from ..errors import UserError
 from . import MODELS
-from .base import (Cond, FlowModel, PlanParts, broadcast_cond, check_transformer_folder, frozen, load_error,
-                   resolve_dtype, split_cond)
+from .base import Cond, FlowModel, PlanParts, broadcast_cond, frozen, resolve_dtype, split_cond
 from .base import check_pipeline_folder as _check_folder
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -225,26 +224,13 @@ class Flux2Base(FlowModel):
              **options) -> "Flux2Base":
         """A local diffusers folder of the family's pipeline, offline and from safetensors;
         ``transformer_path`` replaces ``transformer/`` with a folder written by :meth:`save_transformer`."""
-        import diffusers
-        from diffusers import Flux2Transformer2DModel
-
         cls._check_options({k: v for k, v in options.items() if k not in cls.options})
         if not path:
             raise UserError(f"model '{cls.family}' needs a path: set model.path to a local diffusers "
                             f"{cls.pipeline_class} folder")
         root = cls.check_pipeline_folder(path, need_transformer=not transformer_path)
         dtype = resolve_dtype(dtype)
-        extra = {}
-        try:
-            if transformer_path:
-                check_transformer_folder(transformer_path, cls.transformer_class)
-                extra["transformer"] = Flux2Transformer2DModel.from_pretrained(
-                    str(transformer_path), dtype=dtype, local_files_only=True, use_safetensors=True)
-            pipe = getattr(diffusers, cls.pipeline_class).from_pretrained(
-                str(root), dtype=dtype, local_files_only=True, use_safetensors=True, **extra)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise load_error(transformer_path or root, e, f"a complete {cls.pipeline_class} folder with "
-                                                          f"safetensors weights is needed") from None
+        pipe = cls.pipeline_from_folder(root, transformer_path, dtype)
         return cls.from_pipeline(pipe, shift=shift, **options).to(device)
 
     @classmethod
@@ -783,24 +769,8 @@ class _TinyLoad:
     @classmethod
     def load(cls, path=None, seed: int = 0, transformer_path=None, device="cpu", dtype=torch.float32,
              shift=None, **sizes):
-        from diffusers import Flux2Transformer2DModel
-
-        if path:
-            raise UserError(f"model '{cls.family}' is built in code and takes no path (got {path}); "
-                            f"use model '{cls.base.family}' to load a folder")
-        try:
-            model = _build_tiny(cls, seed, shift=shift, **sizes)
-        except TypeError as e:
-            raise UserError(f"bad option for model '{cls.family}': {e}") from None
-        if transformer_path:
-            check_transformer_folder(transformer_path, cls.transformer_class)
-            model.transformer = Flux2Transformer2DModel.from_pretrained(
-                str(transformer_path), local_files_only=True, use_safetensors=True)
-            model._check_compatible()
-        dtype = resolve_dtype(dtype)
-        for m in (model.transformer, *model.frozen_modules().values()):
-            m.to(device=device) if m.dtype == dtype else m.to(device=device, dtype=dtype)
-        return model
+        return cls.load_tiny(lambda: _build_tiny(cls, seed, shift=shift, **sizes), path, transformer_path, device,
+                             dtype, cls.base.family)
 
     @classmethod
     def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:

@@ -42,8 +42,7 @@ from torch import Tensor
 
 from ..errors import UserError
 from . import MODELS
-from .base import (Cond, FlowModel, PlanParts, broadcast_cond, check_transformer_folder, frozen, load_error,
-                   resolve_dtype, split_cond)
+from .base import Cond, FlowModel, PlanParts, broadcast_cond, frozen, resolve_dtype, split_cond
 from .base import check_pipeline_folder as _check_folder
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -160,25 +159,13 @@ class QwenImageModel(FlowModel):
              quantize_timesteps: bool | None = None, **unknown) -> "QwenImageModel":
         """A local QwenImagePipeline folder (Qwen-Image, Qwen-Image-2512), offline and from safetensors;
         ``transformer_path`` replaces ``transformer/`` with a folder written by :meth:`save_transformer`."""
-        from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
-
         _check_options(cls.family, unknown)
         if not path:
             raise UserError(f"model '{cls.family}' needs a path: set model.path to a local diffusers "
                             f"QwenImagePipeline folder")
         root = check_pipeline_folder(path, need_transformer=not transformer_path)
         dtype = resolve_dtype(dtype)
-        extra = {}
-        try:
-            if transformer_path:
-                check_transformer_folder(transformer_path, cls.transformer_class)
-                extra["transformer"] = QwenImageTransformer2DModel.from_pretrained(
-                    str(transformer_path), dtype=dtype, local_files_only=True, use_safetensors=True)
-            pipe = QwenImagePipeline.from_pretrained(str(root), dtype=dtype, local_files_only=True,
-                                                     use_safetensors=True, **extra)
-        except (OSError, ValueError, KeyError) as e:
-            raise load_error(transformer_path or root, e, "a complete QwenImagePipeline folder with "
-                                                          "safetensors weights is needed") from None
+        pipe = cls.pipeline_from_folder(root, transformer_path, dtype)
         model = cls.from_pipeline(pipe, max_sequence_length=max_sequence_length, negative_prompt=negative_prompt,
                                   shift=shift, quantize_timesteps=quantize_timesteps)
         return model.to(device)
@@ -554,24 +541,8 @@ class TinyQwenImageModel(QwenImageModel):
     @classmethod
     def load(cls, path=None, seed: int = 0, transformer_path=None, device="cpu", dtype=torch.float32,
              shift=None, **sizes) -> "TinyQwenImageModel":
-        from diffusers import QwenImageTransformer2DModel
-
-        if path:
-            raise UserError(f"model 'tiny_qwen_image' is built in code and takes no path (got {path}); "
-                            f"use model 'qwen_image' to load a folder")
-        try:
-            model = _build_tiny(cls, seed, shift=shift, **sizes)
-        except TypeError as e:
-            raise UserError(f"bad option for model 'tiny_qwen_image': {e}") from None
-        if transformer_path:
-            check_transformer_folder(transformer_path, cls.transformer_class)
-            model.transformer = QwenImageTransformer2DModel.from_pretrained(
-                str(transformer_path), local_files_only=True, use_safetensors=True)
-            model._check_compatible()
-        dtype = resolve_dtype(dtype)
-        for m in (model.transformer, *model.frozen_modules().values()):
-            m.to(device=device, dtype=dtype)
-        return model
+        return cls.load_tiny(lambda: _build_tiny(cls, seed, shift=shift, **sizes), path, transformer_path, device,
+                             dtype, "qwen_image")
 
     @classmethod
     def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:

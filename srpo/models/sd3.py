@@ -24,8 +24,8 @@ from torch import Tensor
 
 from ..errors import UserError
 from . import MODELS
-from .base import (Cond, FlowModel, PlanParts, broadcast_cond, check_transformer_folder, frozen, load_error,
-                   resolve_dtype, scheduler_sigmas, split_cond)
+from .base import (Cond, FlowModel, PlanParts, broadcast_cond, frozen, resolve_dtype, scheduler_sigmas,
+                   split_cond)
 from .base import check_pipeline_folder as _check_folder
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -113,8 +113,6 @@ class SD3Model(FlowModel):
              **unknown) -> "SD3Model":
         """A local StableDiffusion3Pipeline folder (SD3 / SD3.5), offline and from safetensors;
         ``transformer_path`` replaces ``transformer/`` with a folder written by :meth:`save_transformer`."""
-        from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
-
         _check_options(cls.family, unknown)
         if not path:
             raise UserError(f"model '{cls.family}' needs a path: set model.path to a local diffusers "
@@ -124,16 +122,7 @@ class SD3Model(FlowModel):
         index = _model_index(root)
         # diffusers saves a missing T5 as null but will not load the folder unless told so again
         extra = {c: None for c in OPTIONAL if _is_null(index.get(c, ""))}
-        try:
-            if transformer_path:
-                check_transformer_folder(transformer_path, cls.transformer_class)
-                extra["transformer"] = SD3Transformer2DModel.from_pretrained(
-                    str(transformer_path), dtype=dtype, local_files_only=True, use_safetensors=True)
-            pipe = StableDiffusion3Pipeline.from_pretrained(
-                str(root), dtype=dtype, local_files_only=True, use_safetensors=True, **extra)
-        except (OSError, ValueError, KeyError) as e:
-            raise load_error(transformer_path or root, e, "a complete StableDiffusion3Pipeline folder with "
-                                                          "safetensors weights is needed") from None
+        pipe = cls.pipeline_from_folder(root, transformer_path, dtype, **extra)
         model = cls.from_pipeline(pipe, max_sequence_length=max_sequence_length, negative_prompt=negative_prompt,
                                   shift=shift, quantize_timesteps=quantize_timesteps)
         return model.to(device)
@@ -438,24 +427,8 @@ class TinySD3Model(SD3Model):
     @classmethod
     def load(cls, path=None, seed: int = 0, transformer_path=None, device="cpu", dtype=torch.float32,
              shift=None, **sizes) -> "TinySD3Model":
-        from diffusers import SD3Transformer2DModel
-
-        if path:
-            raise UserError(f"model 'tiny_sd3' is built in code and takes no path (got {path}); "
-                            f"use model 'sd3' to load a folder")
-        try:
-            model = _build_tiny(cls, seed, shift=shift, **sizes)
-        except TypeError as e:
-            raise UserError(f"bad option for model 'tiny_sd3': {e}") from None
-        if transformer_path:
-            check_transformer_folder(transformer_path, cls.transformer_class)
-            model.transformer = SD3Transformer2DModel.from_pretrained(
-                str(transformer_path), local_files_only=True, use_safetensors=True)
-            model._check_compatible()
-        dtype = resolve_dtype(dtype)
-        for m in (model.transformer, *model.frozen_modules().values()):
-            m.to(device=device, dtype=dtype)
-        return model
+        return cls.load_tiny(lambda: _build_tiny(cls, seed, shift=shift, **sizes), path, transformer_path, device,
+                             dtype, "sd3")
 
     @classmethod
     def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:

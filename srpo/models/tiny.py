@@ -13,7 +13,7 @@ import torch
 from ..errors import UserError
 from ..tokenizer import clip_tokenizer
 from . import MODELS
-from .base import PlanParts, check_transformer_folder, resolve_dtype
+from .base import PlanParts
 from .flux import FluxModel
 
 CLIP_VOCAB = 49408
@@ -102,26 +102,9 @@ class TinyFlux(FluxModel):
     @classmethod
     def load(cls, path=None, transformer_path=None, device="cpu", dtype=torch.float32, shift=None,
              seed: int = 0, **sizes) -> FluxModel:
-        from diffusers import FluxTransformer2DModel
-
-        if path:
-            raise UserError(f"model 'tiny_flux' is built in code and takes no path (got {path}); "
-                            f"use model 'flux' to load a folder")
         if shift is not None:
             sizes["shift"] = shift
-        try:
-            model = build_tiny_flux(seed, **sizes)
-        except TypeError as e:
-            raise UserError(f"bad option for model 'tiny_flux': {e}") from None
-        if transformer_path:
-            check_transformer_folder(transformer_path, cls.transformer_class)
-            model.transformer = FluxTransformer2DModel.from_pretrained(
-                str(transformer_path), local_files_only=True, use_safetensors=True)
-            model._check_compatible()
-        dtype = resolve_dtype(dtype)
-        for m in (model.transformer, *model.frozen_modules().values()):
-            m.to(device=device, dtype=dtype)
-        return model
+        return cls.load_tiny(lambda: build_tiny_flux(seed, **sizes), path, transformer_path, device, dtype, "flux")
 
     @classmethod
     def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:

@@ -56,8 +56,7 @@ from torch import Tensor
 
 from ..errors import UserError
 from . import MODELS
-from .base import (Cond, FlowModel, PlanParts, broadcast_cond, check_transformer_folder, frozen, load_error,
-                   resolve_dtype, split_cond)
+from .base import Cond, FlowModel, PlanParts, broadcast_cond, frozen, resolve_dtype, split_cond
 from .base import check_pipeline_folder as _check_folder
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -174,8 +173,6 @@ class ZImageModel(FlowModel):
         """A local ZImagePipeline folder (Z-Image-Turbo with ``variant: turbo``, the default;
         Z-Image with ``variant: base``), offline and from safetensors; ``transformer_path``
         replaces ``transformer/`` with a folder written by :meth:`save_transformer`."""
-        from diffusers import ZImagePipeline, ZImageTransformer2DModel
-
         _check_options(cls.family, unknown)
         _check_variant(variant, cls.family)
         if not path:
@@ -183,17 +180,7 @@ class ZImageModel(FlowModel):
                             f"ZImagePipeline folder (Z-Image-Turbo or Z-Image)")
         root = check_pipeline_folder(path, need_transformer=not transformer_path)
         dtype = resolve_dtype(dtype)
-        extra = {}
-        try:
-            if transformer_path:
-                check_transformer_folder(transformer_path, cls.transformer_class)
-                extra["transformer"] = ZImageTransformer2DModel.from_pretrained(
-                    str(transformer_path), dtype=dtype, local_files_only=True, use_safetensors=True)
-            pipe = ZImagePipeline.from_pretrained(str(root), dtype=dtype, local_files_only=True,
-                                                  use_safetensors=True, **extra)
-        except (OSError, ValueError, KeyError) as e:
-            raise load_error(transformer_path or root, e, "a complete ZImagePipeline folder with safetensors "
-                                                          "weights is needed") from None
+        pipe = cls.pipeline_from_folder(root, transformer_path, dtype)
         model = cls.from_pipeline(pipe, variant=variant, max_sequence_length=max_sequence_length,
                                   negative_prompt=negative_prompt, cfg_normalization=cfg_normalization,
                                   cfg_truncation=cfg_truncation, shift=shift, quantize_timesteps=quantize_timesteps)
@@ -588,24 +575,8 @@ class TinyZImageModel(ZImageModel):
     @classmethod
     def load(cls, path=None, seed: int = 0, transformer_path=None, device="cpu", dtype=torch.float32,
              shift=None, **sizes) -> "TinyZImageModel":
-        from diffusers import ZImageTransformer2DModel
-
-        if path:
-            raise UserError(f"model 'tiny_z_image' is built in code and takes no path (got {path}); "
-                            f"use model 'z_image' to load a folder")
-        try:
-            model = _build_tiny(cls, seed, shift=shift, **sizes)
-        except TypeError as e:
-            raise UserError(f"bad option for model 'tiny_z_image': {e}") from None
-        if transformer_path:
-            check_transformer_folder(transformer_path, cls.transformer_class)
-            model.transformer = ZImageTransformer2DModel.from_pretrained(
-                str(transformer_path), local_files_only=True, use_safetensors=True)
-            model._check_compatible()
-        dtype = resolve_dtype(dtype)
-        for m in (model.transformer, *model.frozen_modules().values()):
-            m.to(device=device, dtype=dtype)
-        return model
+        return cls.load_tiny(lambda: _build_tiny(cls, seed, shift=shift, **sizes), path, transformer_path, device,
+                             dtype, "z_image")
 
     @classmethod
     def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:
