@@ -8,19 +8,16 @@ from . import seeding
 from .sampling import rollout
 
 
-def fixed_noise(model, n: int, seed: int, height: int, width: int, offset: int = 0) -> torch.Tensor:
-    """Noise for image i depends on (seed, i) only: the same before and after training."""
-    return seeding.noise(model.latent_shape(1, height, width), seed, 0, range(offset, offset + n),
-                         "eval_noise", device=model.device)
-
-
 @torch.no_grad()
 def generate(model, prompts: list[str], seed: int, steps: int, guidance: float,
-             height: int, width: int, batch: int = 8) -> torch.Tensor:
+             height: int, width: int, batch: int = 8, keys: list[int] | None = None) -> torch.Tensor:
+    """Images of ``prompts`` from fixed noise: image i's noise is the key ``keys[i]`` (default i)."""
+    keys = list(range(len(prompts))) if keys is None else list(keys)
+    shape = model.latent_shape(1, height, width)
     images = []
     for s in range(0, len(prompts), batch):
         chunk = prompts[s:s + batch]
-        noise = fixed_noise(model, len(chunk), seed, height, width, offset=s)
+        noise = seeding.noise(shape, seed, 0, keys[s:s + batch], "eval_noise", device=model.device)
         x0 = rollout(model, model.encode_prompts(chunk), noise, steps=steps, guidance=guidance)
         images.append(model.decode(x0).float().cpu())
     return torch.cat(images)

@@ -83,7 +83,7 @@ def train(cfg: Config, output: str | Path, resume: bool = False) -> dict:
     t = cfg.train
 
     guard = Guard(cfg, reward_fn, eval_prompts, ctx.device) if cfg.guard.enabled and eval_prompts else None
-    start, state = 0, {"step": 0}
+    start = 0
     if resume:  # weights, optimizer, RNG states, data position and guard state of the newest checkpoint
         state = checkpoint.resume(output, model.transformer, optimizer, cfg, ctx)
         start = int(state["step"])

@@ -22,9 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import seeding
 from ..rewards.factory import build_reward
-from ..sampling import rollout
 from . import rules as R
 from .stats import STATS, diversity, drift, image_stats, max_drift
 
@@ -80,19 +78,14 @@ class Guard:
         """Image i is prompt i // seeds at seed i % seeds (the seeds of a prompt are neighbours)."""
         return [p for p in self.prompts for _ in range(self.g.seeds)]
 
-    @torch.no_grad()
     def images(self, model) -> torch.Tensor:
+        from ..evaluate import generate
+
         d, r = self.cfg.data, self.cfg.rollout
         n = len(self.prompts)
         keys = [s * n + p for p in range(n) for s in range(self.g.seeds)]  # seed 0: the eval noise of prompt p
-        shape = model.latent_shape(1, r.height, r.width)
-        prompts, out = self.prompt_list(), []
-        for i in range(0, len(prompts), self.g.batch):
-            noise = seeding.noise(shape, d.eval_seed, 0, keys[i:i + self.g.batch], "eval_noise", device=model.device)
-            x0 = rollout(model, model.encode_prompts(prompts[i:i + self.g.batch]), noise, steps=d.eval_steps,
-                         guidance=d.eval_guidance)
-            out.append(model.decode(x0).float().cpu())
-        return torch.cat(out)
+        return generate(model, self.prompt_list(), d.eval_seed, d.eval_steps, d.eval_guidance, r.height, r.width,
+                        batch=self.g.batch, keys=keys)
 
     # ---- metrics ------------------------------------------------------------------------
     @torch.no_grad()
