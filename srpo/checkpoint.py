@@ -1,17 +1,24 @@
 """Resumable checkpoints, written atomically, that resume bit-exactly.
 
-``DIR/checkpoints/step-NNNNNN/`` holds
+``DIR/checkpoints/step-NNNNNN/`` holds the trained parameters and the optimizer state in one of
+two formats, then the same two small files:
 
-- ``trainable.safetensors``: the trained parameters (full, unsharded; LoRA: the adapters),
-- ``optimizer.pt``: AdamW state keyed by parameter name (written by this project, read with
-  ``weights_only=True``),
+- full (one process, DDP, or FSDP with ``parallel.sharded_checkpoints: false``):
+  ``trainable.safetensors`` (the trained parameters, unsharded; LoRA: the adapters) and
+  ``optimizer.pt`` (AdamW state keyed by parameter name, written by this project, read with
+  ``weights_only=True``), gathered and written by rank 0;
+- sharded (FSDP): ``sharded/``, a ``torch.distributed.checkpoint`` folder in which every rank
+  writes its own shards of parameters and optimizer state (no rank holds the full state); it
+  loads on any number of processes and any strategy, resharded on the way in;
 - ``rng.json``: python / numpy / torch (and CUDA) RNG states of every rank,
-- ``state.json``: the update count and the data position (samples consumed, global batch).
+- ``state.json``: the update count, the data position (samples consumed, global batch), the
+  format and what the trainer adds (the guard's state).
 
-A checkpoint is written to ``.tmp-step-NNNNNN`` on rank 0, synced and renamed into place, so a
-kill during a write leaves the previous checkpoint intact; only the newest ``keep`` survive.
-Prompts, noise and timesteps are functions of (seed, update, sample index), so the update
-count fixes the data position; the RNG states cover anything else drawing random numbers.
+A checkpoint is written into ``.tmp-step-NNNNNN``, synced and renamed into place by rank 0 only
+after every rank finished its part, so a kill during a write leaves the previous checkpoint
+intact; only the newest ``keep`` survive. Prompts, noise and timesteps are functions of (seed,
+update, sample index), so the update count fixes the data position on any number of processes;
+the RNG states (restored when the number of processes is the same) cover anything else.
 """
 
 from __future__ import annotations
@@ -91,31 +98,45 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_tree(path: Path) -> None:
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    for d in sorted((p for p in path.rglob("*") if p.is_dir()), reverse=True):
+        _fsync_dir(d)
+
+
 def save(run_dir: str | Path, step: int, module: torch.nn.Module, optimizer, extra: dict | None = None,
-         keep: int = 2, ctx: parallel.Context | None = None) -> Path | None:
-    """Write checkpoint ``step``. Collective under DDP / FSDP (every rank calls it; rank 0
-    writes). Returns the folder on rank 0."""
+         keep: int = 2, ctx: parallel.Context | None = None, sharded: bool = False) -> Path | None:
+    """Write checkpoint ``step``. Collective under DDP / FSDP: every rank calls it. ``sharded``
+    (under FSDP): every rank writes its own shards; otherwise rank 0 gathers and writes the full
+    state. Returns the folder on rank 0."""
     ctx = ctx or parallel.Context()
-    params, optim = parallel.trainable_state(module, optimizer, ctx)
+    sharded = sharded and ctx.distributed
     rngs = parallel.gather_objects(rng_state(), ctx)
-    final = None
+    root = Path(run_dir) / "checkpoints"
+    final, tmp = root / f"{PREFIX}{step:06d}", root / f".tmp-{PREFIX}{step:06d}"
     if ctx.is_main:
-        root = Path(run_dir) / "checkpoints"
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(f".tmp-{PREFIX}*"):  # left by a kill during an earlier write
             shutil.rmtree(stale, ignore_errors=True)
-        final = root / f"{PREFIX}{step:06d}"
-        tmp = root / f".tmp-{PREFIX}{step:06d}"
         tmp.mkdir()
-        save_file(params, str(tmp / "trainable.safetensors"))
+    if sharded:
+        parallel.barrier(ctx)  # the folder exists (and no stale one) before any rank writes into it
+        parallel.save_sharded(module, optimizer, tmp / "sharded", ctx)
+    else:
+        params, optim = parallel.trainable_state(module, optimizer, ctx)
+        if ctx.is_main:
+            save_file(params, str(tmp / "trainable.safetensors"))
+            torch.save(optim, tmp / "optimizer.pt")
+    if ctx.is_main:
         if os.environ.get(KILL_IN_SAVE) == str(step):
             os.kill(os.getpid(), signal.SIGKILL)
-        torch.save(optim, tmp / "optimizer.pt")
         (tmp / "rng.json").write_text(json.dumps(rngs))
-        (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}))
-        for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        fmt = "sharded" if sharded else "full"
+        (tmp / "state.json").write_text(json.dumps({"step": step, "format": fmt, **(extra or {})}))
+        _fsync_tree(tmp)  # make the bytes durable before the rename publishes them
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -123,42 +144,84 @@ def save(run_dir: str | Path, step: int, module: torch.nn.Module, optimizer, ext
         for old in checkpoint_dirs(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     parallel.barrier(ctx)
-    return final
+    return final if ctx.is_main else None
 
 
-def _read(path: Path, module: torch.nn.Module) -> tuple[dict, dict, dict, list]:
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, EOFError, SafetensorError, pickle.UnpicklingError)
+
+
+def _unreadable(path: Path, e: Exception) -> UserError:
+    return UserError(f"checkpoint {path} cannot be loaded ({e.__class__.__name__}): delete it to resume "
+                     f"from the one before")
+
+
+def _mismatch(path: Path, saved: set, wanted: list) -> UserError | None:
+    missing = [n for n in wanted if n not in saved]
+    if not missing and len(saved) == len(wanted):
+        return None
+    example = missing[0] if missing else next(n for n in saved if n not in set(wanted))
+    return UserError(f"checkpoint {path} does not match the model ({len(saved)} saved vs {len(wanted)} "
+                     f"trainable tensors, e.g. {example}): resume with the config it was written with")
+
+
+def _wanted(module: torch.nn.Module) -> list[str]:
+    return [n for n, p in parallel.unwrap(module).named_parameters() if p.requires_grad]
+
+
+def _read_small(path: Path) -> tuple[dict, list]:
+    try:
+        state = json.loads((path / "state.json").read_text())
+        rngs = json.loads((path / "rng.json").read_text()) if (path / "rng.json").is_file() else []
+    except (OSError, ValueError) as e:
+        raise _unreadable(path, e) from None
+    return state, rngs
+
+
+def _read_full(path: Path, module: torch.nn.Module) -> tuple[dict, dict]:
     try:
         params = load_file(str(path / "trainable.safetensors"))
         optim = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
-        state = json.loads((path / "state.json").read_text())
-        rngs = json.loads((path / "rng.json").read_text()) if (path / "rng.json").is_file() else []
-    except (OSError, ValueError, RuntimeError, EOFError, SafetensorError, pickle.UnpicklingError) as e:
-        raise UserError(f"checkpoint {path} cannot be loaded ({e.__class__.__name__}): delete it to resume "
-                        f"from the one before") from None
-    wanted = [n for n, p in parallel.unwrap(module).named_parameters() if p.requires_grad]
-    missing = [n for n in wanted if n not in params]
-    if missing or len(params) != len(wanted):
-        example = missing[0] if missing else next(n for n in params if n not in set(wanted))
-        raise UserError(f"checkpoint {path} does not match the model ({len(params)} saved vs {len(wanted)} "
-                        f"trainable tensors, e.g. {example}): resume with the config it was written with")
-    return params, optim, state, rngs
+    except LOAD_ERRORS as e:
+        raise _unreadable(path, e) from None
+    error = _mismatch(path, set(params), _wanted(module))
+    if error:
+        raise error
+    return params, optim
+
+
+def _fit_error(path: Path, e: Exception) -> UserError:
+    return UserError(f"checkpoint {path} does not fit the model or optimizer ({e.__class__.__name__}: "
+                     f"{str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}): resume with the config it "
+                     f"was written with")
 
 
 def load(path: str | Path, module: torch.nn.Module, optimizer, ctx: parallel.Context | None = None) -> dict:
     """Restore parameters, optimizer state and this rank's RNG states; returns state.json.
-    Collective under DDP / FSDP: rank 0 reads the files and broadcasts them."""
+    Collective under DDP / FSDP. Full format: rank 0 reads the files and broadcasts them (the
+    other nodes need no copy). Sharded: every rank reads the pieces of its own shards, whatever
+    the number of processes that wrote them."""
     ctx = ctx or parallel.Context()
     path = Path(path)
-    if ctx.is_main:
-        params, optim, state, rngs = _read(path, module)
+    small = _read_small(path) if ctx.is_main else None
+    state, rngs = parallel.broadcast_object(small, ctx)
+    if (path / "sharded").is_dir() or state.get("format") == "sharded":
+        error = None
+        try:
+            error = _mismatch(path, parallel.sharded_keys(path / "sharded"), _wanted(module))
+        except LOAD_ERRORS as e:
+            error = _unreadable(path, e)
+        if error:
+            raise error
+        try:
+            parallel.load_sharded(module, optimizer, path / "sharded", ctx)
+        except Exception as e:  # torch.distributed.checkpoint wraps every rank's failure in CheckpointException
+            raise _fit_error(path, e) from None
     else:
-        params, optim, state, rngs = {}, {}, None, None
-    state, rngs = parallel.broadcast_object((state, rngs), ctx)
-    try:
-        parallel.load_trainable_state(module, optimizer, params, optim, ctx)
-    except (KeyError, ValueError, RuntimeError) as e:
-        raise UserError(f"checkpoint {path} does not fit the model or optimizer ({e.__class__.__name__}: "
-                        f"{str(e).splitlines()[0][:120]}): resume with the config it was written with") from None
+        params, optim = _read_full(path, module) if ctx.is_main else ({}, {})
+        try:
+            parallel.load_trainable_state(module, optimizer, params, optim, ctx)
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise _fit_error(path, e) from None
     if len(rngs) == ctx.world:
         set_rng_state(rngs[ctx.rank])
     return state
@@ -179,5 +242,6 @@ def resume(run_dir: str | Path, module: torch.nn.Module, optimizer, cfg, ctx: pa
         raise UserError(f"checkpoint {last} was written with a global batch of {state['global_batch']} samples, "
                         f"this launch has {want}: resume with the same batch_size x grad_accum x processes")
     if ctx.is_main:
-        print(f"--resume: continuing after update {state['step']} from {last}")
+        print(f"--resume: continuing after update {state['step']} from {last}"
+              + (f" ({state.get('world')} processes wrote it, {ctx.world} read it)" if state.get("world", ctx.world) != ctx.world else ""))
     return state

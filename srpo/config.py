@@ -153,6 +153,7 @@ class ParallelConfig(Section):
     strategy: Literal["none", "ddp", "fsdp"] = Field("none", description="none: one process; ddp: whole model per rank, gradients averaged; fsdp: FSDP2 (fully_shard per transformer block, then the root) shards weights, gradients and optimizer state. Launch several ranks with torchrun.")
     reshard_after_forward: bool = Field(True, description="FSDP: free each block's gathered weights after its forward (less memory, one more all-gather in backward).")
     find_unused_parameters: bool = Field(False, description="DDP: allow trainable parameters that get no gradient in an update (slower).")
+    sharded_checkpoints: bool = Field(True, description="FSDP: every rank writes its own shards of the weights and optimizer state with torch.distributed.checkpoint (no rank gathers the full state; resumable on any number of processes; the run folder must be one every node sees). false: rank 0 gathers and writes the full state.")
 
 
 class LoRAConfig(Section):
@@ -168,8 +169,8 @@ class LoRAConfig(Section):
 class MemoryConfig(Section):
     cache_text: bool = Field(True, description="Cache text-encoder outputs per prompt (on CPU) so each prompt is encoded once.")
     offload_frozen: bool = Field(False, description="Keep the text encoders on the CPU and move them to the device only to encode prompts not yet cached.")
-    text_cache_dir: bool = Field(False, description="Also keep each prompt's text features on disk in RUN/text_cache (keyed by the model and the text), so a resumed run encodes nothing.")
-    release_text_encoders: bool = Field(False, description="Encode every training, held-out and offline prompt once at the start, then free the text encoders for the rest of the run (srpo plan counts them for the start only); a prompt not seen at the start is then an error.")
+    text_cache_dir: bool = Field(True, description="Keep each prompt's text features on disk in RUN/text_cache (one file per prompt, keyed by the model and the text; read back when needed, not held in memory), so a resumed run encodes nothing; false: features are cached in CPU memory only.")
+    release_text_encoders: bool = Field(True, description="Encode every training, held-out and offline prompt once at the start, then free the text encoders for the rest of the run (srpo plan counts them for the start only); a prompt not seen at the start is then an error. false: the encoders stay loaded (for prompts that only appear later).")
 
 
 class GuardConfig(Section):

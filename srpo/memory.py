@@ -50,18 +50,18 @@ def text_cache_key(cfg) -> str:
     return json.dumps([m.name, m.path, m.dtype, m.options], sort_keys=True, default=str)
 
 
-def pre_encode(model, prompts: list[str], folder=None, key: str = "", release: bool = False) -> int:
-    """Encode ``prompts`` once into the model's text cache (read from / written to ``folder`` on
-    disk when given), then, with ``release``, free the text encoders. Returns how many prompts
-    the encoders actually encoded."""
+def pre_encode(model, prompts: list[str], folder=None, key: str = "", release: bool = False,
+               progress: bool = False) -> int:
+    """Encode ``prompts`` once into the model's text cache (kept in ``folder`` on disk when
+    given), then, with ``release``, free the text encoders. Returns how many prompts the
+    encoders actually encoded (0 when every prompt was already on disk, e.g. on resume)."""
     cache = model.encode_prompts
     if not isinstance(cache, TextCache):
         return 0
     if folder is not None:
         cache.disk, cache.key = Path(folder), key
     before = cache.encoded
-    for i in range(0, len(prompts), 16):
-        cache(prompts[i:i + 16])
+    cache.ensure(prompts, progress=progress)
     if release:
         cache.release()
     return cache.encoded - before
@@ -70,14 +70,16 @@ def pre_encode(model, prompts: list[str], folder=None, key: str = "", release: b
 class TextCache:
     """``model.encode_prompts`` with per-prompt caching. Every prompt is encoded alone, so its
     features never depend on which prompts shared a batch (runs stay bit-reproducible however
-    ranks or resumes group them). With ``offload`` the text encoders live on the CPU and visit
-    the model's device only to encode prompts not seen before."""
+    ranks or resumes group them). Features live in CPU memory, or with ``disk`` set in one
+    safetensors file per prompt, read back when asked for (a large prompt set costs disk, not
+    memory). With ``offload`` the text encoders live on the CPU and visit the model's device
+    only to encode prompts not seen before."""
 
     def __init__(self, model, offload: bool = False):
         self.model, self.offload = model, offload
         self.encode = model.encode_prompts  # the adapter's own method
-        self.store: dict[str, dict[str, torch.Tensor]] = {}
-        self.disk: Path | None = None  # RUN/text_cache when the features are also kept on disk
+        self.store: dict[str, dict[str, torch.Tensor]] = {}  # without disk
+        self.disk: Path | None = None  # RUN/text_cache when the features are kept on disk
         self.key = ""
         self.encoded = 0  # prompts the text encoders encoded (not read from memory or disk)
         self.released = False
@@ -88,23 +90,26 @@ class TextCache:
     def _file(self, prompt: str) -> Path:
         return self.disk / (hashlib.sha256(f"{self.key}\0{prompt}".encode()).hexdigest()[:40] + ".safetensors")
 
-    def _from_disk(self, prompt: str) -> bool:
-        if self.disk is None or not self._file(prompt).is_file():
-            return False
+    def _has(self, prompt: str) -> bool:
+        return prompt in self.store or (self.disk is not None and self._file(prompt).is_file())
+
+    def _get(self, prompt: str) -> dict[str, torch.Tensor]:
+        if prompt in self.store:
+            return self.store[prompt]
         from safetensors.torch import load_file
 
-        self.store[prompt] = load_file(str(self._file(prompt)))
-        return True
+        return load_file(str(self._file(prompt)))
 
-    def _to_disk(self, prompt: str) -> None:
+    def _put(self, prompt: str, feats: dict[str, torch.Tensor]) -> None:
         if self.disk is None:
+            self.store[prompt] = feats
             return
         from safetensors.torch import save_file
 
         self.disk.mkdir(parents=True, exist_ok=True)
         path = self._file(prompt)
         tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-        save_file({k: v.contiguous() for k, v in self.store[prompt].items()}, str(tmp))
+        save_file({k: v.contiguous() for k, v in feats.items()}, str(tmp))
         os.replace(tmp, path)  # atomic: ranks writing the same prompt write the same bytes
 
     def release(self) -> None:
@@ -118,28 +123,39 @@ class TextCache:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def __call__(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        missing = [p for p in dict.fromkeys(prompts) if p not in self.store and not self._from_disk(p)]
+    def ensure(self, prompts: list[str], progress: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+        """Encode the prompts not cached yet; returns their features (CPU)."""
+        missing = [p for p in dict.fromkeys(prompts) if not self._has(p)]
         if missing and self.released:
             raise UserError(f"prompt {missing[0]!r} was not encoded before the text encoders were released "
                             f"(memory.release_text_encoders): list it in data.prompts or data.eval_prompts")
+        fresh = {}
         if missing:
-            device = self.model.device
+            from tqdm.auto import tqdm
+
             encoders = self.model.text_encoders() if self.offload else []
             for m in encoders:
-                m.to(device)
+                m.to(self.model.device)
             try:
-                for p in missing:
-                    self.store[p] = {k: v.detach().cpu() for k, v in self.encode([p]).items()}
+                for p in tqdm(missing, desc="encode prompts", disable=not progress or len(missing) < 2,
+                              dynamic_ncols=True):
+                    fresh[p] = {k: v.detach().cpu() for k, v in self.encode([p]).items()}
                     self.encoded += 1
-                    self._to_disk(p)
+                    self._put(p, fresh[p])
             finally:
                 for m in encoders:
                     m.to("cpu")
+        return fresh
+
+    def __call__(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        feats = self.ensure(prompts)
+        for p in dict.fromkeys(prompts):
+            if p not in feats:
+                feats[p] = self._get(p)
         device = self.model.device
-        keys = self.store[prompts[0]].keys()
-        return {k: torch.cat([self.store[p][k] for p in prompts]).to(device) for k in keys}
+        keys = feats[prompts[0]].keys()
+        return {k: torch.cat([feats[p][k] for p in prompts]).to(device) for k in keys}
 
 
 # ---------------------------------------------------------------------- sizes for the plan
@@ -182,21 +198,20 @@ def _lora_params(transformer: nn.Module, rank: int, target_modules: list[str]) -
     return total
 
 
-def model_sizes(cfg) -> Sizes:
+def model_sizes(cfg, parts=None) -> Sizes:
     """Sizes of the configured model and reward, from the family's :meth:`plan_parts` (modules
-    on the meta device: no weights are read or allocated)."""
+    on the meta device: no weights are read or allocated), or from ``parts`` given (a
+    :class:`~srpo.models.base.PlanParts` of modules built some other way, e.g. a benchmark's)."""
     from .models import family
     from .parallel import blocks
 
     m = cfg.model
     fam = family(m.name)
-    options = dict(m.options)
-    from pathlib import Path
-
-    path = m.path if m.path and Path(m.path).exists() else None  # no folder yet: the family's flagship
-    parts = fam.plan_parts(path, options, cfg.rollout.height, cfg.rollout.width)
-    if m.path and path is None:
-        parts.name = f"{parts.name} ({m.path} not found: its flagship's dimensions)"
+    if parts is None:
+        path = m.path if m.path and Path(m.path).exists() else None  # no folder yet: the family's flagship
+        parts = fam.plan_parts(path, dict(m.options), cfg.rollout.height, cfg.rollout.width)
+        if m.path and path is None:
+            parts.name = f"{parts.name} ({m.path} not found: its flagship's dimensions)"
     tr, vae_cfg = parts.transformer, parts.vae_config
     chans = list(reversed(vae_cfg["block_out_channels"]))
     levels = [(c, 2**i) for i, c in enumerate(chans)]
@@ -271,12 +286,15 @@ def vae_activations(s: Sizes, batch: int, height: int, width: int, act_bytes: in
 
 def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, height: int, width: int,
              model_bytes: int, reward_bytes: int = 4, act_bytes: int = 2, checkpointing: bool = True,
-             offload_text: bool = False) -> dict[str, float]:
+             offload_text: bool = False, device: str = "cuda", optimizer: str = "adamw") -> dict[str, float]:
     """Expected peak bytes per GPU by component (and ``total``)."""
     shard = gpus if strategy == "fsdp" else 1
     trainable = s.lora_params if lora else s.transformer
     out: dict[str, float] = {}
-    out["trainable weights + grads + AdamW (fp32)"] = 16 * trainable / shard
+    if optimizer == "adamw":
+        out["trainable weights + grads + AdamW (fp32)"] = 16 * trainable / shard
+    else:  # plain SGD: no optimizer state
+        out["trainable weights + grads (fp32), SGD"] = 8 * trainable / shard
     out["optimizer-step temporaries"] = 4 * trainable / shard
     if lora:
         out["frozen transformer base"] = model_bytes * s.transformer / shard
@@ -291,7 +309,8 @@ def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, heig
     out["activations: VAE decode"] = vae_activations(s, batch, height, width, model_bytes,
                                                      checkpointing and s.vae_checkpointing)
     out["activations: reward"] = VIT_UNITS * s.reward_layers * s.reward_tokens * s.reward_width * reward_bytes * batch
-    out["CUDA context + workspaces"] = OVERHEAD
+    if device == "cuda":
+        out["CUDA context + workspaces"] = OVERHEAD
     subtotal = sum(out.values())
     if offload_text:  # encoding a new prompt brings the encoders over, between gradient steps
         idle = subtotal - sum(v for k, v in out.items() if k.startswith("activations"))
@@ -301,7 +320,8 @@ def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, heig
     return out
 
 
-def estimate_for(cfg, s: Sizes, gpus: int, strategy: str | None = None, lora: bool | None = None) -> dict[str, float]:
+def estimate_for(cfg, s: Sizes, gpus: int, strategy: str | None = None, lora: bool | None = None,
+                 device: str = "cuda", optimizer: str = "adamw") -> dict[str, float]:
     """:func:`estimate` with the config's settings (strategy and LoRA overridable)."""
     strategy = strategy or cfg.parallel.strategy
     lora = cfg.lora.enabled if lora is None else lora
@@ -312,4 +332,5 @@ def estimate_for(cfg, s: Sizes, gpus: int, strategy: str | None = None, lora: bo
                     model_bytes=BYTES[cfg.model.dtype], reward_bytes=reward_bytes,
                     act_bytes=2 if cfg.train.autocast != "none" else 4,
                     checkpointing=cfg.train.gradient_checkpointing,
-                    offload_text=cfg.memory.offload_frozen or cfg.memory.release_text_encoders)
+                    offload_text=cfg.memory.offload_frozen or cfg.memory.release_text_encoders, device=device,
+                    optimizer=optimizer)

@@ -82,6 +82,12 @@ def setup(cfg) -> Context:
     return Context(dist.get_rank(), dist.get_world_size(), device, strategy, owns)
 
 
+def restart_count() -> int:
+    """How many times torchrun (``--max-restarts``) has restarted this worker group (0: the
+    first launch, or no torchrun)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0) or 0)
+
+
 def teardown(ctx: Context) -> None:
     """Leave the process group cleanly: wait for every rank, then destroy the group, so no
     rank exits while a peer still talks to it (the cause of gloo's exit-time aborts)."""
@@ -224,6 +230,49 @@ def load_trainable_state(module: nn.Module, optimizer, params: dict, optim: dict
     set_model_state_dict(module, params, options=opts)
     if optimizer is not None:
         set_optimizer_state_dict(module, optimizer, optim, options=opts)
+
+
+def sharded_state(module: nn.Module, optimizer) -> dict:
+    """This rank's shards of the trainable parameters and the optimizer state (keyed by
+    parameter name, as torch.distributed.checkpoint saves and reshards them). Nothing is
+    gathered: under FSDP2 the values are DTensors holding the local shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model, optim = get_state_dict(unwrap(module), optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    return {"model": model, "optimizer": optim}
+
+
+def save_sharded(module: nn.Module, optimizer, path, ctx: Context) -> None:
+    """Collective under a process group: every rank writes its own shards into ``path``
+    (``__<rank>_0.distcp``; rank 0 adds ``.metadata``), fsynced."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(sharded_state(module, optimizer), storage_writer=dcp.FileSystemWriter(str(path), sync_files=True))
+
+
+def sharded_keys(path) -> set[str]:
+    """The parameter names a sharded checkpoint holds."""
+    import torch.distributed.checkpoint as dcp
+
+    meta = dcp.FileSystemReader(str(path)).read_metadata()
+    return {k[len("model."):] for k in meta.state_dict_metadata if k.startswith("model.")}
+
+
+def load_sharded(module: nn.Module, optimizer, path, ctx: Context) -> None:
+    """Inverse of :func:`save_sharded` on any number of processes and any strategy: each rank
+    reads the pieces of its own shards (resharded by torch.distributed.checkpoint); one process
+    without a process group reads everything."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    import warnings
+
+    state = sharded_state(module, optimizer)
+    with warnings.catch_warnings():  # one process without a group: "assuming ... a single process" is the intent
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(path)))  # in place, into the optimizer's own tensors
+    set_state_dict(unwrap(module), optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
 
 
 def full_state_dict(module: nn.Module, ctx: Context) -> dict[str, torch.Tensor]:

@@ -91,6 +91,20 @@ def _inline_images(page: str, folder: Path) -> str:
     return re.sub(r'src="([^":]+\.png)"', repl, page)
 
 
+def _rows(path: Path) -> list[dict]:
+    """metrics.jsonl's rows; a last line torn by a kill mid-write is dropped (truncate rewrites
+    the file), a damaged line elsewhere is an error."""
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    rows = []
+    for i, ln in enumerate(lines):
+        try:
+            rows.append(json.loads(ln))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise UserError(f"{path} line {i + 1} is not JSON: repair or delete the line, then resume") from None
+    return rows
+
+
 class RunLog:
     def __init__(self, folder: str | Path, enabled: bool = True, tensorboard: bool = True, resume: bool = False,
                  wandb=None, config: dict | None = None):
@@ -114,7 +128,7 @@ class RunLog:
             self._wb = self._start_wandb(wandb, config, resume)
         self.metrics_path = self.folder / "metrics.jsonl"
         if resume and self.metrics_path.exists():
-            self.rows = [json.loads(ln) for ln in self.metrics_path.read_text().splitlines() if ln.strip()]
+            self.rows = _rows(self.metrics_path)
         elif self.metrics_path.exists():
             self.metrics_path.unlink()
         if tensorboard:

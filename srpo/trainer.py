@@ -59,6 +59,10 @@ def evaluate(model, reward_fn, cfg: Config, prompts: list[str]) -> tuple[dict, t
 def train(cfg: Config, output: str | Path, resume: bool = False) -> dict:
     output = Path(output)
     ctx = parallel.setup(cfg)
+    if parallel.restart_count() and not resume:  # torchrun --max-restarts restarted the workers after a failure
+        resume = True
+        if ctx.is_main:
+            print(f"torchrun restart {parallel.restart_count()}: resuming from the newest checkpoint in {output}")
     t_start = time.perf_counter()
     offline = OfflineData.from_config(cfg)  # captioned real images for x0 (data.offline), or None
     prompts = load_prompts(cfg.data.prompts, column=cfg.data.prompt_column) or offline.captions  # every input is checked before anything is written
@@ -76,7 +80,7 @@ def train(cfg: Config, output: str | Path, resume: bool = False) -> dict:
     if cfg.memory.text_cache_dir or cfg.memory.release_text_encoders:  # every prompt once, then maybe no encoders
         memory.pre_encode(model, list(dict.fromkeys(prompts + eval_prompts + (offline.captions if offline else []))),
                           output / "text_cache" if cfg.memory.text_cache_dir else None, memory.text_cache_key(cfg),
-                          release=cfg.memory.release_text_encoders)
+                          release=cfg.memory.release_text_encoders, progress=ctx.is_main and cfg.log.progress)
     parallel.apply(model, cfg, ctx)
     params = [p for p in model.transformer.parameters() if p.requires_grad]
     optimizer = steps.make_optimizer(params, cfg)
@@ -177,4 +181,5 @@ def save_checkpoint(output: Path, step: int, model, optimizer, cfg: Config, ctx,
     extra = checkpoint.data_position(cfg, ctx, step)
     if guard is not None:
         extra["guard"] = guard.state()
-    checkpoint.save(output, step, model.transformer, optimizer, extra=extra, keep=cfg.log.keep_checkpoints, ctx=ctx)
+    checkpoint.save(output, step, model.transformer, optimizer, extra=extra, keep=cfg.log.keep_checkpoints, ctx=ctx,
+                    sharded=ctx.strategy == "fsdp" and cfg.parallel.sharded_checkpoints)

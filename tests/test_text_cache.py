@@ -28,13 +28,15 @@ def test_features_on_disk_equal_the_encoders_and_the_run_equals_one_without_the_
     from srpo.models import load_model
 
     model = load_model(cfg.model, "cpu")
-    cache = memory.TextCache(model)
-    cache.disk, cache.key = tmp_path / "cached" / "text_cache", memory.text_cache_key(cfg)
+    model.encode_prompts = cache = memory.TextCache(model)
+    assert memory.pre_encode(model, prompts, tmp_path / "cached" / "text_cache", memory.text_cache_key(cfg)) == 0
+    assert not cache.store and cache(prompts[:2])["prompt_embeds"].shape[0] == 2  # read from disk, not held
     for p in prompts[:3]:  # the file of a prompt holds the adapter's own encoding of it
         stored = load_file(str(cache._file(p)))
         own = FluxModel.encode_prompts(model, [p])
         assert set(stored) == set(own) and all(torch.equal(stored[k], own[k]) for k in own)
-    plain = load_config(ROOT / "configs" / "tiny.yaml", FAST[:-2] + ["train.max_steps=2"])
+    plain = load_config(ROOT / "configs" / "tiny.yaml", FAST[:-2] + ["train.max_steps=2", "memory.text_cache_dir=false",
+                                                                       "memory.release_text_encoders=false"])
     train(plain, tmp_path / "plain")
     a = load_file(str(tmp_path / "cached" / "final" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(tmp_path / "plain" / "final" / "diffusion_pytorch_model.safetensors"))
@@ -62,6 +64,7 @@ def test_released_encoders_refuse_a_new_prompt():
     memory.prepare(model, cfg)
     assert memory.pre_encode(model, ["a red cube", "a blue ball"], release=True) == 2
     assert model.text_encoders() == [] and model.text_encoder is None
+    assert len(model.encode_prompts.store) == 2  # no disk folder: the features stay in memory
     assert model.encode_prompts(["a blue ball"])["prompt_embeds"].shape[0] == 1
     with pytest.raises(UserError, match="not encoded before the text encoders were released"):
         model.encode_prompts(["a green star"])

@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
     p.add_argument("--output", "-o", default=None, help="run folder (default: runs/<config name>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=1e-5 (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint (implied when "
+                   "torchrun --max-restarts restarts the workers)")
 
 
 def run(args) -> int:
@@ -25,7 +26,9 @@ def run(args) -> int:
     output = Path(args.output or Path("runs") / Path(args.config).stem)
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} exists and is not a folder")
-    if not args.resume and (output / "checkpoints").is_dir() and any((output / "checkpoints").iterdir()):
+    from ..parallel import restart_count
+
+    if not args.resume and not restart_count() and (output / "checkpoints").is_dir() and any((output / "checkpoints").iterdir()):
         raise UserError(f"{output} already holds a run: pass --resume to continue it or choose another --output")
     summary = train(cfg, output, resume=args.resume)
     if int(os.environ.get("RANK", 0)) != 0:
