@@ -1,5 +1,5 @@
 """The GPU benchmark (benchmarks/gpu_update.py): its FLOP count against torch's FlopCounterMode
-and a CPU dry run of the whole script at tiny size."""
+and a CPU dry run of the whole script at tiny size (the real-dims builder at test size)."""
 
 from __future__ import annotations
 
@@ -24,12 +24,12 @@ def test_benchmark_flop_formula_matches_flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
 
     from srpo import lora
+    from srpo.bench import real_dims as rd
     from srpo.config import LoRAConfig
-    from srpo.models.tiny import build_tiny_flux
 
     bench = _bench()
     for use_lora in (False, True):
-        model = build_tiny_flux(0, **bench.TINY_FLUX)
+        model = rd.build_model(rd.TINY, base_dtype=torch.float32, frozen_dtype=torch.float32)
         if use_lora:
             lora.apply(model, LoRAConfig(enabled=True, rank=4, init="gaussian"))
         f = bench.transformer_flops(model.transformer, 16, model.max_sequence_length)
@@ -54,11 +54,11 @@ def measured_grad_step_flops(mode: str) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     from srpo import lora
-    from srpo.models.tiny import build_tiny_flux
+    from srpo.bench import real_dims as rd
 
     bench = _bench()
-    model = build_tiny_flux(0, **bench.TINY_FLUX)
-    lora.apply(model, bench.make_config(True, mode, 32, 1, "cpu").lora, seed=0)
+    model = rd.build_model(rd.TINY, base_dtype=torch.float32, frozen_dtype=torch.float32)
+    lora.apply(model, bench.make_config(True, mode, 32, 1, "cpu", rank=4).lora, seed=0)
     lat = torch.randn(model.latent_shape(1, 32, 32))
     cond = model.encode_prompts(["a photo of a red fox in the snow"])
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
@@ -67,7 +67,8 @@ def measured_grad_step_flops(mode: str) -> int:
 
 
 def test_benchmark_tiny_dry_run(capsys):
-    results = _bench().main(["--tiny", "--steps", "1", "--warmup", "0", "--rollout-steps", "1"])
+    results = _bench().main(["--tiny", "--modes", "lora,full", "--steps", "1", "--warmup", "0",
+                             "--rollout-steps", "1", "--rank", "4"])
     assert [r["mode"] for r in results] == ["lora", "full"]
     lora_run, full = results
     assert lora_run["optimizer"] == "AdamW" and full["optimizer"] == "SGD"
@@ -75,6 +76,7 @@ def test_benchmark_tiny_dry_run(capsys):
     measured = {mode: measured_grad_step_flops(mode) for mode in ("lora", "full")}
     for r in results:
         assert math.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["plan_gib"] > 0
+        assert r["text_encoders_released"] and r["prompts_encoded"] == 1  # as the trainer does
         timings = ("build_s", "rollout_s", "grad_step_s", "optimizer_s", "update_s")
         assert all(isinstance(r[k], float) and math.isfinite(r[k]) for k in timings)
         # rollout, gradient step and optimizer step are disjoint intervals inside the update

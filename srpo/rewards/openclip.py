@@ -97,17 +97,27 @@ class OpenCLIPReward(Reward):
         """Build ``arch`` with random weights, load the checkpoint into it (strictly).
 
         ``resize_mode``: override the model's preprocessing (``longest`` pads like HPSv2)."""
+        sd = load_state_dict(path, what)
+        return cls.build(arch, sd, Path(path).expanduser(), device=device, dtype=dtype, divide_by=divide_by,
+                         resize_mode=resize_mode, uint8=uint8)
+
+    @classmethod
+    def build(cls, arch: str, state_dict: dict | None = None, file=None, device=None, dtype=None,
+              divide_by: float | None = 20.0, resize_mode: str | None = None,
+              uint8: str | None = "pil") -> "OpenCLIPReward":
+        """``arch`` with its preprocessing, with ``state_dict`` loaded (strictly) or, without
+        one, random weights (benchmarks at real sizes, no checkpoint needed)."""
         import open_clip
 
-        sd = load_state_dict(path, what)
         name = resolve_arch(arch)
         logging.disable(logging.WARNING)  # open_clip warns that no pretrained weights were loaded
         try:
             model = open_clip.create_model(name, pretrained=None)
         finally:
             logging.disable(logging.NOTSET)
-        check_fit(model, sd, Path(path).expanduser(), f"the open_clip architecture {arch}")
-        model.load_state_dict(sd)
+        if state_dict is not None:
+            check_fit(model, state_dict, file, f"the open_clip architecture {arch}")
+            model.load_state_dict(state_dict)
         cfg = dict(model.visual.preprocess_cfg)
         if resize_mode is not None:
             cfg["resize_mode"] = resize_mode

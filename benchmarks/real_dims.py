@@ -1,0 +1,305 @@
+"""One SRPO update of FLUX.1-dev + HPSv2.1 at their real widths on the CPU, measured against
+``srpo plan``'s prediction for exactly that configuration.
+
+    OMP_NUM_THREADS=2 python benchmarks/real_dims.py --out runs/real_dims.json      # ~25 min, < 17 GiB
+    python benchmarks/real_dims.py --tiny --out /tmp/real_dims.json                 # the same path, seconds
+
+Random weights of the real classes at the real widths (:mod:`srpo.bench.real_dims`: transformer
+hidden 3072, 24 heads of 128, joint attention 4096, pooled 768, guidance embedding; FLUX.1-dev's
+16-channel VAE; T5 at T5-XXL width with 2 layers and 512 tokens; CLIP-L; the HPSv2.1 reward at
+ViT-H-14 width), fewer transformer blocks (1 double + 2 single by default). Each mode (LoRA r64,
+full) runs in its own process, in the trainer's order (LoRA, ``memory.prepare``, every prompt
+encoded then the text encoders released, optimizer) and the trainer's update
+(``srpo.step.update``): a short rollout, SRPO's two branches through the VAE decoder and the
+reward, clipping, AdamW. Dtypes as a user of this CPU would pick them (bf16 is 2x fp32 on AMX,
+fp16 is slower than fp32): bf16 frozen parts and transformer autocast, the reward stored in bf16
+under bf16 autocast, fp32 master weights.
+
+Measured: the process's peak resident memory (VmHWM, reset through ``/proc/self/clear_refs``)
+minus its resident memory after the imports, for each update (the second has AdamW's state
+resident, as every later update; ``measured_gib`` is the largest); its parts: bytes of
+parameters, gradients and optimizer state counted from the tensors, tensors autograd holds for
+backward per component (saved-tensor hooks, checkpointed regions count their inputs) and the
+peak of each phase of the update (transformer forward, VAE decode, reward, their backwards, the
+optimizer step). Planned: :func:`srpo.memory.estimate_for` on the same config, the sizes of the
+same modules (``model_sizes(cfg, parts)``) and ``device="cpu"``. Then the plan of the real
+19 + 38 blocks at 720 x 720 on 1 and 8 GPUs, LoRA and full, text encoders resident and released.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without installing
+
+GIB = 1024**3
+
+
+# ---------------------------------------------------------------------- instruments
+
+def _kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    from srpo.bench.measure import _trim
+
+    _trim()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class Phases:
+    """Peak resident memory of each phase of an update, phases told apart by module hooks:
+    forward pre-hooks (outside backward: checkpoint recomputation is part of the backward) and
+    full backward pre-hooks on the transformer, the VAE decoder and the reward's vision tower,
+    and the optimizer's step pre-hook. Also the bytes autograd holds for backward per
+    component (saved-tensor hooks, each storage once)."""
+
+    def __init__(self, model, reward, optimizer):
+        import torch
+
+        self.torch = torch
+        self.phase, self.peaks, self.handles = "start", {}, []
+        self.saved, self.held, self.storages = {}, {}, {}  # live saved bytes per part, their peaks
+        parts = {"transformer": model.transformer, "VAE decode": model.vae.decoder, "reward": reward.model.visual}
+        for name, m in parts.items():
+            self.handles.append(m.register_forward_pre_hook(lambda *_, n=name: self._forward(n)))
+            self.handles.append(m.register_full_backward_pre_hook(lambda *_, n=name: self.enter(f"{n} backward")))
+        self.handles.append(optimizer.register_step_pre_hook(lambda *_: self.enter("clip done, optimizer step")))
+
+    def _forward(self, name: str) -> None:
+        torch = self.torch
+        if torch._C._current_graph_task_id() != -1:  # recomputation inside backward
+            return
+        self.enter(f"{name} forward" if torch.is_grad_enabled() else f"{name} (no grad: rollout, text)")
+
+    def enter(self, name: str) -> None:
+        if name == self.phase:
+            return
+        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), _kb("VmHWM") * 1024)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        self.phase = name
+
+    def close(self) -> dict:
+        self.enter("end")
+        for h in self.handles:
+            h.remove()
+        return self.peaks
+
+    # saved tensors, labelled by the forward phase that saved them
+    def pack(self, t):
+        label = self.phase.replace(" forward", "")
+        if self.torch._C._current_graph_task_id() != -1 or isinstance(t, self.torch.nn.Parameter):
+            return t
+        key = t.untyped_storage().data_ptr()
+        if key in self.storages:
+            self.storages[key][1] += 1
+        else:
+            self.storages[key] = [label, 1, t.untyped_storage().nbytes()]
+            self.saved[label] = self.saved.get(label, 0) + self.storages[key][2]
+            self.held[label] = max(self.held.get(label, 0), self.saved[label])
+        return _Held(t, key, self)
+
+    def unpack(self, h):
+        return h.tensor if isinstance(h, _Held) else h
+
+    def release(self, key) -> None:
+        entry = self.storages[key]
+        entry[1] -= 1
+        if not entry[1]:
+            del self.storages[key]
+            self.saved[entry[0]] -= entry[2]
+
+
+class _Held:
+    def __init__(self, tensor, key, phases):
+        self.tensor, self.key, self.phases = tensor, key, phases
+
+    def __del__(self):
+        self.phases.release(self.key)
+
+
+# ---------------------------------------------------------------------- one mode (child process)
+
+def measure(mode: str, args) -> dict:
+    """Build, prepare and update in this process; memory relative to the resident set after
+    the imports."""
+    import torch
+
+    from srpo import memory, parallel, step as steps
+    from srpo.bench import real_dims as rd
+
+    import diffusers, open_clip, peft, transformers  # noqa: F401,E401 - imported before the baseline
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    _reset_peak()
+    base = _kb("VmRSS") * 1024
+    dims = rd.TINY if args.tiny else rd.REAL
+    dims = dims.blocks(args.double, args.single)
+    arch = rd.tiny_reward_arch(args.scratch) if args.tiny else dims.reward_arch
+    cfg = rd.config(mode, args.size, args.rollout_steps, "cpu", rank=args.rank, tiny=args.tiny,
+                    reward_dtype="bfloat16", reward_autocast="bf16")
+    ctx = parallel.setup(cfg)
+    t0 = time.perf_counter()
+    model = rd.build_model(dims, "cpu", torch.bfloat16 if mode == "lora" else torch.float32)
+    reward = rd.build_reward(dims, "cpu", torch.bfloat16, arch=arch)
+    reward_arch = rd.reward_arch_of(reward)
+    text_params = sum(p.numel() for m in model.text_encoders() for p in m.parameters())
+    text_bytes = _bytes(p for m in model.text_encoders() for p in m.parameters())
+    build_s = time.perf_counter() - t0
+    _reset_peak()
+    run = rd.prepare_run(cfg, model, reward, ctx)
+    start_peak = _kb("VmHWM") * 1024 - base  # the text encoders' visit: prepare and encode the prompts
+    tr = model.transformer
+    static = {
+        "trainable parameters (fp32)": _bytes(run.params),
+        "frozen transformer base": _bytes(p for p in tr.parameters() if not p.requires_grad),
+        "VAE": _bytes(model.vae.parameters()),
+        "reward model": _bytes(reward.parameters()),
+        "text encoders (released)": _bytes(p for m in model.text_encoders() for p in m.parameters()),
+    }
+    updates = []
+    for step in range(args.updates):
+        _reset_peak()
+        before = _kb("VmRSS") * 1024 - base
+        phases = Phases(model, reward, run.optimizer)
+        t1 = time.perf_counter()
+        with torch.autograd.graph.saved_tensors_hooks(phases.pack, phases.unpack):
+            row = steps.update(model, run.algorithm, run.optimizer, run.params, run.batches, cfg, ctx, step)
+        seconds = time.perf_counter() - t1
+        peaks = phases.close()
+        peak = max(peaks.values()) - base
+        updates.append({
+            "update": step + 1, "seconds": seconds, "rollout_s": row["rollout_s"], "grad_s": row["grad_s"],
+            "optimizer_s": row["optimizer_s"], "loss": row["loss"], "grad_norm": row["grad_norm"],
+            "resident_before_gib": before / GIB, "peak_gib": peak / GIB,
+            "phase_peaks_gib": {k: (v - base) / GIB for k, v in peaks.items() if k != "start"},
+            "held_for_backward_gib": {k: v / GIB for k, v in phases.held.items()},
+        })
+        print(f"[{mode}] update {step + 1}: {seconds:.0f} s, peak {peak / GIB:.2f} GiB", file=sys.stderr, flush=True)
+    state = [t for s in run.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    static["gradients"] = _bytes(p.grad for p in run.params if p.grad is not None)
+    static["optimizer state"] = _bytes(state)
+    sizes = rd.plan_sizes(cfg, dims, reward_arch)
+    plan = memory.estimate_for(cfg, sizes, 1, device="cpu")
+    measured = max(max(u["peak_gib"] for u in updates), start_peak / GIB)
+    return {
+        "mode": mode, "config": {"blocks": [dims.double, dims.single], "size": args.size,
+                                 "rollout_steps": args.rollout_steps, "lora_rank": args.rank if mode == "lora" else None,
+                                 "threads": torch.get_num_threads()},
+        "transformer_params": sum(p.numel() for p in tr.parameters()), "trainable_params": sum(p.numel() for p in run.params),
+        "text_encoder_params": text_params, "text_encoder_gib": text_bytes / GIB, "reward_params": reward_arch[0],
+        "build_s": build_s, "prompts_encoded": run.encoded,
+        "measured_gib": measured, "planned_gib": plan["total"] / GIB, "plan_over_measured": plan["total"] / GIB / measured,
+        "start_peak_gib": start_peak / GIB, "static_gib": {k: v / GIB for k, v in static.items()},
+        "updates": updates, "plan_parts_gib": {k: v / GIB for k, v in plan.items()},
+    }
+
+
+# ---------------------------------------------------------------------- the real model's plan
+
+def real_plan(size: int = 720) -> dict:
+    """``srpo plan`` for all 19 + 38 blocks at ``size``: LoRA r64 (one GPU / DDP) and full
+    (FSDP2), on 1 and 8 GPUs, with the text encoders resident and released after the start."""
+    from srpo import memory
+    from srpo.bench import real_dims as rd
+
+    out = {}
+    for release in (False, True):
+        for mode, strategy in (("lora", "none"), ("full", "fsdp")):
+            cfg = rd.config(mode, size, 25, "cuda", release=release)
+            sizes = memory.model_sizes(cfg)  # the family's own counting: FLUX.1-dev's 11.9 B transformer, T5-XXL + CLIP-L
+            for gpus in (1, 8):
+                strat = "ddp" if strategy == "none" and gpus > 1 else strategy
+                parts = memory.estimate_for(cfg, sizes, gpus, strat)
+                key = f"{mode} {strat} x{gpus}, text encoders {'released' if release else 'resident'}"
+                out[key] = {"total_gib": parts["total"] / GIB,
+                            "parts_gib": {k: v / GIB for k, v in parts.items() if v}}
+    return out
+
+
+# ---------------------------------------------------------------------- main
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--tiny", action="store_true", help="the same code path at test size (seconds)")
+    p.add_argument("--modes", default="lora,full", help="comma list of lora, full")
+    p.add_argument("--size", type=int, default=None, help="image side in pixels (default 512; --tiny 32)")
+    p.add_argument("--double", type=int, default=1, help="double-stream transformer blocks (default 1)")
+    p.add_argument("--single", type=int, default=2, help="single-stream transformer blocks (default 2)")
+    p.add_argument("--rank", type=int, default=64, help="LoRA rank (alpha = rank)")
+    p.add_argument("--rollout-steps", type=int, default=2, help="Euler steps of the rollout (default 2)")
+    p.add_argument("--updates", type=int, default=2, help="updates per mode (the second has AdamW's state)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--scratch", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.size = args.size or (32 if args.tiny else 512)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in ("lora", "full")]
+    if bad or not modes:
+        p.error(f"unknown mode {bad[0] if bad else '(none)'}: use lora, full")
+    for name in ("double", "single", "rank", "rollout_steps", "updates"):
+        if getattr(args, name) < (0 if name in ("double", "single") else 1):
+            p.error(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
+    if args.double + args.single < 1:
+        p.error("the transformer needs at least one block (--double, --single)")
+    if args.size % 16:
+        p.error(f"--size must be a multiple of 16 (got {args.size})")
+    args.modes = modes
+    return args
+
+
+def _child_argv(args, mode: str, out: str) -> list[str]:
+    argv = [sys.executable, __file__, "--child", mode, "--out", out, "--scratch", args.scratch,
+            "--size", str(args.size), "--double", str(args.double), "--single", str(args.single),
+            "--rank", str(args.rank), "--rollout-steps", str(args.rollout_steps), "--updates", str(args.updates)]
+    return argv + (["--tiny"] if args.tiny else [])
+
+
+def main(argv=None) -> dict:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = parse(argv)
+    if args.child:
+        Path(args.out).write_text(json.dumps(measure(args.child, args)))
+        return {}
+    from srpo.bench import machine
+
+    result = {"machine": machine(), "modes": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        args.scratch = tmp
+        for mode in args.modes:  # each in a fresh process: its peak is its own
+            out = str(Path(tmp) / f"{mode}.json")
+            subprocess.run(_child_argv(args, mode, out), check=True)
+            result["modes"][mode] = json.loads(Path(out).read_text())
+    result["real_plan_720"] = real_plan()
+    for mode, r in result["modes"].items():
+        print(f"{mode}: measured {r['measured_gib']:.2f} GiB, planned {r['planned_gib']:.2f} GiB, "
+              f"plan / measured {r['plan_over_measured']:.3f}")
+    for key, r in result["real_plan_720"].items():
+        print(f"19 + 38 blocks, 720 x 720, {key}: {r['total_gib']:.1f} GiB")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
