@@ -99,10 +99,10 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(killed):
     run = tmp / "inside"
     root = run / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == [".tmp-step-000002", "step-000001"]
-    assert sorted(p.name for p in (root / ".tmp-step-000002").iterdir()) == ["trainable.safetensors"]
+    assert sorted(p.name for p in (root / ".tmp-step-000002").iterdir()) == ["optimizer.pt", "trainable.safetensors"]
     assert checkpoint.latest(run).name == "step-000001"
     state = json.loads((root / "step-000001" / "state.json").read_text())
-    assert state == {"step": 1, "samples_seen": 2, "global_batch": 2, "world": 1}
+    assert state == {"step": 1, "format": "full", "samples_seen": 2, "global_batch": 2, "world": 1}
     train(_cfg(), run, resume=True)
     assert _same(_final(run), _final(tmp / "ref"))
     assert sorted(p.name for p in root.iterdir()) == ["step-000002", "step-000003"]  # keep the last 2
@@ -130,7 +130,7 @@ def test_checkpoint_restores_weights_optimizer_and_rng_states(tmp_path):
         for p in fresh.parameters():
             p.add_(1.0)
     state = checkpoint.load(checkpoint.latest(tmp_path), fresh, fresh_opt)
-    assert state == {"step": 7, "samples_seen": 14}
+    assert state == {"step": 7, "format": "full", "samples_seen": 14}
     again = (random.random(), float(np.random.rand()), torch.rand(3))
     assert draws[:2] == again[:2] and torch.equal(draws[2], again[2])
     assert torch.equal(fresh[1].weight, module[1].weight)
