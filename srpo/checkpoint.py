@@ -124,6 +124,10 @@ def save(run_dir: str | Path, step: int, module: torch.nn.Module, optimizer, ext
         tmp.mkdir()
     if sharded:
         parallel.barrier(ctx)  # the folder exists (and no stale one) before any rank writes into it
+        blind = [r for r, seen in enumerate(parallel.gather_objects(tmp.is_dir(), ctx)) if not seen]
+        if blind:  # every rank raises alike (no rank left waiting in a collective)
+            raise UserError(f"ranks {blind} do not see {root}: sharded checkpoints need a run folder every node "
+                            f"shares; use a shared --output or set parallel.sharded_checkpoints=false")
         parallel.save_sharded(module, optimizer, tmp / "sharded", ctx)
     else:
         params, optim = parallel.trainable_state(module, optimizer, ctx)

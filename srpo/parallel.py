@@ -74,12 +74,29 @@ def setup(cfg) -> Context:
     owns = False
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
-            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun (or another launcher)
+            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None,
+                                    **_attempt_store())
         else:  # one process, no launcher: an in-memory store needs no port
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         owns = True
     return Context(dist.get_rank(), dist.get_world_size(), device, strategy, owns)
+
+
+def _attempt_store() -> dict:
+    """Under torchrun: the agent's store with a prefix per restart. torchrun keeps one store
+    server for every attempt, so without a prefix a restarted rank can read the addresses a
+    killed rank published and fail to connect (pytorch/pytorch#167288). Other launchers: the
+    ``env://`` default."""
+    if "TORCHELASTIC_RESTART_COUNT" not in os.environ or "MASTER_ADDR" not in os.environ:
+        return {}
+    from datetime import timedelta
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    host = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and rank == 0  # else the agent hosts it
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=host,
+                          timeout=timedelta(minutes=10))
+    return {"store": dist.PrefixStore(f"srpo/attempt-{restart_count()}", store), "rank": rank, "world_size": world}
 
 
 def restart_count() -> int:
