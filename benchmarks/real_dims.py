@@ -78,6 +78,10 @@ class Phases:
         self.phase, self.peaks, self.handles = "start", {}, []
         self.saved, self.held, self.storages = {}, {}, {}  # live saved bytes per part, their peaks
         parts = {"transformer": model.transformer, "VAE decode": model.vae.decoder, "reward": reward.model.visual}
+        # weights are not activations (autograd saves views of them: transposes, the reward's
+        # projections); autocast's bf16 copies of fp32 weights are new storages and count
+        self.weights = {t.untyped_storage().data_ptr() for m in (model.transformer, model.vae, reward)
+                        for t in (*m.parameters(), *m.buffers())}
         for name, m in parts.items():
             self.handles.append(m.register_forward_pre_hook(lambda *_, n=name: self._forward(n)))
             self.handles.append(m.register_full_backward_pre_hook(lambda *_, n=name: self.enter(f"{n} backward")))
@@ -106,9 +110,9 @@ class Phases:
     # saved tensors, labelled by the forward phase that saved them
     def pack(self, t):
         label = self.phase.replace(" forward", "")
-        if self.torch._C._current_graph_task_id() != -1 or isinstance(t, self.torch.nn.Parameter):
-            return t
         key = t.untyped_storage().data_ptr()
+        if self.torch._C._current_graph_task_id() != -1 or key in self.weights:
+            return t
         if key in self.storages:
             self.storages[key][1] += 1
         else:
@@ -143,7 +147,7 @@ def measure(mode: str, args) -> dict:
     the imports."""
     import torch
 
-    from srpo import memory, parallel, step as steps
+    from srpo import parallel, step as steps
     from srpo.bench import real_dims as rd
 
     import diffusers, open_clip, peft, transformers  # noqa: F401,E401 - imported before the baseline
@@ -197,8 +201,6 @@ def measure(mode: str, args) -> dict:
     state = [t for s in run.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
     static["gradients"] = _bytes(p.grad for p in run.params if p.grad is not None)
     static["optimizer state"] = _bytes(state)
-    sizes = rd.plan_sizes(cfg, dims, reward_arch)
-    plan = memory.estimate_for(cfg, sizes, 1, device="cpu")
     measured = max(max(u["peak_gib"] for u in updates), start_peak / GIB)
     return {
         "mode": mode, "config": {"blocks": [dims.double, dims.single], "size": args.size,
@@ -207,10 +209,27 @@ def measure(mode: str, args) -> dict:
         "transformer_params": sum(p.numel() for p in tr.parameters()), "trainable_params": sum(p.numel() for p in run.params),
         "text_encoder_params": text_params, "text_encoder_gib": text_bytes / GIB, "reward_params": reward_arch[0],
         "build_s": build_s, "prompts_encoded": run.encoded,
-        "measured_gib": measured, "planned_gib": plan["total"] / GIB, "plan_over_measured": plan["total"] / GIB / measured,
+        "reward_arch": list(reward_arch), "measured_gib": measured,
         "start_peak_gib": start_peak / GIB, "static_gib": {k: v / GIB for k, v in static.items()},
-        "updates": updates, "plan_parts_gib": {k: v / GIB for k, v in plan.items()},
+        "updates": updates,
     }
+
+
+def add_plan(r: dict, tiny: bool) -> None:
+    """``srpo plan``'s figures for the measured configuration ``r`` (a :func:`measure` result):
+    the config's estimate on the CPU for the same modules' sizes."""
+    from srpo import memory
+    from srpo.bench import real_dims as rd
+
+    c = r["config"]
+    cfg = rd.config(r["mode"], c["size"], c["rollout_steps"], "cpu", rank=c["lora_rank"] or 64, tiny=tiny,
+                    reward_dtype="bfloat16", reward_autocast="bf16")
+    dims = (rd.TINY if tiny else rd.REAL).blocks(*c["blocks"])
+    arch = tuple(r["reward_arch"]) if r.get("reward_arch") else None  # none: the registry's HPS entry
+    plan = memory.estimate_for(cfg, rd.plan_sizes(cfg, dims, arch), 1, device="cpu")
+    r["planned_gib"] = plan["total"] / GIB
+    r["plan_over_measured"] = r["planned_gib"] / r["measured_gib"]
+    r["plan_parts_gib"] = {k: v / GIB for k, v in plan.items()}
 
 
 # ---------------------------------------------------------------------- the real model's plan
@@ -248,6 +267,7 @@ def parse(argv=None):
     p.add_argument("--rank", type=int, default=64, help="LoRA rank (alpha = rank)")
     p.add_argument("--rollout-steps", type=int, default=2, help="Euler steps of the rollout (default 2)")
     p.add_argument("--updates", type=int, default=2, help="updates per mode (the second has AdamW's state)")
+    p.add_argument("--replan", metavar="JSON", help="recompute the plan for the measurements in JSON (no new run)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--scratch", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -282,13 +302,18 @@ def main(argv=None) -> dict:
         return {}
     from srpo.bench import machine
 
-    result = {"machine": machine(), "modes": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        args.scratch = tmp
-        for mode in args.modes:  # each in a fresh process: its peak is its own
-            out = str(Path(tmp) / f"{mode}.json")
-            subprocess.run(_child_argv(args, mode, out), check=True)
-            result["modes"][mode] = json.loads(Path(out).read_text())
+    if args.replan:  # the plan again on measurements already made (the plan is a function of the config)
+        result = json.loads(Path(args.replan).read_text())
+    else:
+        result = {"machine": machine(), "tiny": args.tiny, "modes": {}}
+        with tempfile.TemporaryDirectory() as tmp:
+            args.scratch = tmp
+            for mode in args.modes:  # each in a fresh process: its peak is its own
+                out = str(Path(tmp) / f"{mode}.json")
+                subprocess.run(_child_argv(args, mode, out), check=True)
+                result["modes"][mode] = json.loads(Path(out).read_text())
+    for r in result["modes"].values():
+        add_plan(r, result.get("tiny", False))
     result["real_plan_720"] = real_plan()
     for mode, r in result["modes"].items():
         print(f"{mode}: measured {r['measured_gib']:.2f} GiB, planned {r['planned_gib']:.2f} GiB, "
