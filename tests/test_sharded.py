@@ -192,3 +192,15 @@ def test_torchrun_restarts_resume_by_themselves_bit_exactly(tmp_path):
     assert [r["step"] for r in _rows(tmp_path / "elastic")] == [1, 2, 3, 4, 5, 6]
     a, b = _final(tmp_path / "ref"), _final(tmp_path / "elastic")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
+
+
+def test_checkpoint_benchmark_reads_back_both_formats_exactly():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import checkpoints as bench
+
+    os.environ["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "1")
+    report = bench.main(["--procs", "2", "--hidden", "128", "--double", "1", "--single", "1"])
+    assert len(report["ranks"]) == 2 and all(r[f]["exact"] for r in report["ranks"] for f in ("sharded", "full"))
+    files = sorted(f.removeprefix("checkpoints/step-000001/") for f in report["ranks"][0]["sharded"]["files"])
+    assert files == ["rng.json", "sharded/.metadata", "sharded/__0_0.distcp", "sharded/__1_0.distcp", "state.json"]
+    assert "checkpoints/step-000001/optimizer.pt" in report["ranks"][0]["full"]["files"]
