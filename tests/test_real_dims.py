@@ -1,0 +1,52 @@
+"""benchmarks/real_dims.py at test size: the real-dims measurement's code path (each mode in its
+own process, the trainer's order and update, the plan for the same modules) and its JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("real_dims", ROOT / "benchmarks" / "real_dims.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_real_dims_tiny_writes_measured_and_planned(tmp_path):
+    out = tmp_path / "real_dims.json"
+    _bench().main(["--tiny", "--updates", "1", "--rank", "4", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result["modes"]) == {"lora", "full"}
+    for mode, r in result["modes"].items():
+        assert r["mode"] == mode and r["prompts_encoded"] == 1
+        assert r["static_gib"]["text encoders (released)"] == 0  # released before the update, as the trainer does
+        assert r["measured_gib"] > 0 and r["planned_gib"] > 0
+        assert r["plan_over_measured"] == pytest.approx(r["planned_gib"] / r["measured_gib"])
+        assert r["plan_parts_gib"]["total"] == pytest.approx(r["planned_gib"])
+        assert "CUDA context + workspaces" not in r["plan_parts_gib"]  # planned for the CPU
+        (u,) = r["updates"]
+        assert math.isfinite(u["loss"]) and u["grad_norm"] > 0 and u["peak_gib"] > 0
+        assert {"transformer forward", "VAE decode backward"} <= set(u["phase_peaks_gib"])
+        assert set(u["held_for_backward_gib"]) == {"transformer", "VAE decode", "reward"}
+    lora, full = result["modes"]["lora"], result["modes"]["full"]
+    assert 0 < lora["trainable_params"] < full["trainable_params"] == full["transformer_params"]
+    assert full["static_gib"]["optimizer state"] == pytest.approx(
+        2 * full["static_gib"]["trainable parameters (fp32)"], rel=1e-2)  # exp_avg, exp_avg_sq (+ step counters)
+    plans = result["real_plan_720"]
+    assert len(plans) == 8  # LoRA / full x 1 / 8 GPUs x text encoders resident / released
+    for mode in ("lora none x1", "full fsdp x8"):  # releasing the encoders saves memory
+        assert plans[f"{mode}, text encoders released"]["total_gib"] < plans[f"{mode}, text encoders resident"]["total_gib"]
+
+
+def test_real_dims_bad_input_exits_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        _bench().main(["--modes", "lora,half"])
+    assert e.value.code == 2 and "unknown mode half" in capsys.readouterr().err
