@@ -341,6 +341,40 @@ def read_class_name(config_file: Path, what: str) -> str:
         raise UserError(f"{config_file} is not valid JSON: re-download or re-save the folder") from None
 
 
+def check_options(family: str, unknown, valid) -> None:
+    """One-line error for options a family does not know."""
+    if unknown:
+        raise UserError(f"unknown option(s) for model '{family}': {', '.join(sorted(unknown))}; "
+                        f"valid: {', '.join(valid)}")
+
+
+def read_model_index(root: Path) -> dict:
+    """``model_index.json`` of a pipeline folder ({} when missing or unreadable)."""
+    import json
+
+    try:
+        index = json.loads((Path(root) / "model_index.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
+def read_config(folder: Path, required: str | None = None) -> dict | None:
+    """A component's ``config.json``: None when missing (or, with ``required``, a one-line error
+    asking for it), a one-line error when it is not JSON."""
+    import json
+
+    file = Path(folder) / "config.json"
+    if not file.is_file():
+        if required:
+            raise UserError(f"{folder} has no config.json: give a complete diffusers {required} folder")
+        return None
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{file} is not valid JSON") from None
+
+
 def check_pipeline_folder(path, family: str, pipeline_prefix: str, components: tuple[str, ...],
                           need_transformer: bool = True) -> Path:
     """A local diffusers pipeline folder of the family, with every component folder present."""

@@ -42,6 +42,7 @@ from torch import Tensor
 from ..errors import UserError
 from . import MODELS
 from .base import Cond, FlowModel, PlanParts, broadcast_cond, frozen, resolve_dtype, split_cond
+from .base import check_options, read_config, read_model_index
 from .base import check_pipeline_folder as _check_folder
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -203,16 +204,10 @@ class Flux2Base(FlowModel):
 
     # ---- construction -----------------------------------------------------------------------
     @classmethod
-    def _check_options(cls, unknown: dict) -> None:
-        if unknown:
-            raise UserError(f"unknown option(s) for model '{cls.family}': {', '.join(sorted(unknown))}; "
-                            f"valid: {', '.join(cls.options)}")
-
-    @classmethod
     def check_pipeline_folder(cls, path, need_transformer: bool = True) -> Path:
         """A local folder of exactly this family's pipeline, with every component folder."""
         root = _check_folder(path, cls.family, "Flux2", COMPONENTS, need_transformer=need_transformer)
-        name = _model_index(root).get("_class_name", "")
+        name = read_model_index(root).get("_class_name", "")
         if name != cls.pipeline_class:
             other = {c.pipeline_class: c.family for c in (Flux2Model, Flux2KleinModel)}.get(name)
             hint = f"use model '{other}'" if other else f"the '{cls.family}' model needs a {cls.pipeline_class} folder"
@@ -224,7 +219,7 @@ class Flux2Base(FlowModel):
              **options) -> "Flux2Base":
         """A local diffusers folder of the family's pipeline, offline and from safetensors;
         ``transformer_path`` replaces ``transformer/`` with a folder written by :meth:`save_transformer`."""
-        cls._check_options({k: v for k, v in options.items() if k not in cls.options})
+        check_options(cls.family, {k: v for k, v in options.items() if k not in cls.options}, cls.options)
         if not path:
             raise UserError(f"model '{cls.family}' needs a path: set model.path to a local diffusers "
                             f"{cls.pipeline_class} folder")
@@ -257,7 +252,7 @@ class Flux2Base(FlowModel):
         from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
 
         options = dict(options or {})
-        cls._check_options({k: v for k, v in options.items() if k not in cls.options})
+        check_options(cls.family, {k: v for k, v in options.items() if k not in cls.options}, cls.options)
         max_len = int(options.get("max_sequence_length", MAX_SEQUENCE_LENGTH))
         if not path:
             t_cfg, v_cfg, text_params, name = cls.flagship()
@@ -267,12 +262,12 @@ class Flux2Base(FlowModel):
             return cls._plan(name, transformer, vae, text_params, max_len, height, width)
         root = cls.check_pipeline_folder(path)
         with torch.device("meta"):
-            transformer = Flux2Transformer2DModel.from_config(_read_config(root / "transformer"))
-            vae = AutoencoderKLFlux2.from_config(_read_config(root / "vae"))
-            encoder = cls.text_encoder_from_config(_read_config(root / "text_encoder"))
+            transformer = Flux2Transformer2DModel.from_config(read_config(root / "transformer", required="FLUX.2"))
+            vae = AutoencoderKLFlux2.from_config(read_config(root / "vae", required="FLUX.2"))
+            encoder = cls.text_encoder_from_config(read_config(root / "text_encoder", required="FLUX.2"))
         text_params = sum(p.numel() for p in encoder.parameters())
         return cls._plan(f"{cls.pipeline_class} ({root.name})", transformer, vae, text_params, max_len, height, width,
-                         distilled=bool(_model_index(root).get("is_distilled", False)))
+                         distilled=bool(read_model_index(root).get("is_distilled", False)))
 
     @classmethod
     def flagship(cls) -> tuple[dict, dict, int, str]:
@@ -532,24 +527,6 @@ class Flux2KleinModel(Flux2Base):
 
 
 # ---- folders ---------------------------------------------------------------------------------
-def _model_index(root: Path) -> dict:
-    try:
-        index = json.loads((root / "model_index.json").read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return {}
-    return index if isinstance(index, dict) else {}
-
-
-def _read_config(folder: Path) -> dict:
-    file = folder / "config.json"
-    if not file.is_file():
-        raise UserError(f"{folder} has no config.json: give a complete diffusers FLUX.2 folder")
-    try:
-        return json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{file} is not valid JSON") from None
-
-
 def _clean(config: dict) -> dict:
     skip = ("architectures", "transformers_version")
     return {k: v for k, v in config.items() if not k.startswith("_") and k not in skip}

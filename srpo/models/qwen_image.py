@@ -43,6 +43,7 @@ from torch import Tensor
 from ..errors import UserError
 from . import MODELS
 from .base import Cond, FlowModel, PlanParts, broadcast_cond, frozen, resolve_dtype, split_cond
+from .base import check_options, read_config
 from .base import check_pipeline_folder as _check_folder
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -159,7 +160,7 @@ class QwenImageModel(FlowModel):
              quantize_timesteps: bool | None = None, **unknown) -> "QwenImageModel":
         """A local QwenImagePipeline folder (Qwen-Image, Qwen-Image-2512), offline and from safetensors;
         ``transformer_path`` replaces ``transformer/`` with a folder written by :meth:`save_transformer`."""
-        _check_options(cls.family, unknown)
+        check_options(cls.family, unknown, OPTIONS)
         if not path:
             raise UserError(f"model '{cls.family}' needs a path: set model.path to a local diffusers "
                             f"QwenImagePipeline folder")
@@ -185,11 +186,11 @@ class QwenImageModel(FlowModel):
         max_len = int(options.pop("max_sequence_length", MAX_SEQUENCE_LENGTH))
         options.pop("negative_prompt", None)
         options.pop("quantize_timesteps", None)
-        _check_options(cls.family, options)
+        check_options(cls.family, options, OPTIONS)
         root = Path(path) if path else None
-        t_cfg = _read_config(root / "transformer") if root else None
-        v_cfg = _read_config(root / "vae") if root else None
-        e_cfg = _read_config(root / "text_encoder") if root else None
+        t_cfg = read_config(root / "transformer") if root else None
+        v_cfg = read_config(root / "vae") if root else None
+        e_cfg = read_config(root / "text_encoder") if root else None
         with torch.device("meta"):
             transformer = (QwenImageTransformer2DModel.from_config(t_cfg) if t_cfg
                            else QwenImageTransformer2DModel(**QWEN_IMAGE_TRANSFORMER))
@@ -354,12 +355,6 @@ class QwenImageModel(FlowModel):
 
 
 # ---- folder checks -------------------------------------------------------------------------
-def _check_options(family: str, unknown: dict) -> None:
-    if unknown:
-        raise UserError(f"unknown option(s) for model '{family}': {', '.join(sorted(unknown))}; "
-                        f"valid: {', '.join(OPTIONS)}")
-
-
 def check_pipeline_folder(path, need_transformer: bool = True) -> Path:
     """A local QwenImagePipeline folder with every component folder present (not one of the edit,
     inpaint or layered Qwen-Image pipelines: their transformers are trained on image conditions)."""
@@ -371,16 +366,6 @@ def check_pipeline_folder(path, need_transformer: bool = True) -> Path:
         raise UserError(f"{root} holds a {name} pipeline, not QwenImagePipeline: the 'qwen_image' model is "
                         f"text-to-image and needs a QwenImagePipeline folder (Qwen-Image, Qwen-Image-2512)")
     return root
-
-
-def _read_config(folder: Path) -> dict | None:
-    file = folder / "config.json"
-    if not file.is_file():
-        return None
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError:
-        raise UserError(f"{file} is not valid JSON") from None
 
 
 def _count_text_encoder(config: dict) -> int:

@@ -15,7 +15,6 @@ to it; ``StableDiffusion3Pipeline`` runs on it unchanged.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ from ..errors import UserError
 from . import MODELS
 from .base import (Cond, FlowModel, PlanParts, broadcast_cond, frozen, resolve_dtype, scheduler_sigmas,
                    split_cond)
+from .base import check_options, read_config, read_model_index
 from .base import check_pipeline_folder as _check_folder
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -113,13 +113,13 @@ class SD3Model(FlowModel):
              **unknown) -> "SD3Model":
         """A local StableDiffusion3Pipeline folder (SD3 / SD3.5), offline and from safetensors;
         ``transformer_path`` replaces ``transformer/`` with a folder written by :meth:`save_transformer`."""
-        _check_options(cls.family, unknown)
+        check_options(cls.family, unknown, OPTIONS)
         if not path:
             raise UserError(f"model '{cls.family}' needs a path: set model.path to a local diffusers "
                             f"StableDiffusion3Pipeline folder")
         root = check_pipeline_folder(path, need_transformer=not transformer_path)
         dtype = resolve_dtype(dtype)
-        index = _model_index(root)
+        index = read_model_index(root)
         # diffusers saves a missing T5 as null but will not load the folder unless told so again
         extra = {c: None for c in OPTIONAL if _is_null(index.get(c, ""))}
         pipe = cls.pipeline_from_folder(root, transformer_path, dtype, **extra)
@@ -142,16 +142,16 @@ class SD3Model(FlowModel):
         max_len = int(options.pop("max_sequence_length", 256))
         options.pop("negative_prompt", None)
         options.pop("quantize_timesteps", None)
-        _check_options(cls.family, options)
+        check_options(cls.family, options, OPTIONS)
         root = Path(path) if path else None
-        t_cfg = _read_config(root / "transformer") if root else None
-        v_cfg = _read_config(root / "vae") if root else None
+        t_cfg = read_config(root / "transformer") if root else None
+        v_cfg = read_config(root / "vae") if root else None
         with torch.device("meta"):
             transformer = (SD3Transformer2DModel.from_config(t_cfg) if t_cfg
                            else SD3Transformer2DModel(**SD35_LARGE_TRANSFORMER))
             vae = AutoencoderKL.from_config(v_cfg) if v_cfg else AutoencoderKL(**SD3_VAE)
         encoders = dict(TEXT_ENCODER_PARAMS)
-        if root and _is_null(_model_index(root).get("text_encoder_3", "")):
+        if root and _is_null(read_model_index(root).get("text_encoder_3", "")):
             encoders.pop("text_encoder_3")
         name = f"SD3 ({root.name})" if t_cfg else "SD3.5 Large"
         return _plan(name, transformer, vae, sum(encoders.values()), max_len, height, width)
@@ -286,40 +286,16 @@ def _is_null(entry) -> bool:
     return entry is None or (isinstance(entry, (list, tuple)) and all(e is None for e in entry))
 
 
-def _check_options(family: str, unknown: dict) -> None:
-    if unknown:
-        raise UserError(f"unknown option(s) for model '{family}': {', '.join(sorted(unknown))}; "
-                        f"valid: {', '.join(OPTIONS)}")
-
-
 def check_pipeline_folder(path, need_transformer: bool = True) -> Path:
     """A local StableDiffusion3Pipeline folder with every component folder present
     (``text_encoder_3`` / ``tokenizer_3`` only where model_index.json does not list them as null)."""
     root = _check_folder(path, "sd3", "StableDiffusion3", COMPONENTS, need_transformer=need_transformer)
-    index = _model_index(root)
+    index = read_model_index(root)
     missing = [c + "/" for c in OPTIONAL if not _is_null(index.get(c, "")) and not (root / c).is_dir()]
     if missing:
         raise UserError(f"{root} lacks {', '.join(missing)}: an sd3 folder needs {', '.join(COMPONENTS + OPTIONAL)} "
                         f"({', '.join(OPTIONAL)} may be listed as null in model_index.json)")
     return root
-
-
-def _model_index(root: Path) -> dict:
-    try:
-        index = json.loads((root / "model_index.json").read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return {}
-    return index if isinstance(index, dict) else {}
-
-
-def _read_config(folder: Path) -> dict | None:
-    file = folder / "config.json"
-    if not file.is_file():
-        return None
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError:
-        raise UserError(f"{file} is not valid JSON") from None
 
 
 def _plan(name, transformer, vae, text_params: int, max_len: int, height: int, width: int) -> PlanParts:

@@ -57,6 +57,7 @@ from torch import Tensor
 from ..errors import UserError
 from . import MODELS
 from .base import Cond, FlowModel, PlanParts, broadcast_cond, frozen, resolve_dtype, split_cond
+from .base import check_options, read_config
 from .base import check_pipeline_folder as _check_folder
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -173,7 +174,7 @@ class ZImageModel(FlowModel):
         """A local ZImagePipeline folder (Z-Image-Turbo with ``variant: turbo``, the default;
         Z-Image with ``variant: base``), offline and from safetensors; ``transformer_path``
         replaces ``transformer/`` with a folder written by :meth:`save_transformer`."""
-        _check_options(cls.family, unknown)
+        check_options(cls.family, unknown, OPTIONS)
         _check_variant(variant, cls.family)
         if not path:
             raise UserError(f"model '{cls.family}' needs a path: set model.path to a local diffusers "
@@ -203,13 +204,13 @@ class ZImageModel(FlowModel):
         variant = _check_variant(options.pop("variant", "turbo"), cls.family)
         for k in ("negative_prompt", "cfg_normalization", "cfg_truncation", "quantize_timesteps"):
             options.pop(k, None)
-        _check_options(cls.family, options)
+        check_options(cls.family, options, OPTIONS)
         root = Path(path) if path else None
         if root:
             check_pipeline_folder(root)
-        t_cfg = _read_config(root / "transformer") if root else None
-        v_cfg = _read_config(root / "vae") if root else None
-        e_cfg = _read_config(root / "text_encoder") if root else None
+        t_cfg = read_config(root / "transformer") if root else None
+        v_cfg = read_config(root / "vae") if root else None
+        e_cfg = read_config(root / "text_encoder") if root else None
         with torch.device("meta"):
             transformer = (ZImageTransformer2DModel.from_config(t_cfg) if t_cfg
                            else ZImageTransformer2DModel(**Z_IMAGE_TRANSFORMER))
@@ -387,12 +388,6 @@ class ZImageModel(FlowModel):
 
 
 # ---- folder checks -------------------------------------------------------------------------
-def _check_options(family: str, unknown: dict) -> None:
-    if unknown:
-        raise UserError(f"unknown option(s) for model '{family}': {', '.join(sorted(unknown))}; "
-                        f"valid: {', '.join(OPTIONS)}")
-
-
 def _check_variant(variant, family: str) -> str:
     if variant not in VARIANTS:
         raise UserError(f"unknown variant '{variant}' for model '{family}': use turbo (Z-Image-Turbo, "
@@ -408,16 +403,6 @@ def check_pipeline_folder(path, need_transformer: bool = True) -> Path:
         raise UserError(f"{root} holds a {name} pipeline, not ZImagePipeline: the 'z_image' model needs a "
                         f"text-to-image ZImagePipeline folder")
     return root
-
-
-def _read_config(folder: Path) -> dict | None:
-    file = folder / "config.json"
-    if not file.is_file():
-        return None
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError:
-        raise UserError(f"{file} is not valid JSON") from None
 
 
 def _qwen3_params(config: dict) -> int:
