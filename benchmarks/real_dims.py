@@ -287,6 +287,28 @@ def parse(argv=None):
     return args
 
 
+def markdown(result: dict) -> str:
+    """BENCHMARKS.md's tables from a result: the modes, their parts, the real model's plans."""
+    lines = ["| mode | blocks | measured GiB | planned GiB | plan / measured | s / update | peak phase |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for mode, r in result["modes"].items():
+        u = r["updates"][-1]
+        phase = max(u["phase_peaks_gib"], key=u["phase_peaks_gib"].get)
+        lines.append(f"| {mode} | {r['config']['blocks'][0]} + {r['config']['blocks'][1]} | {r['measured_gib']:.2f} | "
+                     f"{r['planned_gib']:.2f} | {r['plan_over_measured']:.3f} | {u['seconds']:.0f} | {phase} |")
+    for mode, r in result["modes"].items():
+        u = r["updates"][-1]
+        lines += ["", f"{mode}, measured (GiB; update {u['update']}, resident before it "
+                      f"{u['resident_before_gib']:.2f}):", ""]
+        lines += [f"- {k}: {v:.3f}" for k, v in r["static_gib"].items()]
+        lines += [f"- held for backward, {k}: {v:.3f}" for k, v in u["held_for_backward_gib"].items()]
+        lines += [f"- peak in phase {k}: {v:.2f}" for k, v in u["phase_peaks_gib"].items()]
+        lines += ["", f"{mode}, planned (GiB):", ""] + [f"- {k}: {v:.3f}" for k, v in r["plan_parts_gib"].items()]
+    lines += ["", "| 19 + 38 blocks, 720 x 720 | per-GPU GiB |", "| --- | --- |"]
+    lines += [f"| {k} | {v['total_gib']:.1f} |" for k, v in result["real_plan_720"].items()]
+    return "\n".join(lines)
+
+
 def _child_argv(args, mode: str, out: str) -> list[str]:
     argv = [sys.executable, __file__, "--child", mode, "--out", out, "--scratch", args.scratch,
             "--size", str(args.size), "--double", str(args.double), "--single", str(args.single),
@@ -315,11 +337,7 @@ def main(argv=None) -> dict:
     for r in result["modes"].values():
         add_plan(r, result.get("tiny", False))
     result["real_plan_720"] = real_plan()
-    for mode, r in result["modes"].items():
-        print(f"{mode}: measured {r['measured_gib']:.2f} GiB, planned {r['planned_gib']:.2f} GiB, "
-              f"plan / measured {r['plan_over_measured']:.3f}")
-    for key, r in result["real_plan_720"].items():
-        print(f"19 + 38 blocks, 720 x 720, {key}: {r['total_gib']:.1f} GiB")
+    print(markdown(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
