@@ -15,8 +15,10 @@ from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu, retri
 from srpo.errors import UserError
 from srpo.models import MODELS, family_of_folder
 from srpo.models import flux2 as F
-from srpo.models.flux2 import (Flux2KleinModel, Flux2Model, TinyFlux2KleinModel, TinyFlux2Model, build_tiny_flux2,
-                               build_tiny_flux2_klein, save_tiny_flux2)
+from srpo.models import flux2_tiny as FT
+from srpo.models.flux2 import Flux2KleinModel, Flux2Model
+from srpo.models.flux2_tiny import (TinyFlux2KleinModel, TinyFlux2Model, build_tiny_flux2, build_tiny_flux2_klein,
+                                    save_tiny_flux2)
 from srpo.sampling import rollout
 
 PROMPTS = ["a red cube on a table", "a small blue ball in the grass"]
@@ -408,7 +410,7 @@ def test_tiny_is_deterministic_in_seed_and_leaves_the_global_rng_alone():
     assert torch.equal(torch.random.get_rng_state(), state)
     wa, wb, wc = (m.transformer.state_dict()["proj_out.weight"] for m in (a, b, c))
     assert torch.equal(wa, wb) and not torch.equal(wa, wc)
-    assert F.train_bpe(F.QWEN_SPECIAL).get_vocab() == F.train_bpe(F.QWEN_SPECIAL).get_vocab()
+    assert FT.train_bpe(FT.QWEN_SPECIAL).get_vocab() == FT.train_bpe(FT.QWEN_SPECIAL).get_vocab()
     assert a.tokenizer.tokenizer.convert_tokens_to_ids(["<s>", "[INST]", "[IMG]", "<pad>", "[SYSTEM_PROMPT]"]) == \
         [1, 3, 10, 11, 17]
     t = TinyFlux2KleinModel.load(dtype="bfloat16")

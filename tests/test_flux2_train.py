@@ -44,7 +44,7 @@ def runs(tmp_path_factory):
 def test_full_run_final_loads_in_diffusers_and_moved(runs):
     from diffusers import Flux2Transformer2DModel
 
-    from srpo.models.flux2 import build_tiny_flux2
+    from srpo.models.flux2_tiny import build_tiny_flux2
 
     final = Flux2Transformer2DModel.from_pretrained(str(runs / "full" / "final"), local_files_only=True)
     base = build_tiny_flux2(seed=0).transformer.state_dict()
@@ -61,7 +61,7 @@ def test_lora_file_loads_in_the_pipeline_and_reproduces_the_merged_model(runs):
     from diffusers import Flux2Transformer2DModel
     from safetensors import safe_open
 
-    from srpo.models.flux2 import build_tiny_flux2_klein
+    from srpo.models.flux2_tiny import build_tiny_flux2_klein
     from srpo.sampling import rollout
 
     run = runs / "klein"

@@ -12,8 +12,8 @@ from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 from srpo.errors import UserError
 from srpo.models import MODELS, family_of_folder
 from srpo.models.qwen_image import (PROMPT_TEMPLATE, PROMPT_TEMPLATE_START_IDX, TEXT_ENCODER_PARAMS, QwenImageModel,
-                                    TinyQwenImageModel, build_tiny_qwen_image, save_tiny_qwen_image, tiny_tokenizer,
                                     trim_text)
+from srpo.models.qwen_image_tiny import TinyQwenImageModel, build_tiny_qwen_image, save_tiny_qwen_image, tiny_tokenizer
 from srpo.sampling import rollout
 
 PROMPTS = ["a red cube on a table", "a small blue ball in the grass near a lake at dusk"]

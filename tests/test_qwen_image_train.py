@@ -39,7 +39,7 @@ def runs(tmp_path_factory):
 def test_full_run_final_loads_in_diffusers_and_moved(runs):
     from diffusers import QwenImageTransformer2DModel
 
-    from srpo.models.qwen_image import build_tiny_qwen_image
+    from srpo.models.qwen_image_tiny import build_tiny_qwen_image
 
     final = QwenImageTransformer2DModel.from_pretrained(str(runs / "full" / "final"), local_files_only=True)
     base = build_tiny_qwen_image(seed=0).transformer.state_dict()
@@ -55,7 +55,8 @@ def test_full_run_final_loads_in_diffusers_and_moved(runs):
 def test_lora_file_loads_in_the_pipeline_and_reproduces_the_merged_model(runs):
     from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 
-    from srpo.models.qwen_image import build_tiny_qwen_image, pack, trim_text
+    from srpo.models.qwen_image import pack, trim_text
+    from srpo.models.qwen_image_tiny import build_tiny_qwen_image
     from srpo.sampling import rollout
 
     run = runs / "lora"

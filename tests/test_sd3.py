@@ -11,7 +11,8 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import c
 
 from srpo.errors import UserError
 from srpo.models import MODELS
-from srpo.models.sd3 import SD3Model, TinySD3Model, build_tiny_sd3, save_tiny_sd3
+from srpo.models.sd3 import SD3Model
+from srpo.models.sd3_tiny import TinySD3Model, build_tiny_sd3, save_tiny_sd3
 from srpo.sampling import rollout
 
 PROMPTS = ["a red cube on a table", "a small blue ball in the grass"]

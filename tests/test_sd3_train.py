@@ -37,7 +37,7 @@ def runs(tmp_path_factory):
 def test_full_run_final_loads_in_diffusers_and_moved(runs):
     from diffusers import SD3Transformer2DModel
 
-    from srpo.models.sd3 import build_tiny_sd3
+    from srpo.models.sd3_tiny import build_tiny_sd3
 
     final = SD3Transformer2DModel.from_pretrained(str(runs / "full" / "final"), local_files_only=True)
     base = build_tiny_sd3(seed=0).transformer.state_dict()
@@ -53,7 +53,7 @@ def test_full_run_final_loads_in_diffusers_and_moved(runs):
 def test_lora_file_loads_in_the_pipeline_and_reproduces_the_merged_model(runs):
     from diffusers import SD3Transformer2DModel
 
-    from srpo.models.sd3 import build_tiny_sd3
+    from srpo.models.sd3_tiny import build_tiny_sd3
     from srpo.sampling import rollout
 
     run = runs / "lora"

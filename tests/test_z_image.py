@@ -11,8 +11,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTra
 
 from srpo.errors import UserError
 from srpo.models import MODELS
-from srpo.models.z_image import (QWEN3_4B, QWEN3_4B_PARAMS, TinyZImageModel, ZImageModel, build_tiny_z_image,
-                                 save_tiny_z_image, tiny_qwen_tokenizer)
+from srpo.models.z_image import QWEN3_4B, QWEN3_4B_PARAMS, ZImageModel
+from srpo.models.z_image_tiny import TinyZImageModel, build_tiny_z_image, save_tiny_z_image, tiny_qwen_tokenizer
 from srpo.sampling import rollout
 
 PROMPTS = ["a red cube on a table", "a small blue ball in the grass at sunset"]
@@ -470,7 +470,7 @@ def test_plan_parts_sizes(saved):
 
 
 def test_tiny_is_deterministic_in_seed_and_leaves_the_global_rng_alone():
-    from srpo.models.z_image import _build_tokenizer
+    from srpo.models.z_image_tiny import _build_tokenizer
 
     state = torch.random.get_rng_state()
     a, b, c = build_tiny_z_image(seed=0), build_tiny_z_image(seed=0), build_tiny_z_image(seed=1)

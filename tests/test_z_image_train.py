@@ -42,7 +42,7 @@ def runs(tmp_path_factory):
 def test_full_run_final_loads_in_diffusers_and_moved(runs):
     from diffusers import ZImageTransformer2DModel
 
-    from srpo.models.z_image import build_tiny_z_image
+    from srpo.models.z_image_tiny import build_tiny_z_image
 
     final = ZImageTransformer2DModel.from_pretrained(str(runs / "full" / "final"), local_files_only=True)
     base = build_tiny_z_image(seed=0).transformer.state_dict()
@@ -58,7 +58,7 @@ def test_full_run_final_loads_in_diffusers_and_moved(runs):
 def test_lora_file_loads_in_the_pipeline_and_reproduces_the_merged_model(runs):
     from diffusers import ZImageTransformer2DModel
 
-    from srpo.models.z_image import build_tiny_z_image
+    from srpo.models.z_image_tiny import build_tiny_z_image
     from srpo.sampling import rollout
 
     run = runs / "lora"

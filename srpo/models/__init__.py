@@ -45,8 +45,10 @@ def family_of_folder(path) -> str:
                     f"use one of {', '.join(n for n in MODELS.names() if not n.startswith('tiny'))}")
 
 
-# the built-in families, one file each (a family file not present in this version is skipped)
-BUILTIN = ("flux", "tiny", "sd3", "qwen_image", "flux2", "z_image")
+# the built-in families, one file each, and their tiny random-weight twins (a file not present
+# in this version is skipped)
+BUILTIN = ("flux", "tiny", "sd3", "sd3_tiny", "qwen_image", "qwen_image_tiny", "flux2", "flux2_tiny", "z_image",
+           "z_image_tiny")
 
 
 def _register_builtin() -> None:

@@ -1,0 +1,157 @@
+"""Tiny random-weight Z-Image: every component built in code (tokenizers included), for
+the tests, the tiny configs and the benchmarks; nothing is downloaded."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from ..errors import UserError
+from . import MODELS
+from .base import PlanParts
+from .tiny_text import byte_bpe, vocab_and_merges
+from .z_image import CHAT_TEMPLATE, SPECIAL_TOKENS, ZImageModel, _check_variant, _plan
+
+
+_WORDS = {
+    "colour": "red blue green yellow purple orange white black pink brown grey golden silver".split(),
+    "thing": ("cube ball circle square triangle star cat dog bird horse tree flower house car boat robot "
+              "lighthouse mountain river city portrait apple cup chair lamp").split(),
+    "place": ("on a table|in the grass|at sunset|over the sea|in a garden|on a white background|at night|"
+              "in the rain|under a bridge|in a forest|on the moon|in a small room").split("|"),
+    "style": ("a photo of|a painting of|a drawing of|concept art of|a detailed render of|an anime picture of|"
+              "a realistic picture of|natural lighting,").split("|"),
+}
+
+
+def _sentences() -> list[str]:
+    out = ["user", "assistant", "system", "<think>", "</think>"]
+    c, t, p, s = (_WORDS[k] for k in ("colour", "thing", "place", "style"))
+    for i in range(600):
+        out.append(f"{s[i % len(s)]} {'two' if i % 7 == 0 else 'a'} {c[i % len(c)]} {t[(i * 5) % len(t)]} "
+                   f"{p[(i * 3) % len(p)]}")
+    return out
+
+
+@lru_cache(maxsize=None)
+def tiny_qwen_tokenizer(vocab_size: int = 640):
+    """A small ``Qwen2Tokenizer``: a byte-level BPE with Qwen2's pre-tokenizer, trained on
+    synthetic prompts (deterministic), the chat-template special tokens and the chat template."""
+    return _build_tokenizer(vocab_size)
+
+
+def _build_tokenizer(vocab_size: int):
+    from transformers import Qwen2Tokenizer
+
+    vocab, merges = vocab_and_merges(byte_bpe(_sentences(), vocab_size, SPECIAL_TOKENS))
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=131072)
+    tok.add_tokens(list(SPECIAL_TOKENS[1:]), special_tokens=True)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.padding_side = "right"
+    return tok
+
+
+def _tiny_modules(*, vocab_size: int, latent_channels: int = 4, vae_channels: tuple[int, ...] = (8, 16),
+                  vae_groups: int = 8, dim: int = 32, n_heads: int = 2, n_layers: int = 2,
+                  n_refiner_layers: int = 1, axes_dims: tuple[int, ...] = (4, 6, 6),
+                  axes_lens: tuple[int, ...] = (128, 64, 64), text_dim: int = 32, text_layers: int = 2,
+                  text_heads: int = 2, text_kv_heads: int = 1, text_positions: int = 128,
+                  scaling_factor: float = 0.3611, shift_factor: float = 0.1159) -> dict:
+    """The tiny modules (random init under the caller's RNG / device context)."""
+    from diffusers import AutoencoderKL, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    if dim % n_heads or sum(axes_dims) != dim // n_heads:
+        raise UserError(f"tiny Z-Image axes_dims {tuple(axes_dims)} must sum to the head width dim / n_heads "
+                        f"= {dim // n_heads if dim % n_heads == 0 else dim / n_heads}")
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=latent_channels, dim=dim, n_layers=n_layers,
+        n_refiner_layers=n_refiner_layers, n_heads=n_heads, n_kv_heads=n_heads, norm_eps=1e-5, qk_norm=True,
+        cap_feat_dim=text_dim, rope_theta=256.0, t_scale=1000.0, axes_dims=list(axes_dims),
+        axes_lens=list(axes_lens),
+    )
+    n = len(vae_channels)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(vae_channels), layers_per_block=1,
+        latent_channels=latent_channels, norm_num_groups=vae_groups, sample_size=32,
+        scaling_factor=scaling_factor, shift_factor=shift_factor, use_quant_conv=False, use_post_quant_conv=False,
+    )
+    text_encoder = Qwen3Model(Qwen3Config(
+        vocab_size=vocab_size, hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=text_layers,
+        num_attention_heads=text_heads, num_key_value_heads=text_kv_heads, head_dim=text_dim // text_heads,
+        max_position_embeddings=text_positions, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True,
+    ))
+    return dict(transformer=transformer, vae=vae, text_encoder=text_encoder)
+
+
+def _build_tiny(cls, seed: int = 0, variant: str = "turbo", max_sequence_length: int = 64,
+                negative_prompt: str = "", cfg_normalization: float = 0.0, cfg_truncation: float = 1.0,
+                shift: float | None = None, quantize_timesteps: bool | None = None, **sizes) -> ZImageModel:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    _check_variant(variant, "tiny_z_image")
+    tokenizer = tiny_qwen_tokenizer()
+    sizes.setdefault("text_positions", max(128, int(max_sequence_length)))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        modules = _tiny_modules(vocab_size=len(tokenizer), **sizes)
+    # Z-Image-Turbo's scheduler config: shift 3.0, no dynamic shifting
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+    return cls(modules["transformer"], modules["vae"], modules["text_encoder"], tokenizer, scheduler,
+               variant=variant, max_sequence_length=max_sequence_length, negative_prompt=negative_prompt,
+               cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation, shift=shift,
+               quantize_timesteps=quantize_timesteps)
+
+
+def build_tiny_z_image(seed: int = 0, **sizes) -> ZImageModel:
+    """A random-weight Z-Image (deterministic in ``seed``; the global RNG is left untouched).
+
+    The VAE downsamples by ``2 ** (len(vae_channels) - 1)`` (2 by default, so 32x48 pixels are
+    16x24 latents, 8x12 patches); ``dim`` / ``n_heads`` is the transformer's head width, which
+    ``axes_dims`` must sum to; ``text_dim`` is the Qwen3 hidden size and ``cap_feat_dim``. Also
+    takes the load options ``variant`` (turbo), ``max_sequence_length`` (64), ``negative_prompt``,
+    ``cfg_normalization``, ``cfg_truncation``, ``shift`` and ``quantize_timesteps``.
+    """
+    return _build_tiny(ZImageModel, seed, **sizes)
+
+
+def save_tiny_z_image(path, seed: int = 0, **sizes) -> ZImageModel:
+    """Write a tiny Z-Image as a full ZImagePipeline folder (safetensors) and return it;
+    ``ZImageModel.load(path, max_sequence_length=model.max_sequence_length)`` and
+    ``ZImagePipeline.from_pretrained(path)`` both load it offline."""
+    model = build_tiny_z_image(seed, **sizes)
+    model.pipeline().save_pretrained(str(path), safe_serialization=True)
+    return model
+
+
+@MODELS.register("tiny_z_image")
+class TinyZImageModel(ZImageModel):
+    """A tiny random Z-Image built in code (for tests and the lab); takes no path."""
+
+    family = "tiny_z_image"
+
+    @classmethod
+    def load(cls, path=None, seed: int = 0, transformer_path=None, device="cpu", dtype=torch.float32,
+             shift=None, **sizes) -> "TinyZImageModel":
+        return cls.load_tiny(lambda: _build_tiny(cls, seed, shift=shift, **sizes), path, transformer_path, device,
+                             dtype, "z_image")
+
+    @classmethod
+    def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:
+        options = dict(options or {})
+        if path:
+            raise UserError(f"model 'tiny_z_image' is built in code and takes no path (got {path})")
+        max_len = int(options.pop("max_sequence_length", 64))
+        _check_variant(options.pop("variant", "turbo"), cls.family)
+        for k in ("seed", "negative_prompt", "cfg_normalization", "cfg_truncation", "shift", "quantize_timesteps"):
+            options.pop(k, None)
+        options.setdefault("text_positions", max(128, max_len))
+        try:
+            with torch.device("meta"):
+                modules = _tiny_modules(vocab_size=len(tiny_qwen_tokenizer()), **options)
+        except TypeError as e:
+            raise UserError(f"bad option for model 'tiny_z_image': {e}") from None
+        text = sum(p.numel() for p in modules["text_encoder"].parameters())
+        return _plan("tiny Z-Image", modules["transformer"], modules["vae"], text, max_len, height, width)
