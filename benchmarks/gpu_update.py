@@ -1,7 +1,7 @@
 """One SRPO update of FLUX.1-dev + HPSv2.1 at their real sizes on one GPU: seconds per update,
 the gradient step's model FLOPs utilisation, peak memory against ``srpo plan``.
 
-    python benchmarks/gpu_update.py                     # GPU: 19 + 38 blocks, 720x720, LoRA r64, bf16 (~3 min)
+    python benchmarks/gpu_update.py                     # GPU: 19 + 38 blocks, 720x720, LoRA r64, bf16 (minutes: not yet run)
     python benchmarks/gpu_update.py --tiny              # CPU dry run of the same code path, seconds
     python benchmarks/gpu_update.py --modes lora,full --steps 3 --out bench.json
 

@@ -1,13 +1,13 @@
 """One SRPO update of FLUX.1-dev + HPSv2.1 at their real widths on the CPU, measured against
 ``srpo plan``'s prediction for exactly that configuration.
 
-    OMP_NUM_THREADS=2 python benchmarks/real_dims.py --out runs/real_dims.json      # ~25 min, < 17 GiB
+    OMP_NUM_THREADS=1 python benchmarks/real_dims.py --out runs/real_dims.json      # ~20 min, < 14 GiB
     python benchmarks/real_dims.py --tiny --out /tmp/real_dims.json                 # the same path, seconds
 
 Random weights of the real classes at the real widths (:mod:`srpo.bench.real_dims`: transformer
 hidden 3072, 24 heads of 128, joint attention 4096, pooled 768, guidance embedding; FLUX.1-dev's
 16-channel VAE; T5 at T5-XXL width with 2 layers and 512 tokens; CLIP-L; the HPSv2.1 reward at
-ViT-H-14 width), fewer transformer blocks (1 double + 2 single by default). Each mode (LoRA r64,
+ViT-H-14 width), fewer transformer blocks (1 double + 1 single by default). Each mode (LoRA r64,
 full) runs in its own process, in the trainer's order (LoRA, ``memory.prepare``, every prompt
 encoded then the text encoders released, optimizer) and the trainer's update
 (``srpo.step.update``): a short rollout, SRPO's two branches through the VAE decoder and the
@@ -263,7 +263,7 @@ def parse(argv=None):
     p.add_argument("--modes", default="lora,full", help="comma list of lora, full")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default 512; --tiny 32)")
     p.add_argument("--double", type=int, default=1, help="double-stream transformer blocks (default 1)")
-    p.add_argument("--single", type=int, default=2, help="single-stream transformer blocks (default 2)")
+    p.add_argument("--single", type=int, default=1, help="single-stream transformer blocks (default 1)")
     p.add_argument("--rank", type=int, default=64, help="LoRA rank (alpha = rank)")
     p.add_argument("--rollout-steps", type=int, default=2, help="Euler steps of the rollout (default 2)")
     p.add_argument("--updates", type=int, default=2, help="updates per mode (the second has AdamW's state)")
