@@ -153,6 +153,33 @@ class FlowModel:
             m.to(device=device) if getattr(m, "dtype", None) == dtype else m.to(device=device, dtype=dtype)
         return model
 
+    @classmethod
+    def tiny_plan_modules(cls, path, options: dict, make, default_len: int,
+                          ignore: tuple[str, ...] = ()) -> tuple[dict, int, int]:
+        """A ``tiny_*`` family's modules on the meta device for ``plan_parts``: ``make(max_len,
+        options)`` builds them from the options left after the sequence length and the options
+        that do not change sizes (``ignore``, plus seed, shift, negative prompt, timestep
+        quantisation). Returns (modules, max_len, text-encoder parameters)."""
+        options = dict(options or {})
+        if path:
+            raise UserError(f"model '{cls.family}' is built in code and takes no path (got {path})")
+        max_len = int(options.pop("max_sequence_length", default_len))
+        for k in ("seed", "shift", "quantize_timesteps", "negative_prompt", *ignore):
+            options.pop(k, None)
+        try:
+            with torch.device("meta"):
+                modules = make(max_len, options)
+        except TypeError as e:
+            raise UserError(f"bad option for model '{cls.family}': {e}") from None
+        text = sum(p.numel() for k, m in modules.items() if k.startswith("text_encoder") and isinstance(m, nn.Module)
+                   for p in m.parameters())
+        return modules, max_len, text
+
+    def save_pipeline(self, path) -> "FlowModel":
+        """Write the model as a full pipeline folder of its family (safetensors); returns self."""
+        self.pipeline().save_pretrained(str(path), safe_serialization=True)
+        return self
+
     def _check_compatible(self) -> None:
         """One-line errors when the transformer does not fit the other parts (families override)."""
 

@@ -205,9 +205,7 @@ def save_tiny_flux2(path, seed: int = 0, klein: bool = False, **sizes) -> Flux2B
     """Write a tiny FLUX.2 (``klein`` for the Flux2KleinPipeline one) as a full pipeline folder
     (safetensors) and return it; ``<family>.load(path, max_sequence_length=model.max_sequence_length)``
     and the pipeline's ``from_pretrained(path)`` both load it offline."""
-    model = (build_tiny_flux2_klein if klein else build_tiny_flux2)(seed, **sizes)
-    model.pipeline().save_pretrained(str(path), safe_serialization=True)
-    return model
+    return (build_tiny_flux2_klein if klein else build_tiny_flux2)(seed, **sizes).save_pipeline(path)
 
 
 class _TinyLoad:
@@ -223,19 +221,10 @@ class _TinyLoad:
 
     @classmethod
     def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:
-        options = dict(options or {})
-        if path:
-            raise UserError(f"model '{cls.family}' is built in code and takes no path (got {path})")
-        max_len = int(options.pop("max_sequence_length", 128))
-        distilled = bool(options.get("is_distilled", False))
-        for k in ("seed", "shift", "quantize_timesteps", "negative_prompt", "is_distilled"):
-            options.pop(k, None)
-        try:
-            with torch.device("meta"):
-                m = _tiny_modules(issubclass(cls, Flux2KleinModel), **options)
-        except TypeError as e:
-            raise UserError(f"bad option for model '{cls.family}': {e}") from None
-        text = sum(p.numel() for p in m["text_encoder"].parameters())
+        distilled = bool((options or {}).get("is_distilled", False))
+        m, max_len, text = cls.tiny_plan_modules(
+            path, options, lambda n, o: _tiny_modules(issubclass(cls, Flux2KleinModel), **o), 128,
+            ignore=("is_distilled",))
         return cls._plan(f"tiny {cls.base.pipeline_class}", m["transformer"], m["vae"], text, max_len, height, width,
                          distilled=distilled)
 

@@ -124,9 +124,7 @@ def save_tiny_qwen_image(path, seed: int = 0, **sizes) -> QwenImageModel:
     """Write a tiny Qwen-Image as a full QwenImagePipeline folder (safetensors) and return it;
     ``QwenImageModel.load(path, max_sequence_length=model.max_sequence_length)`` and
     ``QwenImagePipeline.from_pretrained(path)`` both load it offline."""
-    model = build_tiny_qwen_image(seed, **sizes)
-    model.pipeline().save_pretrained(str(path), safe_serialization=True)
-    return model
+    return build_tiny_qwen_image(seed, **sizes).save_pipeline(path)
 
 
 @MODELS.register("tiny_qwen_image")
@@ -143,16 +141,5 @@ class TinyQwenImageModel(QwenImageModel):
 
     @classmethod
     def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:
-        options = dict(options or {})
-        if path:
-            raise UserError(f"model 'tiny_qwen_image' is built in code and takes no path (got {path})")
-        max_len = int(options.pop("max_sequence_length", 64))
-        for k in ("seed", "negative_prompt", "shift", "quantize_timesteps"):
-            options.pop(k, None)
-        try:
-            with torch.device("meta"):
-                modules = _tiny_modules(**options)
-        except TypeError as e:
-            raise UserError(f"bad option for model 'tiny_qwen_image': {e}") from None
-        text = sum(p.numel() for p in modules["text_encoder"].parameters())
+        modules, max_len, text = cls.tiny_plan_modules(path, options, lambda n, o: _tiny_modules(**o), 64)
         return _plan("tiny Qwen-Image", modules["transformer"], modules["vae"], text, max_len, height, width)

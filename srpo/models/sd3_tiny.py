@@ -89,9 +89,7 @@ def save_tiny_sd3(path, seed: int = 0, **sizes) -> SD3Model:
     """Write a tiny SD3 as a full StableDiffusion3Pipeline folder (safetensors) and return it;
     ``SD3Model.load(path, max_sequence_length=model.max_sequence_length)`` and
     ``StableDiffusion3Pipeline.from_pretrained(path)`` both load it offline."""
-    model = build_tiny_sd3(seed, **sizes)
-    model.pipeline().save_pretrained(str(path), safe_serialization=True)
-    return model
+    return build_tiny_sd3(seed, **sizes).save_pipeline(path)
 
 
 @MODELS.register("tiny_sd3")
@@ -108,17 +106,5 @@ class TinySD3Model(SD3Model):
 
     @classmethod
     def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:
-        options = dict(options or {})
-        if path:
-            raise UserError(f"model 'tiny_sd3' is built in code and takes no path (got {path})")
-        max_len = int(options.pop("max_sequence_length", 64))
-        for k in ("seed", "negative_prompt", "shift", "quantize_timesteps"):
-            options.pop(k, None)
-        try:
-            with torch.device("meta"):
-                modules = _tiny_modules(**options)
-        except TypeError as e:
-            raise UserError(f"bad option for model 'tiny_sd3': {e}") from None
-        text = sum(p.numel() for k in ("text_encoder", "text_encoder_2", "text_encoder_3")
-                   for p in modules[k].parameters())
+        modules, max_len, text = cls.tiny_plan_modules(path, options, lambda n, o: _tiny_modules(**o), 64)
         return _plan("tiny SD3", modules["transformer"], modules["vae"], text, max_len, height, width)

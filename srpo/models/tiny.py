@@ -88,9 +88,7 @@ def save_tiny_flux(path, seed: int = 0, **sizes) -> FluxModel:
     ``FluxModel.from_pretrained(path, max_sequence_length=model.max_sequence_length)`` and
     ``FluxPipeline.from_pretrained(path)`` both load it offline.
     """
-    model = build_tiny_flux(seed, **sizes)
-    model.pipeline().save_pretrained(str(path), safe_serialization=True)
-    return model
+    return build_tiny_flux(seed, **sizes).save_pipeline(path)
 
 
 class TinyFlux(FluxModel):

@@ -121,9 +121,7 @@ def save_tiny_z_image(path, seed: int = 0, **sizes) -> ZImageModel:
     """Write a tiny Z-Image as a full ZImagePipeline folder (safetensors) and return it;
     ``ZImageModel.load(path, max_sequence_length=model.max_sequence_length)`` and
     ``ZImagePipeline.from_pretrained(path)`` both load it offline."""
-    model = build_tiny_z_image(seed, **sizes)
-    model.pipeline().save_pretrained(str(path), safe_serialization=True)
-    return model
+    return build_tiny_z_image(seed, **sizes).save_pipeline(path)
 
 
 @MODELS.register("tiny_z_image")
@@ -140,18 +138,12 @@ class TinyZImageModel(ZImageModel):
 
     @classmethod
     def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:
-        options = dict(options or {})
-        if path:
-            raise UserError(f"model 'tiny_z_image' is built in code and takes no path (got {path})")
-        max_len = int(options.pop("max_sequence_length", 64))
-        _check_variant(options.pop("variant", "turbo"), cls.family)
-        for k in ("seed", "negative_prompt", "cfg_normalization", "cfg_truncation", "shift", "quantize_timesteps"):
-            options.pop(k, None)
-        options.setdefault("text_positions", max(128, max_len))
-        try:
-            with torch.device("meta"):
-                modules = _tiny_modules(vocab_size=len(tiny_qwen_tokenizer()), **options)
-        except TypeError as e:
-            raise UserError(f"bad option for model 'tiny_z_image': {e}") from None
-        text = sum(p.numel() for p in modules["text_encoder"].parameters())
+        _check_variant((options or {}).get("variant", "turbo"), cls.family)
+
+        def make(max_len, o):
+            o.setdefault("text_positions", max(128, max_len))
+            return _tiny_modules(vocab_size=len(tiny_qwen_tokenizer()), **o)
+
+        modules, max_len, text = cls.tiny_plan_modules(path, options, make, 64,
+                                                       ignore=("variant", "cfg_normalization", "cfg_truncation"))
         return _plan("tiny Z-Image", modules["transformer"], modules["vae"], text, max_len, height, width)
