@@ -28,14 +28,21 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # ---------------------------------------------------------------------- training-time setup
 
-def prepare(model, cfg) -> None:
-    """Before wrapping: the model's precision (autocast of every transformer call, true-CFG
-    gradient passes), trainable weights in float32 (master weights), frozen parts without
-    parameter gradients, activation checkpointing, text cache."""
-    model.set_precision(cfg.train.autocast, cfg.train.cfg_gradient)
-    for p in model.transformer.parameters():
+def master_weights(module: nn.Module) -> None:
+    """Trainable weights in float32 (the master weights), one tensor at a time."""
+    for p in module.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
+
+
+def prepare(model, cfg, sharded: bool = False) -> None:
+    """Before wrapping: the model's precision (autocast of every transformer call, true-CFG
+    gradient passes), trainable weights in float32 (master weights; with ``sharded`` FSDP
+    casts each block as it shards it, so no rank holds the whole model in float32), frozen
+    parts without parameter gradients, activation checkpointing, text cache."""
+    model.set_precision(cfg.train.autocast, cfg.train.cfg_gradient)
+    if not sharded:
+        master_weights(model.transformer)
     for m in model.frozen_modules().values():
         m.requires_grad_(False)
     if cfg.train.gradient_checkpointing:
@@ -333,7 +340,8 @@ def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, heig
     reward (transformer and VAE held, the ViT's tensors), the VAE decoder's backward (both held,
     one decoder block recomputed) and the transformer's backward. The text encoders, when
     released (or offloaded), count where they are resident: at the start, before any gradient or
-    optimizer state and before FSDP shards the model (or between updates)."""
+    optimizer state (under FSDP: beside the model as loaded, whole in ``model.dtype``, or as
+    sharded, whichever is larger), or between updates."""
     shard = gpus if strategy == "fsdp" else 1
     trainable = s.lora_params if lora else s.transformer
     adamw = optimizer == "adamw"
@@ -349,8 +357,8 @@ def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, heig
     out["optimizer-step temporaries"] = temporaries
     if lora:
         out["frozen transformer base"] = model_bytes * s.transformer / shard
-    if strategy == "fsdp":
-        block_bytes = model_bytes if lora else 4
+    if strategy == "fsdp":  # under autocast FSDP gathers in the compute dtype (parallel.apply's MixedPrecisionPolicy)
+        block_bytes = min(act_bytes, model_bytes if lora else 4)
         out["FSDP gathered blocks (2) + block grads"] = s.largest_block * (2 * block_bytes + (0 if lora else 4))
         out["FSDP unsharded root"] = s.root * (model_bytes if lora else 4)
     text = model_bytes * s.text_encoders
@@ -363,9 +371,10 @@ def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, heig
     v_held, v_block = _vae_parts(s, batch, height, width, model_bytes, checkpointing and s.vae_checkpointing)
     reward_acts = VIT_UNITS * s.reward_layers * s.reward_tokens * s.reward_width * reward_bytes * batch
     # autocast caches its low-precision copy of every float32 weight it casts until the forward
-    # returns (FSDP: of the gathered weights): the whole transformer in a full fine-tune
+    # returns: the whole transformer in a full fine-tune. Under FSDP the weights arrive already in
+    # the compute dtype (MixedPrecisionPolicy), so nothing is cached.
     fp32_weights = (trainable + (s.transformer if model_bytes == 4 else 0)) if lora else s.transformer
-    copies = act_bytes * fp32_weights if act_bytes < 4 else 0
+    copies = act_bytes * fp32_weights if act_bytes < 4 and strategy != "fsdp" else 0
     phases = {"transformer forward": t_held + t_block + copies, "reward": t_held + v_held + reward_acts,
               "VAE decode backward": t_held + v_held + v_block, "transformer backward": t_held + t_block}
     out["activations: transformer"] = t_held + t_block
@@ -379,9 +388,14 @@ def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, heig
         static += OVERHEAD
     subtotal = sum(out.values())
     start = None
-    if release_text:  # encoded at the start: the model whole (not yet sharded), no gradients or optimizer state
-        weights = (4 * trainable + model_bytes * s.transformer) if lora else 4 * s.transformer
-        start = weights + model_bytes * s.vae + reward_bytes * s.reward + text + (OVERHEAD if device == "cuda" else 0)
+    if release_text:  # encoded at the start, before any gradient or optimizer state
+        others = model_bytes * s.vae + reward_bytes * s.reward + text + (OVERHEAD if device == "cuda" else 0)
+        if strategy == "fsdp":  # loaded whole in model.dtype, cast and sharded block by block, then encoded
+            loaded = model_bytes * s.transformer + (0 if lora else 4 * s.largest_block)
+            sharded = ((4 * trainable + model_bytes * s.transformer) if lora else 4 * s.transformer) / shard
+            start = max(loaded, sharded) + others
+        else:
+            start = ((4 * trainable + model_bytes * s.transformer) if lora else 4 * s.transformer) + others
     elif offload_text:  # a new prompt brings the encoders over between updates: gradients freed
         start = static - 4 * trainable / shard - temporaries + text
     if start is not None:

@@ -182,14 +182,24 @@ def apply(model, cfg, ctx: Context) -> None:
         model.transformer = _DDP(tr, device_ids=ids, forward_sync_buffers=False,
                                  find_unused_parameters=cfg.parallel.find_unused_parameters)
     elif ctx.strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        from .memory import master_weights
 
         parts = blocks(tr)
         if not parts:
             raise UserError(f"parallel.strategy fsdp: {type(tr).__name__} has no block lists to shard; use ddp")
+        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.autocast)
+        # under autocast FSDP gathers the weights in the compute dtype (half the traffic) and
+        # nothing keeps a low-precision copy of every weight until the forward returns, as
+        # autocast's cache of float32 weights would; gradients are reduced in float32
+        mp = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32, cast_forward_inputs=False) \
+            if low else MixedPrecisionPolicy()
         for b in parts:
-            fully_shard(b, reshard_after_forward=cfg.parallel.reshard_after_forward)
-        fully_shard(tr, reshard_after_forward=False)  # the root's gather is reused by backward
+            master_weights(b)  # this block in float32, then sharded: one whole block at a time
+            fully_shard(b, reshard_after_forward=cfg.parallel.reshard_after_forward, mp_policy=mp)
+        master_weights(tr)  # the root's own weights (embedders, final layer)
+        fully_shard(tr, reshard_after_forward=False, mp_policy=mp)  # the root's gather is reused by backward
     else:
         raise UserError(f"unknown parallel.strategy '{ctx.strategy}': use one of {', '.join(STRATEGIES)}")
 

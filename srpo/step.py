@@ -19,6 +19,28 @@ from .algorithms.base import Batch
 from .sampling import rollout
 
 
+def prepare(model, cfg, ctx, prompts: list[str], cache_dir=None, progress: bool = False, optimizer=None):
+    """Everything between building the model and the first update, in this order (the trainer
+    and the benchmarks both call it): LoRA adapters, ``memory.prepare`` (precision, fp32 master
+    weights, checkpointing, frozen parts, the text cache), the parallel wrapper (FSDP shards the
+    model first, so no rank holds the whole model beside the text encoders), every prompt
+    encoded once (into ``cache_dir`` on disk when given) and the text encoders released when
+    ``memory.release_text_encoders``, then the optimizer (``optimizer(params)`` when given, else
+    the config's AdamW). Returns (trainable parameters, optimizer, prompts the text encoders
+    encoded)."""
+    from . import lora, memory
+
+    lora.apply(model, cfg.lora, seed=cfg.train.seed)  # adapters; no-op unless lora.enabled
+    memory.prepare(model, cfg, sharded=ctx.strategy == "fsdp")
+    parallel.apply(model, cfg, ctx)
+    encoded = 0
+    if cfg.memory.text_cache_dir or cfg.memory.release_text_encoders:  # every prompt once, then maybe no encoders
+        encoded = memory.pre_encode(model, list(dict.fromkeys(prompts)), cache_dir, memory.text_cache_key(cfg),
+                                    release=cfg.memory.release_text_encoders, progress=progress)
+    params = [p for p in model.transformer.parameters() if p.requires_grad]
+    return params, optimizer(params) if optimizer is not None else make_optimizer(params, cfg), encoded
+
+
 def control_words(cfg, step: int) -> tuple[str, str]:
     """The update's (positive, negative) control words. ``cycle`` starts at the second pair, as
     the reference trainer does (its update counter starts at 1)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, export, lora, memory, parallel, step as steps
+from . import checkpoint, export, parallel, step as steps
 from .guard import report
 from .guard.monitor import Guard
 from .algorithms import ALGORITHMS, RewardFn
@@ -75,15 +75,9 @@ def train(cfg: Config, output: str | Path, resume: bool = False) -> dict:
     if ctx.is_main:
         (output / "config.yaml").write_text(dump_config(cfg))
 
-    lora.apply(model, cfg.lora, seed=cfg.train.seed)  # adapters; no-op unless lora.enabled
-    memory.prepare(model, cfg)  # precision, fp32 master weights, checkpointing, frozen parts, text cache
-    if cfg.memory.text_cache_dir or cfg.memory.release_text_encoders:  # every prompt once, then maybe no encoders
-        memory.pre_encode(model, list(dict.fromkeys(prompts + eval_prompts + (offline.captions if offline else []))),
-                          output / "text_cache" if cfg.memory.text_cache_dir else None, memory.text_cache_key(cfg),
-                          release=cfg.memory.release_text_encoders, progress=ctx.is_main and cfg.log.progress)
-    parallel.apply(model, cfg, ctx)
-    params = [p for p in model.transformer.parameters() if p.requires_grad]
-    optimizer = steps.make_optimizer(params, cfg)
+    params, optimizer, _ = steps.prepare(  # LoRA, precision, sharding, every prompt encoded once, optimizer
+        model, cfg, ctx, prompts + eval_prompts + (offline.captions if offline else []),
+        output / "text_cache" if cfg.memory.text_cache_dir else None, progress=ctx.is_main and cfg.log.progress)
     t = cfg.train
 
     guard = Guard(cfg, reward_fn, eval_prompts, ctx.device) if cfg.guard.enabled and eval_prompts else None

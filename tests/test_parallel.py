@@ -232,3 +232,35 @@ def test_activation_estimates_track_autograd_saved_tensors():
     got = _saved_bytes(lambda: model.decode(lat), model.vae.parameters())
     want = memory.vae_activations(sizes, 1, 64, 64, 4, checkpointing=False)
     assert 0.75 < got / want < 1.33, (got, want)  # measured 0.91 (transformer), 1.17 (VAE)
+
+
+def test_fsdp_casts_and_shards_block_by_block_and_gathers_in_the_compute_dtype():
+    """Under FSDP ``srpo.step.prepare`` makes the float32 master weights one block at a time as it
+    shards (``memory.prepare`` leaves the whole model in model.dtype), encodes the prompts after
+    sharding, and under bf16 autocast FSDP gathers each block's weights in bf16 (no autocast copy
+    of a float32 weight is kept): the weight a Linear sees in its forward is bf16, its shard fp32."""
+    from srpo import step as steps
+    from srpo.models import load_model
+
+    cfg = load_config(CONFIG, ["model.dtype=bfloat16", "train.autocast=bf16", "parallel.strategy=fsdp",
+                               "rollout.steps=2", "train.max_steps=1", "data.eval_prompts=null"])
+    ctx = parallel.setup(cfg)  # one process: an in-memory store
+    try:
+        model = load_model(cfg.model, "cpu")
+        seen = []
+        linear = model.transformer.transformer_blocks[0].attn.to_q
+        linear.register_forward_pre_hook(lambda m, args: seen.append(m.weight.dtype))
+        params, optimizer, encoded = steps.prepare(model, cfg, ctx, ["a red fox", "a blue boat", "a red fox"])
+        assert encoded == 2 and model.text_encoders() == []  # encoded once each, then released
+        assert all(p.dtype == torch.float32 and type(p).__name__ == "DTensor" for p in params)  # sharded masters
+        from srpo.trainer import build
+
+        _, _, algorithm = build(cfg, ctx.device)
+        batches = steps.Batches(cfg, model, algorithm, ["a red fox", "a blue boat"], ctx)
+        before = [p.detach().full_tensor().clone() for p in params]
+        row = steps.update(model, algorithm, optimizer, params, batches, cfg, ctx, 0)
+        assert row["skipped"] == 0 and seen and set(seen) == {torch.bfloat16}
+        moved = max((p.detach().full_tensor() - b).abs().max().item() for p, b in zip(params, before))
+        assert moved > 0
+    finally:
+        parallel.teardown(ctx)

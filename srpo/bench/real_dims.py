@@ -203,23 +203,17 @@ class Run:
 
 
 def prepare_run(cfg, model, reward, ctx, optimizer=None) -> Run:
-    """The trainer's steps between building and the first update (:func:`srpo.trainer.train`):
-    LoRA, ``memory.prepare`` (fp32 master weights, checkpointing, frozen parts, text cache),
-    every prompt encoded once and the text encoders released (``memory.release_text_encoders``),
-    the parallel wrapper, the optimizer (``optimizer(params)`` or the config's AdamW), the SRP
-    reward and the algorithm."""
-    from .. import lora, memory, parallel, step as steps
+    """The trainer's steps between building and the first update: :func:`srpo.step.prepare`
+    (LoRA, precision, the parallel wrapper, every prompt encoded once and the text encoders
+    released, the optimizer: ``optimizer(params)`` instead of the config's AdamW when given),
+    the SRP reward and the algorithm."""
+    from .. import step as steps
     from ..algorithms import ALGORITHMS, RewardFn
     from ..rewards.srp import SRP
     from ..trainer import reward_autocast
 
     prompts = list(cfg.data.prompts)
-    lora.apply(model, cfg.lora, seed=cfg.train.seed)
-    memory.prepare(model, cfg)
-    encoded = memory.pre_encode(model, prompts, release=cfg.memory.release_text_encoders)
-    parallel.apply(model, cfg, ctx)
-    params = [p for p in model.transformer.parameters() if p.requires_grad]
-    opt = optimizer(params) if optimizer is not None else steps.make_optimizer(params, cfg)
+    params, opt, encoded = steps.prepare(model, cfg, ctx, prompts, optimizer=optimizer)
     reward_fn = RewardFn(reward, SRP(reward, cfg.srp.pos_words, cfg.srp.neg_words, template=cfg.srp.template),
                          reward_autocast(cfg))
     algorithm = ALGORITHMS.get(cfg.algorithm)(cfg, reward_fn)
