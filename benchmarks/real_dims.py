@@ -39,26 +39,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout without installing
 
+from srpo.bench.measure import reset_peak, status_kb  # noqa: E402
+
 GIB = 1024**3
 
 
 # ---------------------------------------------------------------------- instruments
-
-def _kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    from srpo.bench.measure import _trim
-
-    _trim()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
-
 
 def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -96,9 +82,8 @@ class Phases:
     def enter(self, name: str) -> None:
         if name == self.phase:
             return
-        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), _kb("VmHWM") * 1024)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), status_kb("VmHWM") * 1024)
+        reset_peak(trim=False)
         self.phase = name
 
     def close(self) -> dict:
@@ -153,8 +138,8 @@ def measure(mode: str, args) -> dict:
     import diffusers, open_clip, peft, transformers  # noqa: F401,E401 - imported before the baseline
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    _reset_peak()
-    base = _kb("VmRSS") * 1024
+    reset_peak()
+    base = status_kb("VmRSS") * 1024
     dims = rd.TINY if args.tiny else rd.REAL
     dims = dims.blocks(args.double, args.single)
     arch = rd.tiny_reward_arch(args.scratch) if args.tiny else dims.reward_arch
@@ -168,9 +153,9 @@ def measure(mode: str, args) -> dict:
     text_params = sum(p.numel() for m in model.text_encoders() for p in m.parameters())
     text_bytes = _bytes(p for m in model.text_encoders() for p in m.parameters())
     build_s = time.perf_counter() - t0
-    _reset_peak()
+    reset_peak()
     run = rd.prepare_run(cfg, model, reward, ctx)
-    start_peak = _kb("VmHWM") * 1024 - base  # the text encoders' visit: prepare and encode the prompts
+    start_peak = status_kb("VmHWM") * 1024 - base  # the text encoders' visit: prepare and encode the prompts
     tr = model.transformer
     static = {
         "trainable parameters (fp32)": _bytes(run.params),
@@ -181,8 +166,8 @@ def measure(mode: str, args) -> dict:
     }
     updates = []
     for step in range(args.updates):
-        _reset_peak()
-        before = _kb("VmRSS") * 1024 - base
+        reset_peak()
+        before = status_kb("VmRSS") * 1024 - base
         phases = Phases(model, reward, run.optimizer)
         t1 = time.perf_counter()
         with torch.autograd.graph.saved_tensors_hooks(phases.pack, phases.unpack):

@@ -47,7 +47,8 @@ def timed_together(fns: dict, device="cpu", repeats: int = 3, warmup: int = 1) -
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def _status_kb(field: str) -> int:
+def status_kb(field: str) -> int:
+    """A field of /proc/self/status in KiB (VmRSS: resident now, VmHWM: its peak)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -61,6 +62,14 @@ def _trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def reset_peak(trim: bool = True) -> None:
+    """Start a new resident-set peak: VmHWM := VmRSS (after giving freed heap pages back)."""
+    if trim:
+        _trim()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def peak_memory(fn, device="cpu") -> float:
     """Peak memory ``fn()`` adds, in MiB: CUDA peak allocated on a GPU; on a CPU the process's peak
     resident set (VmHWM, reset through /proc/self/clear_refs) minus the resident set before."""
@@ -72,12 +81,10 @@ def peak_memory(fn, device="cpu") -> float:
         fn()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    _trim()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _status_kb("VmRSS")
+    reset_peak()
+    base = status_kb("VmRSS")
     fn()
-    return (_status_kb("VmHWM") - base) / 1024
+    return (status_kb("VmHWM") - base) / 1024
 
 
 class _Saved:
