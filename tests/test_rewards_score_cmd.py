@@ -84,6 +84,26 @@ def test_single_prompt_for_all_and_stdout(data, tmp_path, capsys):
     assert all(",a photo," in ln for ln in lines[1:])
 
 
+def test_prompts_from_jsonl_with_a_column(data, tmp_path):
+    import json
+
+    root, clip_dir = data
+    rows_in = tmp_path / "prompts.jsonl"
+    rows_in.write_text("".join(json.dumps({"caption": p, "id": i}) + "\n" for i, p in enumerate(PROMPTS)))
+    out = tmp_path / "scores.csv"
+    args = parse(["--reward", "clip", "--reward-path", clip_dir, "--images", str(root / "images"), "--prompts",
+                  str(rows_in), "--prompt-column", "caption", "--device", "cpu", "--output", str(out)])
+    assert score_cmd.run(args) == 0
+    rows = read_rows(out)
+    assert [r["prompt"] for r in rows] == PROMPTS
+    files = [root / "images" / r["file"] for r in rows]
+    for row, (score, _) in zip(rows, expected(clip_dir, files, PROMPTS, "Real", "Anime")):
+        assert float(row["score"]) == pytest.approx(score, abs=2e-6)
+    with pytest.raises(UserError, match="caption|column"):
+        score_cmd.run(parse(["--reward", "clip", "--reward-path", clip_dir, "--images", str(root / "images"),
+                             "--prompts", str(rows_in), "--device", "cpu"]))  # no "prompt" field
+
+
 def test_bad_inputs(data, tmp_path):
     root, clip_dir = data
     base = ["--reward", "clip", "--reward-path", clip_dir, "--device", "cpu"]
@@ -92,7 +112,7 @@ def test_bad_inputs(data, tmp_path):
     two = tmp_path / "two.txt"
     two.write_text("one\ntwo\n")
     cases = [
-        (["--images", str(root / "images"), "--prompts", str(empty)], "is empty"),
+        (["--images", str(root / "images"), "--prompts", str(empty)], "has no prompts"),
         (["--images", str(root / "images"), "--prompts", str(two)], "has 2 prompts for 3 images"),
         (["--images", str(tmp_path / "nowhere"), "--prompts", str(two)], "is not a folder"),
         (["--images", str(tmp_path), "--prompts", str(two)], "has no images"),

@@ -24,7 +24,10 @@ def add_parser(sub) -> None:
     p.add_argument("--reward-path", default=None, help="checkpoint file or folder of a reward given by name")
     p.add_argument("--images", required=True, help="folder of images, scored in sorted file-name order")
     p.add_argument("--prompts", required=True,
-                   help="text file: one prompt per image (same order), or a single prompt for all")
+                   help="one prompt per image (same order), or a single prompt for all: a text file (one per "
+                        "line), .jsonl, .csv, .parquet or a datasets folder (see --prompt-column)")
+    p.add_argument("--prompt-column", default="prompt",
+                   help="the prompt field of a .jsonl / .csv / .parquet / datasets --prompts (default: prompt)")
     p.add_argument("--pos", default=None, help="positive SRP control word (default: the first realism word)")
     p.add_argument("--neg", default=None, help="negative SRP control word (default: the first realism word)")
     p.add_argument("--k", type=float, default=0.0, help="SRP weight k in (1 + k) pos - neg (default 0: paper form)")
@@ -74,17 +77,13 @@ def image_files(folder: str) -> list[Path]:
     return files
 
 
-def read_prompts(file: str, n_images: int) -> list[str]:
+def read_prompts(file: str, n_images: int, column: str = "prompt") -> list[str]:
+    """The prompts of ``file`` in any format training reads (text, .jsonl, .csv, .parquet, a
+    datasets folder: srpo.data.load_prompts), one per image or one for all."""
+    from ..data import load_prompts
+
+    prompts = load_prompts(file, "--prompts", column)
     path = Path(file)
-    if not path.is_file():
-        raise UserError(f"--prompts file not found: {path}")
-    try:
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-    except (OSError, UnicodeDecodeError):
-        raise UserError(f"--prompts file {path} is not readable UTF-8 text") from None
-    prompts = [ln for ln in lines if ln]
-    if not prompts:
-        raise UserError(f"--prompts file {path} is empty: write one prompt per image, or one for all")
     if len(prompts) == 1:
         return prompts * n_images
     if len(prompts) != n_images:
@@ -151,7 +150,7 @@ def run(args) -> int:
     from ..rewards.srp import DEFAULT_NEG_WORDS, DEFAULT_POS_WORDS
 
     files = image_files(args.images)
-    prompts = read_prompts(args.prompts, len(files))
+    prompts = read_prompts(args.prompts, len(files), args.prompt_column)
     device = pick_device(args.device)
     reward = build_reward(reward_spec(args.reward, args.reward_path), device=device).frozen()
     pos = neg = None
