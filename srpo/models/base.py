@@ -435,3 +435,18 @@ def check_transformer_folder(path, class_name: str) -> None:
 def load_error(where, e: Exception, what: str) -> UserError:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return UserError(f"cannot load weights from {where}: {first} ({what})")
+
+
+class TinyTwin:
+    """The ``load`` of a tiny random-weight twin, mixed in before its family's class: ``build(cls,
+    seed, shift=..., **sizes)`` makes the model in code (no path); ``transformer_path`` replaces
+    its transformer; a saved folder of it loads with the family named ``folder_family``."""
+
+    build = None  # staticmethod(the family's tiny builder)
+    folder_family = ""
+
+    @classmethod
+    def load(cls, path=None, seed: int = 0, transformer_path=None, device="cpu", dtype=torch.float32,
+             shift=None, **sizes):
+        return cls.load_tiny(lambda: cls.build(cls, seed, shift=shift, **sizes), path, transformer_path, device,
+                             dtype, cls.folder_family)

@@ -10,7 +10,7 @@ import torch
 
 from ..errors import UserError
 from . import MODELS
-from .base import PlanParts
+from .base import PlanParts, TinyTwin
 from .flux2 import Flux2Base, Flux2KleinModel, Flux2Model
 from .tiny_text import byte_bpe, vocab_and_merges
 
@@ -208,16 +208,11 @@ def save_tiny_flux2(path, seed: int = 0, klein: bool = False, **sizes) -> Flux2B
     return (build_tiny_flux2_klein if klein else build_tiny_flux2)(seed, **sizes).save_pipeline(path)
 
 
-class _TinyLoad:
-    """``load`` / ``plan_parts`` of the tiny registered classes: built in code, no path."""
+class _TinyLoad(TinyTwin):
+    """``plan_parts`` of the tiny registered classes (``load``: :class:`TinyTwin`)."""
 
     base: type
-
-    @classmethod
-    def load(cls, path=None, seed: int = 0, transformer_path=None, device="cpu", dtype=torch.float32,
-             shift=None, **sizes):
-        return cls.load_tiny(lambda: _build_tiny(cls, seed, shift=shift, **sizes), path, transformer_path, device,
-                             dtype, cls.base.family)
+    build = staticmethod(_build_tiny)
 
     @classmethod
     def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:
@@ -235,6 +230,7 @@ class TinyFlux2Model(_TinyLoad, Flux2Model):
 
     family = "tiny_flux2"
     base = Flux2Model
+    folder_family = "flux2"
 
 
 @MODELS.register("tiny_flux2_klein")
@@ -243,5 +239,6 @@ class TinyFlux2KleinModel(_TinyLoad, Flux2KleinModel):
 
     family = "tiny_flux2_klein"
     base = Flux2KleinModel
+    folder_family = "flux2_klein"
 
 

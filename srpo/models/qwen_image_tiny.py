@@ -9,7 +9,7 @@ import torch
 
 from ..errors import UserError
 from . import MODELS
-from .base import PlanParts
+from .base import PlanParts, TinyTwin
 from .qwen_image import (NEGATIVE_PROMPT, PROMPT_TEMPLATE, PROMPT_TEMPLATE_START_IDX, QWEN_IMAGE_SCHEDULER,
                          QwenImageModel, _plan)
 from .tiny_text import byte_bpe, vocab_and_merges
@@ -128,16 +128,12 @@ def save_tiny_qwen_image(path, seed: int = 0, **sizes) -> QwenImageModel:
 
 
 @MODELS.register("tiny_qwen_image")
-class TinyQwenImageModel(QwenImageModel):
+class TinyQwenImageModel(TinyTwin, QwenImageModel):
     """A tiny random Qwen-Image built in code (for tests and the lab); takes no path."""
 
     family = "tiny_qwen_image"
-
-    @classmethod
-    def load(cls, path=None, seed: int = 0, transformer_path=None, device="cpu", dtype=torch.float32,
-             shift=None, **sizes) -> "TinyQwenImageModel":
-        return cls.load_tiny(lambda: _build_tiny(cls, seed, shift=shift, **sizes), path, transformer_path, device,
-                             dtype, "qwen_image")
+    folder_family = "qwen_image"
+    build = staticmethod(_build_tiny)
 
     @classmethod
     def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:

@@ -7,7 +7,7 @@ import torch
 
 from ..errors import UserError
 from . import MODELS
-from .base import PlanParts
+from .base import PlanParts, TinyTwin
 from .sd3 import CLIP_TOKENS, CLIP_VOCAB, SD3Model, _plan
 
 
@@ -93,16 +93,12 @@ def save_tiny_sd3(path, seed: int = 0, **sizes) -> SD3Model:
 
 
 @MODELS.register("tiny_sd3")
-class TinySD3Model(SD3Model):
+class TinySD3Model(TinyTwin, SD3Model):
     """A tiny random SD3 built in code (for tests and the lab); takes no path."""
 
     family = "tiny_sd3"
-
-    @classmethod
-    def load(cls, path=None, seed: int = 0, transformer_path=None, device="cpu", dtype=torch.float32,
-             shift=None, **sizes) -> "TinySD3Model":
-        return cls.load_tiny(lambda: _build_tiny(cls, seed, shift=shift, **sizes), path, transformer_path, device,
-                             dtype, "sd3")
+    folder_family = "sd3"
+    build = staticmethod(_build_tiny)
 
     @classmethod
     def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:

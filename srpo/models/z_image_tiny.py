@@ -9,7 +9,7 @@ import torch
 
 from ..errors import UserError
 from . import MODELS
-from .base import PlanParts
+from .base import PlanParts, TinyTwin
 from .tiny_text import byte_bpe, vocab_and_merges
 from .z_image import CHAT_TEMPLATE, SPECIAL_TOKENS, ZImageModel, _check_variant, _plan
 
@@ -125,16 +125,12 @@ def save_tiny_z_image(path, seed: int = 0, **sizes) -> ZImageModel:
 
 
 @MODELS.register("tiny_z_image")
-class TinyZImageModel(ZImageModel):
+class TinyZImageModel(TinyTwin, ZImageModel):
     """A tiny random Z-Image built in code (for tests and the lab); takes no path."""
 
     family = "tiny_z_image"
-
-    @classmethod
-    def load(cls, path=None, seed: int = 0, transformer_path=None, device="cpu", dtype=torch.float32,
-             shift=None, **sizes) -> "TinyZImageModel":
-        return cls.load_tiny(lambda: _build_tiny(cls, seed, shift=shift, **sizes), path, transformer_path, device,
-                             dtype, "z_image")
+    folder_family = "z_image"
+    build = staticmethod(_build_tiny)
 
     @classmethod
     def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:
