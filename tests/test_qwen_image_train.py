@@ -3,36 +3,22 @@ LoRA), final/ loads with diffusers' QwenImageTransformer2DModel, the LoRA file l
 QwenImagePipeline's load_lora_weights and reproduces the merged model's images, `srpo sample`
 renders the run, `srpo plan` sizes the config."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from family_runs import FAST, LORA, check_full_run, check_sample, srpo
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny-qwen-image.yaml"
-FAST = ["--set", "train.max_steps=3", "--set", "log.progress=false", "--set", "log.sample_every=0",
-        "--set", "log.checkpoint_every=0", "--set", "rollout.steps=4", "--set", "data.eval_steps=4"]
-
-
-def srpo(*args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run([sys.executable, "-m", "srpo", *map(str, args)], capture_output=True, text=True,
-                         env=env, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return res
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("qwen_image")
     srpo("train", CONFIG, "--output", root / "full", *FAST)
-    srpo("train", CONFIG, "--output", root / "lora", *FAST,
-         "--set", "lora.enabled=true", "--set", "lora.rank=4", "--set", "lora.alpha=8",
-         "--set", "lora.init=gaussian", "--set", "train.lr=0.05")
+    srpo("train", CONFIG, "--output", root / "lora", *FAST, *LORA)
     return root
 
 
@@ -41,15 +27,7 @@ def test_full_run_final_loads_in_diffusers_and_moved(runs):
 
     from srpo.models.qwen_image_tiny import build_tiny_qwen_image
 
-    final = QwenImageTransformer2DModel.from_pretrained(str(runs / "full" / "final"), local_files_only=True)
-    base = build_tiny_qwen_image(seed=0).transformer.state_dict()
-    trained = final.state_dict()
-    assert set(trained) == set(base)
-    assert max((trained[k] - base[k]).abs().max().item() for k in base) > 1e-4  # it trained
-    rows = [json.loads(ln) for ln in (runs / "full" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["skipped"] == 0 for r in rows)
-    summary = json.loads((runs / "full" / "summary.json").read_text())
-    assert "eval_before" in summary and "eval_after" in summary
+    check_full_run(runs / "full", QwenImageTransformer2DModel, build_tiny_qwen_image(seed=0).transformer.state_dict())
 
 
 def test_lora_file_loads_in_the_pipeline_and_reproduces_the_merged_model(runs):
@@ -83,12 +61,7 @@ def test_lora_file_loads_in_the_pipeline_and_reproduces_the_merged_model(runs):
 
 
 def test_sample_renders_the_qwen_image_run(runs, tmp_path):
-    from PIL import Image
-
-    srpo("sample", "--model", runs / "full", "--prompt", "a lighthouse at dusk", "--steps", "3",
-         "--output", tmp_path / "s")
-    images = sorted((tmp_path / "s").glob("0000-*.png"))
-    assert len(images) == 1 and Image.open(images[0]).size == (32, 32)
+    check_sample(runs / "full", tmp_path / "s")
 
 
 def test_plan_sizes_the_tiny_config(capsys):
