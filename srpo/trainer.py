@@ -38,16 +38,19 @@ def reward_autocast(cfg: Config) -> str:
     return ra if ra != "auto" else ("fp16" if cfg.train.autocast != "none" else "none")
 
 
+def objective(cfg: Config, reward):
+    """The reward function (with SRP when enabled) and the algorithm the config names, on a
+    built (frozen) reward model."""
+    srp = SRP(reward, cfg.srp.pos_words, cfg.srp.neg_words, template=cfg.srp.template) if cfg.srp.enabled else None
+    reward_fn = RewardFn(reward, srp, reward_autocast(cfg))
+    return reward_fn, ALGORITHMS.get(cfg.algorithm)(cfg, reward_fn)
+
+
 def build(cfg: Config, device: torch.device):
     """Model, reward function (with SRP when enabled) and algorithm named by the config."""
     model = load_model(cfg.model, device)
     reward = build_reward(cfg.reward, device=device, training=True).frozen()
-    srp = None
-    if cfg.srp.enabled:
-        srp = SRP(reward, cfg.srp.pos_words, cfg.srp.neg_words, template=cfg.srp.template)
-    reward_fn = RewardFn(reward, srp, reward_autocast(cfg))
-    algorithm = ALGORITHMS.get(cfg.algorithm)(cfg, reward_fn)
-    return model, reward_fn, algorithm
+    return (model, *objective(cfg, reward))
 
 
 def evaluate(model, reward_fn, cfg: Config, prompts: list[str]) -> tuple[dict, torch.Tensor]:

@@ -206,16 +206,12 @@ def prepare_run(cfg, model, reward, ctx, optimizer=None) -> Run:
     """The trainer's steps between building and the first update: :func:`srpo.step.prepare`
     (LoRA, precision, the parallel wrapper, every prompt encoded once and the text encoders
     released, the optimizer: ``optimizer(params)`` instead of the config's AdamW when given),
-    the SRP reward and the algorithm."""
+    then the trainer's reward function and algorithm (:func:`srpo.trainer.objective`)."""
     from .. import step as steps
-    from ..algorithms import ALGORITHMS, RewardFn
-    from ..rewards.srp import SRP
-    from ..trainer import reward_autocast
+    from ..trainer import objective
 
     prompts = list(cfg.data.prompts)
     params, opt, encoded = steps.prepare(model, cfg, ctx, prompts, optimizer=optimizer)
-    reward_fn = RewardFn(reward, SRP(reward, cfg.srp.pos_words, cfg.srp.neg_words, template=cfg.srp.template),
-                         reward_autocast(cfg))
-    algorithm = ALGORITHMS.get(cfg.algorithm)(cfg, reward_fn)
+    reward_fn, algorithm = objective(cfg, reward)
     batches = steps.Batches(cfg, model, algorithm, prompts, ctx)
     return Run(model, reward_fn, algorithm, opt, params, batches, ctx, encoded)
