@@ -55,11 +55,6 @@ def latest(run_dir: str | Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    module = parallel.unwrap(module)
-    return {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
-
-
 # ---------------------------------------------------------------------- RNG states
 
 def rng_state() -> dict:
