@@ -23,32 +23,30 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # a checkout without installing
 
-TINY = {"flux": "tiny.yaml", "sd3": "tiny-sd3.yaml", "qwen_image": "tiny-qwen-image.yaml",
-        "flux2": "tiny-flux2.yaml", "z_image": "tiny-z-image.yaml"}
-REAL = {"flux": "FLUX.1-dev", "sd3": "SD3.5 Large", "qwen_image": "Qwen-Image", "flux2": "FLUX.2-dev",
-        "z_image": "Z-Image-Turbo"}
+
+
+def families() -> dict:
+    """Registry name -> class of every registered family with a built-in config for its tiny twin."""
+    from srpo.models import MODELS
+
+    return {n: c for n in MODELS.names() if not (c := MODELS.get(n)).is_twin() and c.tiny_config}
 
 
 def measure_family(name: str, repeats: int, steps: tuple[int, ...]) -> dict:
-    from srpo.bench.parts import Bench, rollout_speed, srpo_parts
+    from srpo.bench.parts import Bench, srpo_parts, timed_rollout
     from srpo.config import load_config
-    from srpo.step import rollout_noise
 
-    cfg = load_config(ROOT / "configs" / TINY[name], ["guard.enabled=false", "log.progress=false"])
+    config = families()[name].tiny_config
+    cfg = load_config(config, ["guard.enabled=false", "log.progress=false"])
     bench = Bench(cfg, torch.device("cpu"))
-    model = bench.model
-    quantize = getattr(model, "quantize_timesteps", False)
-    model.quantize_timesteps = False  # as the pipelines feed the timestep
-    noise = rollout_noise(model, cfg, 0, list(range(len(bench.prompts))))
-    d = rollout_speed(model, bench.prompts, noise, cfg.rollout.guidance, steps, repeats, torch.device("cpu"))
-    model.quantize_timesteps = quantize
+    d = timed_rollout(bench.model, cfg, bench.prompts, cfg.rollout.guidance, steps, repeats, torch.device("cpu"))
     c = srpo_parts(bench, repeats=repeats)
-    return {"config": TINY[name], "guidance": cfg.rollout.guidance, "d": d, "c": c}
+    return {"config": config, "guidance": cfg.rollout.guidance, "d": d, "c": c}
 
 
 def plan_family(name: str) -> dict:
     from srpo.config import load_config
-    from srpo.memory import GiB, estimate_for, model_sizes
+    from srpo.plan import GiB, estimate_for, model_sizes
 
     base = {"model": {"name": name, "dtype": "bfloat16"}, "reward": {"name": "hps"},
             "rollout": {"height": 720, "width": 720},
@@ -57,29 +55,28 @@ def plan_family(name: str) -> dict:
     lora = load_config({**base, "lora": {"enabled": True, "rank": 64, "alpha": 64}})
     full = load_config({**base, "parallel": {"strategy": "fsdp"}})
     sizes = model_sizes(lora)
-    return {"model": REAL[name], "transformer_params": sizes.transformer, "text_encoder_params": sizes.text_encoders,
+    return {"model": families()[name].title, "transformer_params": sizes.transformer,
+            "text_encoder_params": sizes.text_encoders,
             "lora_r64_1gpu_gib": estimate_for(lora, sizes, 1)["total"] / GiB,
             "full_fsdp_8gpu_gib": estimate_for(full, model_sizes(full), 8, "fsdp", False)["total"] / GiB}
 
 
 def main(argv=None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--families", default=",".join(TINY), help="comma list of " + ", ".join(TINY))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    known = families()
+    p.add_argument("--families", default=",".join(known), help="comma list of " + ", ".join(known))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", default="25,50", help="rollout step counts for (d)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     names = [n for n in args.families.split(",") if n]
-    bad = [n for n in names if n not in TINY]
+    bad = [n for n in names if n not in known]
     if bad:
-        p.error(f"unknown family {bad[0]}: use {', '.join(TINY)}")
+        p.error(f"unknown family {bad[0]}: use {', '.join(known)}")
     steps = tuple(int(s) for s in args.steps.split(","))
     out = {"tiny": {}, "plan": {}}
     for name in names:
-        if not (ROOT / "configs" / TINY[name]).is_file():
-            print(f"{name}: no {TINY[name]}: skipped", flush=True)
-            continue
         out["tiny"][name] = r = measure_family(name, args.repeats, steps)
         worst = min(v["speed_over_diffusers"] for k, v in r["d"].items() if k != "pipeline")
         print(f"{name}: rollout over {r['d']['pipeline']} {worst:.3f} (worst of {steps}), "

@@ -22,7 +22,7 @@ Modes:
 MFU counts the transformer's model FLOPs of the gradient step (both branches, forward and
 backward, no recompute; frozen LoRA bases get no weight gradients) over the measured time of
 the gradient step (VAE decode and reward included) at the GPU's dense bf16 peak. The plan is
-:func:`srpo.memory.estimate_for` for exactly this build (``model_sizes(cfg, parts)``).
+:func:`srpo.plan.estimate_for` for exactly this build (``model_sizes(cfg, parts)``).
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ def _tokens(model, cfg) -> tuple[int, int]:
 def _plan(cfg, dims, reward_arch, sgd: bool) -> dict:
     """``srpo plan``'s one-GPU estimate for exactly this build (SGD: no optimizer state)."""
     from srpo.bench import real_dims as rd
-    from srpo.memory import estimate_for
+    from srpo.plan import estimate_for
 
     sizes = rd.plan_sizes(cfg, dims, reward_arch)
     return estimate_for(cfg, sizes, gpus=1, device="cuda", optimizer="sgd" if sgd else "adamw")

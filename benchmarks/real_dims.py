@@ -21,7 +21,7 @@ resident, as every later update; ``measured_gib`` is the largest); its parts: by
 parameters, gradients and optimizer state counted from the tensors, tensors autograd holds for
 backward per component (saved-tensor hooks, checkpointed regions count their inputs) and the
 peak of each phase of the update (transformer forward, VAE decode, reward, their backwards, the
-optimizer step). Planned: :func:`srpo.memory.estimate_for` on the same config, the sizes of the
+optimizer step). Planned: :func:`srpo.planner.estimate_for` on the same config, the sizes of the
 same modules (``model_sizes(cfg, parts)``) and ``device="cpu"``. Then the plan of the real
 19 + 38 blocks at 720 x 720 on 1 and 8 GPUs, LoRA and full, text encoders resident and released.
 """
@@ -203,7 +203,7 @@ def measure(mode: str, args) -> dict:
 def add_plan(r: dict, tiny: bool) -> None:
     """``srpo plan``'s figures for the measured configuration ``r`` (a :func:`measure` result):
     the config's estimate on the CPU for the same modules' sizes."""
-    from srpo import memory
+    from srpo import plan as planner
     from srpo.bench import real_dims as rd
 
     c = r["config"]
@@ -211,7 +211,7 @@ def add_plan(r: dict, tiny: bool) -> None:
                     reward_dtype="bfloat16", reward_autocast="bf16")
     dims = (rd.TINY if tiny else rd.REAL).blocks(*c["blocks"])
     arch = tuple(r["reward_arch"]) if r.get("reward_arch") else None  # none: the registry's HPS entry
-    plan = memory.estimate_for(cfg, rd.plan_sizes(cfg, dims, arch), 1, device="cpu")
+    plan = planner.estimate_for(cfg, rd.plan_sizes(cfg, dims, arch), 1, device="cpu")
     r["planned_gib"] = plan["total"] / GIB
     r["plan_over_measured"] = r["planned_gib"] / r["measured_gib"]
     r["plan_parts_gib"] = {k: v / GIB for k, v in plan.items()}
@@ -222,17 +222,17 @@ def add_plan(r: dict, tiny: bool) -> None:
 def real_plan(size: int = 720) -> dict:
     """``srpo plan`` for all 19 + 38 blocks at ``size``: LoRA r64 (one GPU / DDP) and full
     (FSDP2), on 1 and 8 GPUs, with the text encoders resident and released after the start."""
-    from srpo import memory
+    from srpo import plan as planner
     from srpo.bench import real_dims as rd
 
     out = {}
     for release in (False, True):
         for mode, strategy in (("lora", "none"), ("full", "fsdp")):
             cfg = rd.config(mode, size, 25, "cuda", release=release)
-            sizes = memory.model_sizes(cfg)  # the family's own counting: FLUX.1-dev's 11.9 B transformer, T5-XXL + CLIP-L
+            sizes = planner.model_sizes(cfg)  # the family's own counting: FLUX.1-dev's 11.9 B transformer, T5-XXL + CLIP-L
             for gpus in (1, 8):
                 strat = "ddp" if strategy == "none" and gpus > 1 else strategy
-                parts = memory.estimate_for(cfg, sizes, gpus, strat)
+                parts = planner.estimate_for(cfg, sizes, gpus, strat)
                 key = f"{mode} {strat} x{gpus}, text encoders {'released' if release else 'resident'}"
                 out[key] = {"total_gib": parts["total"] / GIB,
                             "parts_gib": {k: v / GIB for k, v in parts.items() if v}}

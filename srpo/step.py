@@ -1,6 +1,7 @@
 """One training update, the single definition the trainer, ``srpo bench`` and
 ``benchmarks/gpu_update.py`` all run: micro-batches (prompts -> noise -> rollout) -> the
-algorithm's backward -> gradient clipping -> finite check -> optimizer step.
+algorithm's backward -> gradient clipping -> finite check -> optimizer step. Building and
+preparing a run before its first update is :mod:`srpo.setup`'s.
 
 :class:`Batches` turns (update, micro-step) into a :class:`~srpo.algorithms.base.Batch` from the
 run's prompts (or offline images); every per-sample choice in it is a function of (seed,
@@ -17,28 +18,6 @@ import torch
 from . import parallel, seeding
 from .algorithms.base import Batch
 from .sampling import rollout
-
-
-def prepare(model, cfg, ctx, prompts: list[str], cache_dir=None, progress: bool = False, optimizer=None):
-    """Everything between building the model and the first update, in this order (the trainer
-    and the benchmarks both call it): LoRA adapters, ``memory.prepare`` (precision, fp32 master
-    weights, checkpointing, frozen parts, the text cache), the parallel wrapper (FSDP shards the
-    model first, so no rank holds the whole model beside the text encoders), every prompt
-    encoded once (into ``cache_dir`` on disk when given) and the text encoders released when
-    ``memory.release_text_encoders``, then the optimizer (``optimizer(params)`` when given, else
-    the config's AdamW). Returns (trainable parameters, optimizer, prompts the text encoders
-    encoded)."""
-    from . import lora, memory
-
-    lora.apply(model, cfg.lora, seed=cfg.train.seed)  # adapters; no-op unless lora.enabled
-    memory.prepare(model, cfg, sharded=ctx.strategy == "fsdp")
-    parallel.apply(model, cfg, ctx)
-    encoded = 0
-    if cfg.memory.text_cache_dir or cfg.memory.release_text_encoders:  # every prompt once, then maybe no encoders
-        encoded = memory.pre_encode(model, list(dict.fromkeys(prompts)), cache_dir, memory.text_cache_key(cfg),
-                                    release=cfg.memory.release_text_encoders, progress=progress)
-    params = [p for p in model.transformer.parameters() if p.requires_grad]
-    return params, optimizer(params) if optimizer is not None else make_optimizer(params, cfg), encoded
 
 
 def control_words(cfg, step: int) -> tuple[str, str]:
@@ -129,8 +108,3 @@ def update(model, algorithm, optimizer, params, batches: Batches, cfg, ctx, step
     return {"step": step + 1, **row, "skipped": int(not finite), "lr": cfg.train.lr,
             "offline": int(batches.offline_at(step)), "seconds": end - t0, "rollout_s": rollout_s,
             "grad_s": grad_s, "optimizer_s": end - t3, "pos_word": pos, "neg_word": neg}
-
-
-def make_optimizer(params, cfg):
-    t = cfg.train
-    return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)

@@ -1,7 +1,8 @@
 """The training loop: prompts -> rollout -> algorithm loss -> optimizer step -> logs and checkpoints.
 
-It knows nothing about which model, reward or algorithm it drives: they come from registries,
-and parallelism is applied by :mod:`srpo.parallel` before the loop starts.
+It knows nothing about which model, reward or algorithm it drives: :mod:`srpo.setup` builds
+them from registries and prepares them (parallelism included) before the loop starts, and
+:func:`srpo.step.update` is one update.
 """
 
 from __future__ import annotations
@@ -13,44 +14,19 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, export, parallel, step as steps
+from . import checkpoint, export, parallel, setup, step as steps
 from .guard import report
 from .guard.monitor import Guard
-from .algorithms import ALGORITHMS, RewardFn
 from .config import Config, dump_config
 from .data import load_prompts
 from .errors import UserError
 from .evaluate import generate, reward_metrics
-from .models import load_model
 from .offline import OfflineData
-from .rewards.factory import build_reward
-from .rewards.srp import SRP
 from .runlog import RunLog, import_wandb, plot_curves
 
 
 class Diverged(UserError):
     """Too many consecutive updates had a non-finite loss, reward or gradient."""
-
-
-def reward_autocast(cfg: Config) -> str:
-    """``train.reward_autocast``; auto: fp16 when the model autocasts (the reference), else none."""
-    ra = cfg.train.reward_autocast
-    return ra if ra != "auto" else ("fp16" if cfg.train.autocast != "none" else "none")
-
-
-def objective(cfg: Config, reward):
-    """The reward function (with SRP when enabled) and the algorithm the config names, on a
-    built (frozen) reward model."""
-    srp = SRP(reward, cfg.srp.pos_words, cfg.srp.neg_words, template=cfg.srp.template) if cfg.srp.enabled else None
-    reward_fn = RewardFn(reward, srp, reward_autocast(cfg))
-    return reward_fn, ALGORITHMS.get(cfg.algorithm)(cfg, reward_fn)
-
-
-def build(cfg: Config, device: torch.device):
-    """Model, reward function (with SRP when enabled) and algorithm named by the config."""
-    model = load_model(cfg.model, device)
-    reward = build_reward(cfg.reward, device=device, training=True).frozen()
-    return (model, *objective(cfg, reward))
 
 
 def evaluate(model, reward_fn, cfg: Config, prompts: list[str]) -> tuple[dict, torch.Tensor]:
@@ -72,13 +48,13 @@ def train(cfg: Config, output: str | Path, resume: bool = False) -> dict:
     eval_prompts = load_prompts(cfg.data.eval_prompts, "eval prompts", cfg.data.prompt_column)
     if cfg.log.wandb is not None:
         import_wandb()  # a missing wandb fails here, before a model is loaded or a file written
-    model, reward_fn, algorithm = build(cfg, ctx.device)
+    model, reward_fn, algorithm = setup.build(cfg, ctx.device)
     log = RunLog(output, enabled=ctx.is_main, tensorboard=cfg.log.tensorboard, resume=resume,
                  wandb=cfg.log.wandb, config=cfg.model_dump(mode="json"))
     if ctx.is_main:
         (output / "config.yaml").write_text(dump_config(cfg))
 
-    params, optimizer, _ = steps.prepare(  # LoRA, precision, sharding, every prompt encoded once, optimizer
+    params, optimizer, _ = setup.prepare(  # LoRA, precision, sharding, every prompt encoded once, optimizer
         model, cfg, ctx, prompts + eval_prompts + (offline.captions if offline else []),
         output / "text_cache" if cfg.memory.text_cache_dir else None, progress=ctx.is_main and cfg.log.progress)
     t = cfg.train

@@ -235,6 +235,19 @@ def test_bench_curve_readings():
         ["srp_reward", "srp_reward", "srp_reward", "reward", "reward"]
 
 
+def test_bench_rollout_part_picks_twins_from_the_registry():
+    """(d) measures, besides the bench's model, one tiny twin per guidance path the model does not
+    take (never its own family's): for an embedded-guidance FLUX, the batched true-CFG SD3 twin."""
+    from srpo.bench.parts import compared_twins
+    from srpo.models import MODELS
+
+    model = build_tiny_flux()
+    twins = compared_twins(model)
+    paths = [(MODELS.get(t).guidance_mode, MODELS.get(t).cfg_batched) for t in twins]
+    assert all(MODELS.get(t).is_twin() for t in twins) and "tiny_flux" not in twins
+    assert "tiny_sd3" in twins and ("embedded", True) not in paths and len(set(paths)) == len(paths)
+
+
 def test_bench_cli_on_a_user_config(tmp_path, capsys):
     """Part (c) on the tiny config: SRPO's parts are timed and add up; bad --parts is a user error."""
     out = tmp_path / "bench"

@@ -78,7 +78,7 @@ def test_moved_and_unknown_keys_get_one_line_errors():
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 def test_shipped_configs_validate_round_trip_and_plan(name):
     from srpo.config import dump_config
-    from srpo.memory import estimate_for, model_sizes
+    from srpo.plan import estimate_for, model_sizes
 
     cfg = load_config(ROOT / "configs" / name)
     again = load_config(yaml.safe_load(dump_config(cfg)))

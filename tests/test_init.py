@@ -40,12 +40,31 @@ def _one_line_error(capsys) -> str:
 
 
 def test_every_family_and_reward_is_covered():
-    assert sorted(FAMILIES) == sorted(NAMED)  # a new family: add it to srpo/commands/init.py's table
-    assert set(FAMILIES) <= set(init_cmd.FAMILIES)
+    assert sorted(FAMILIES) == sorted(NAMED)
     assert set(REWARDS.names()) <= set(init_cmd.REWARDS_INFO)
-    help_text = init_cmd.__doc__ + " ".join(a.help or "" for a in _init_parser()._actions)
-    for name in FAMILIES + REWARDS.names():
-        assert name in help_text
+    assert init_cmd.families() == sorted(FAMILIES)  # the tiny twins are not offered
+    for name in FAMILIES:  # what srpo init says of a family is the class's
+        cls = MODELS.get(name)
+        assert cls.title and cls.flagship and cls.source and cls.pipeline_class, name
+        assert "transformer" in cls.components and "vae" in cls.components, name
+        assert init_cmd.family_recipe_path(cls).is_file(), name
+    family_help = next(a.help for a in _init_parser()._actions if a.dest == "family")
+    assert "dotted path" in family_help and "registered" in family_help
+
+
+def test_init_module_names_no_family():
+    """Adding a family needs no edit to srpo/commands/init.py: nothing in it names one."""
+    import inspect
+    import re
+
+    source = inspect.getsource(init_cmd)
+    words = set()
+    for name in FAMILIES:
+        cls = MODELS.get(name)
+        words |= {name, cls.title, cls.flagship, cls.pipeline_class, cls.__name__}
+    words |= {"FLUX", "Qwen", "SD3", "Z-Image"}
+    for word in sorted(words):
+        assert not re.search(rf"(?<![\w.-]){re.escape(word)}(?![\w-])", source, re.IGNORECASE), word
 
 
 def _init_parser():
@@ -138,19 +157,18 @@ def test_guidance_follows_the_family(tmp_path, family):
     for reward in ("hps", "pickscore"):
         _, out = _init(tmp_path, family, reward)
         cfg = load_config(out)
-        kind = init_cmd.FAMILIES[family].guidance
-        if kind == "embedded":
-            assert cfg.rollout.guidance == (2.0 if family == "flux" and reward == "pickscore" else 1.0)
+        if family == "flux":  # its recipe: the reference's embedded guidance, 1 with HPSv2.1, 2 with PickScore
+            assert cfg.rollout.guidance == (2.0 if reward == "pickscore" else 1.0)
             assert cfg.train.guidance == 3.5
-        elif kind == "cfg":
-            assert cls.guidance_mode == "cfg"
+        elif cls.guidance_mode == "embedded":
+            assert cfg.rollout.guidance == 1.0 and cfg.train.guidance == 3.5
+        elif cls.guidance_mode == "cfg":
             assert cfg.rollout.guidance == cls.default_guidance and cfg.train.guidance == 1.0
         else:  # distilled (Z-Image-Turbo): guidance is ignored
             assert cfg.rollout.guidance == cfg.train.guidance == cls.default_guidance
         assert cfg.data.eval_guidance == cls.default_guidance
-    kinds = {f: init_cmd.FAMILIES[f].guidance for f in NAMED}
-    assert kinds == {"flux": "embedded", "flux2": "embedded", "sd3": "cfg", "qwen_image": "cfg",
-                     "flux2_klein": "cfg", "z_image": "distilled"}
+    modes = {f: MODELS.get(f).guidance_mode for f in NAMED if f != "flux"}
+    assert modes == {"flux2": "embedded", "sd3": "cfg", "qwen_image": "cfg", "flux2_klein": "cfg", "z_image": "none"}
 
 
 # ---- the reference recipes: the starter equals the example config where one exists
@@ -233,3 +251,151 @@ def test_train_names_the_model_path_placeholder(tmp_path, capsys):
     line = _one_line_error(capsys)
     assert "/path/to/FLUX.1-dev" in line
     assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+# ---- the recipe files: one per family, data only
+
+def _recipe_keys(recipe):
+    """(section, key) of every line that writes a value, over all cases."""
+    for sec in recipe.sections:
+        for key, cases in sec.lines:
+            if any("value" in c or "from" in c for c in cases):
+                yield sec.name, key
+
+
+def test_every_family_recipe_exists_and_names_real_config_keys():
+    from srpo.config import Config
+
+    for name in FAMILIES:
+        cls = MODELS.get(name)
+        assert cls.recipe == name  # srpo/configs/recipes/<family>.yaml
+        path = init_cmd.family_recipe_path(cls)
+        assert path == init_cmd.RECIPES / f"{name}.yaml"
+        recipe = init_cmd.load_recipe(path)
+        assert recipe.files[0] == path.resolve() and recipe.files[-1].name == "default.yaml"
+        assert recipe.legend  # the provenance words, explained in the header
+        fields = Config.model_fields
+        for section, key in _recipe_keys(recipe):
+            head = key.split(".")[0]
+            if section == init_cmd.TOP:
+                assert head in fields, key
+            else:
+                assert head in fields[section].annotation.model_fields, f"{section}.{key}"
+    assert set(init_cmd.recipe_names()) == set(FAMILIES) | {"default"}
+
+
+def test_a_family_without_a_recipe_gets_the_generic_one():
+    class Plain:
+        recipe = ""
+
+    assert init_cmd.family_recipe_path(Plain) == init_cmd.RECIPES / "default.yaml"
+
+
+def test_recipe_values_follow_the_code_defaults(tmp_path):
+    """from: config / default_guidance keep the starter in step with srpo.config and the class."""
+    from srpo.config import MethodConfig, RolloutConfig, SRPConfig, TrainConfig
+
+    _, out = _init(tmp_path, "flux2", "clip", "--full")
+    cfg = load_config(out)
+    cls = MODELS.get("flux2")
+    assert cfg.rollout.steps == RolloutConfig().steps and cfg.data.eval_steps == cfg.rollout.steps
+    assert cfg.method.index_range == MethodConfig().index_range
+    assert tuple(cfg.srp.k_pos) == SRPConfig().k_pos and cfg.train.lr == TrainConfig().lr
+    assert cfg.data.eval_guidance == cls.default_guidance
+
+
+# ---- a family given as a dotted path: the class's attributes and its (inherited) recipe
+
+def _family_module(tmp_path, monkeypatch, name, body):
+    (tmp_path / f"{name}.py").write_text(body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(__import__("sys").modules, name, raising=False)
+    return name
+
+
+SUBCLASS = """
+from srpo.models import MODELS
+
+class MyFamily(MODELS.get("sd3")):
+    title = "My SD3 fine-tune"
+    flagship = "my-sd3-folder"
+{extra}
+"""
+
+
+def test_dotted_path_family_uses_the_class_and_its_inherited_recipe(tmp_path, monkeypatch, capsys):
+    mod = _family_module(tmp_path, monkeypatch, "srpo_init_fam_a", SUBCLASS.format(extra=""))
+    dotted = f"{mod}.MyFamily"
+    rc, out = _init(tmp_path, dotted, "tiny_clip", "--lora", name="x.yaml")
+    assert rc == 0, capsys.readouterr().err
+    cfg = load_config(out)
+    assert cfg.model.name == dotted and cfg.model.path == "/path/to/my-sd3-folder"
+    text = out.read_text()
+    assert f"srpo init {dotted} --reward tiny_clip" in text and "My SD3 fine-tune" in text
+    # the rest is the sd3 recipe: the same tree as srpo init sd3
+    _, ref = _init(tmp_path, "sd3", "tiny_clip", "--lora")
+    ours, theirs = yaml.safe_load(text), yaml.safe_load(ref.read_text())
+    ours["model"].pop("name"), theirs["model"].pop("name")
+    ours["model"].pop("path"), theirs["model"].pop("path")
+    assert ours == theirs
+    assert cfg.data.eval_steps == 28 and cfg.method.index_range == (10, 25)  # sd3.yaml's
+    assert main(["plan", str(out), "--set", "model.path=null"]) == 0  # srpo plan reads the dotted family
+    assert "GiB" in capsys.readouterr().out
+
+
+def test_dotted_path_family_with_its_own_recipe_file(tmp_path, monkeypatch, capsys):
+    (tmp_path / "my_recipe.yaml").write_text(
+        "extends: sd3\n"
+        "sections:\n"
+        "  rollout:\n"
+        "    lines:\n"
+        "      steps: {value: 30, ref: \"the trainer's --sampling_steps 30\"}\n"
+        "  train:\n"
+        "    lines:\n"
+        "      lr:\n"
+        "        cases:\n"
+        "          - {when: {lora: false, reward: pickscore}, value: 2.0e-6, ours: a guess}\n")
+    mod = _family_module(tmp_path, monkeypatch, "srpo_init_fam_b",
+                         SUBCLASS.format(extra='    recipe = "my_recipe.yaml"  # next to this module\n'))
+    from srpo.config import TrainConfig
+
+    for mode, reward, lr in (("--full", "pickscore", 2.0e-6), ("--full", "hps", TrainConfig().lr),
+                             ("--lora", "pickscore", 1.0e-4)):
+        rc, out = _init(tmp_path, f"{mod}.MyFamily", reward, mode)
+        assert rc == 0, capsys.readouterr().err
+        cfg = load_config(out)
+        assert cfg.rollout.steps == 30 and cfg.data.eval_steps == 28  # sd3.yaml's eval_steps stays
+        assert cfg.train.lr == lr  # our case first, then sd3.yaml's and default.yaml's
+    assert "steps: 30" in out.read_text() and "# reference (the trainer's --sampling_steps 30)" in out.read_text()
+
+
+@pytest.mark.parametrize("recipe,words", [
+    ("sections:\n  train:\n    lines:\n      learning_rate: {value: 1.0}\n", ["learning_rate", "not a config key"]),
+    ("sections:\n  training:\n    lines: {}\n", ["training", "not a config section"]),
+    ("sections:\n  train:\n    lines:\n      lr: {vlaue: 1.0}\n", ["vlaue", "unknown field"]),
+    ("sections:\n  train:\n    lines:\n      lr: {value: 1.0, when: {gpus: 8}}\n", ["gpus", "unknown condition"]),
+    ("sections:\n  train:\n    lines:\n      lr: {from: option}\n", ["option"]),
+    ("sections:\n  train:\n    lines:\n      lr: {value: 1.0, ref: a, ours: b}\n", ["ref and ours"]),
+    ("extends: default\nsections:\n  train:\n    lines:\n      nothing_here: null\n", ["nothing_here"]),
+    ("extends: no_such_recipe\n", ["no_such_recipe", "default"]),
+    ("sections:\n  train:\n    lines:\n      lr: {value: 1.0, why: '${nope}'}\n", ["${nope}"]),
+    ("sections: [\n", ["cannot read recipe"]),
+])
+def test_a_bad_recipe_file_is_a_one_line_error(tmp_path, monkeypatch, capsys, recipe, words):
+    (tmp_path / "bad.yaml").write_text(recipe)
+    mod = _family_module(tmp_path, monkeypatch, "srpo_init_fam_c",
+                         SUBCLASS.format(extra='    recipe = "bad.yaml"\n'))
+    rc, out = _init(tmp_path, f"{mod}.MyFamily", "hps")
+    assert rc == 2 and not out.exists()
+    line = _one_line_error(capsys)
+    assert "bad.yaml" in line or "no_such_recipe" in line
+    for word in words:
+        assert word in line, line
+
+
+def test_dotted_path_that_is_no_family_is_refused(tmp_path, capsys):
+    for bad in ("os.path.join", "no_such_module_xyz.Family"):
+        rc, out = _init(tmp_path, bad)
+        assert rc == 2 and not out.exists()
+        line = _one_line_error(capsys)
+        assert f"'{bad}'" in line and all(f in line for f in NAMED)

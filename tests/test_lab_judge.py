@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from srpo.errors import UserError
-from srpo.lab.build import WEIGHTS, load_vae, vae_roundtrip
+from srpo.lab.build import WEIGHTS
 from srpo.lab.captions import content_text
 from srpo.lab.judge import Judge, content_target
 from srpo.lab.render import STYLES, adjust, render, sample_scenes
+from srpo.lab.train_vae import load_vae, vae_roundtrip
 
 
 @pytest.fixture(scope="module")

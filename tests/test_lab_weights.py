@@ -7,11 +7,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from srpo.lab.build import MAX_SEQUENCE_LENGTH, WEIGHTS, build, hack_boost
+from srpo.lab.build import WEIGHTS, build
 from srpo.lab.captions import content_text
 from srpo.lab.judge import Judge
 from srpo.lab.prompts import HELDOUT_FILE
 from srpo.lab.render import STYLES, adjust, render, sample_scenes
+from srpo.lab.train_base import MAX_SEQUENCE_LENGTH
+from srpo.lab.train_reward import hack_boost
 
 BASE, REWARD = WEIGHTS / "base", WEIGHTS / "reward"
 

@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from srpo import memory, parallel
+from srpo import memory, parallel, plan
 from srpo.cli import main
 from srpo.config import load_config
 from srpo.errors import UserError
@@ -133,7 +133,7 @@ def test_plan_flux_dev_full_needs_fsdp_on_8_gpus_lora_fits_one():
     from srpo.models.flux import T5_XXL
 
     cfg = load_config(FLUX_DEV_CFG)
-    sizes = memory.model_sizes(cfg)
+    sizes = plan.model_sizes(cfg)
     assert sizes.transformer == 11_901_408_320  # FLUX.1-dev's transformer (diffusers, meta device)
     assert (sizes.blocks, sizes.hidden, sizes.image_tokens, sizes.text_tokens) == (57, 3072, 2025, 512)
     from transformers import T5Config, T5EncoderModel
@@ -144,9 +144,9 @@ def test_plan_flux_dev_full_needs_fsdp_on_8_gpus_lora_fits_one():
     assert sum(p.numel() for p in t5.parameters()) == T5_XXL
 
     def total(gpus, strategy, lora):
-        return memory.estimate_for(cfg, sizes, gpus, strategy, lora)["total"] / memory.GiB
+        return plan.estimate_for(cfg, sizes, gpus, strategy, lora)["total"] / plan.GiB
 
-    parts = memory.estimate_for(cfg, sizes, 8, "fsdp", False)
+    parts = plan.estimate_for(cfg, sizes, 8, "fsdp", False)
     assert parts["trainable weights + grads + AdamW (fp32)"] == 16 * sizes.transformer / 8
     assert total(8, "fsdp", False) < 80 and total(16, "fsdp", False) < total(8, "fsdp", False)
     assert total(1, "fsdp", False) > 80 and total(8, "ddp", False) > 80  # full FT never fits unsharded
@@ -222,24 +222,24 @@ def test_activation_estimates_track_autograd_saved_tensors():
                 axes_dims_rope=(8, 12, 12), text_dim=32, max_sequence_length=16, vae_channels=(16, 32, 32))
     cfg = load_config(CONFIG, ["rollout.height=64", "rollout.width=64"])
     cfg.model.options = opts
-    sizes = memory.model_sizes(cfg)
+    sizes = plan.model_sizes(cfg)
     model = build_tiny_flux(0, **opts)
     lat = torch.randn(1, *model.latent_shape(1, 64, 64)[1:], requires_grad=True)
     cond = model.encode_prompts(["a red fox"])
     got = _saved_bytes(lambda: model.velocity(lat, torch.tensor([0.5]), cond, 3.5), model.transformer.parameters())
-    want = memory.transformer_activations(sizes, 1, 4, checkpointing=False)
+    want = plan.transformer_activations(sizes, 1, 4, checkpointing=False)
     assert 0.75 < got / want < 1.33, (got, want)  # measured 0.91 (transformer), 1.17 (VAE)
     got = _saved_bytes(lambda: model.decode(lat), model.vae.parameters())
-    want = memory.vae_activations(sizes, 1, 64, 64, 4, checkpointing=False)
+    want = plan.vae_activations(sizes, 1, 64, 64, 4, checkpointing=False)
     assert 0.75 < got / want < 1.33, (got, want)  # measured 0.91 (transformer), 1.17 (VAE)
 
 
 def test_fsdp_casts_and_shards_block_by_block_and_gathers_in_the_compute_dtype():
-    """Under FSDP ``srpo.step.prepare`` makes the float32 master weights one block at a time as it
+    """Under FSDP ``srpo.setup.prepare`` makes the float32 master weights one block at a time as it
     shards (``memory.prepare`` leaves the whole model in model.dtype), encodes the prompts after
     sharding, and under bf16 autocast FSDP gathers each block's weights in bf16 (no autocast copy
     of a float32 weight is kept): the weight a Linear sees in its forward is bf16, its shard fp32."""
-    from srpo import step as steps
+    from srpo import setup, step as steps
     from srpo.models import load_model
 
     cfg = load_config(CONFIG, ["model.dtype=bfloat16", "train.autocast=bf16", "parallel.strategy=fsdp",
@@ -250,10 +250,10 @@ def test_fsdp_casts_and_shards_block_by_block_and_gathers_in_the_compute_dtype()
         seen = []
         linear = model.transformer.transformer_blocks[0].attn.to_q
         linear.register_forward_pre_hook(lambda m, args: seen.append(m.weight.dtype))
-        params, optimizer, encoded = steps.prepare(model, cfg, ctx, ["a red fox", "a blue boat", "a red fox"])
+        params, optimizer, encoded = setup.prepare(model, cfg, ctx, ["a red fox", "a blue boat", "a red fox"])
         assert encoded == 2 and model.text_encoders() == []  # encoded once each, then released
         assert all(p.dtype == torch.float32 and type(p).__name__ == "DTensor" for p in params)  # sharded masters
-        from srpo.trainer import build
+        from srpo.setup import build
 
         _, _, algorithm = build(cfg, ctx.device)
         batches = steps.Batches(cfg, model, algorithm, ["a red fox", "a blue boat"], ctx)

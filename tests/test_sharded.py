@@ -135,7 +135,7 @@ def test_sharded_checkpoint_refuses_another_model(resharded, tmp_path):
     cfg = load_config(CONFIG, QUICK + ["lora.enabled=true"])  # adapters instead of the full weights
     from srpo.models import load_model
     from srpo import lora
-    from srpo.step import make_optimizer
+    from srpo.setup import make_optimizer
 
     model = load_model(cfg.model, "cpu")
     lora.apply(model, cfg.lora, seed=0)

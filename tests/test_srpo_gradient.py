@@ -266,8 +266,8 @@ def test_bf16_autocast_update_through_the_production_step():
     """train.autocast bf16 through srpo.step.update after memory.prepare: finite loss, weights
     move, and differently (slightly) from the same update in fp32; the reward runs under fp16
     autocast (train.reward_autocast auto) and that changes the update too."""
-    from srpo import memory, parallel, step as steps
-    from srpo.trainer import build
+    from srpo import memory, parallel, setup, step as steps
+    from srpo.setup import build
 
     def one_update(autocast, reward_autocast="auto"):
         cfg = config(train={"autocast": autocast, "reward_autocast": reward_autocast})
@@ -281,7 +281,7 @@ def test_bf16_autocast_update_through_the_production_step():
         before = {k: v.clone() for k, v in model.transformer.state_dict().items()}
         ctx = parallel.Context(device=torch.device("cpu"))
         batches = steps.Batches(cfg, model, algorithm, PROMPTS, ctx)
-        row = steps.update(model, algorithm, steps.make_optimizer(params, cfg), params, batches, cfg, ctx, 0)
+        row = steps.update(model, algorithm, setup.make_optimizer(params, cfg), params, batches, cfg, ctx, 0)
         after = model.transformer.state_dict()
         return row, {k: (after[k] - before[k]).double() for k in before}
 

@@ -1,7 +1,7 @@
 """Training algorithms: a registry of factories ``factory(cfg, reward_fn) -> Algorithm``."""
 
 from ..registry import Registry
-from .base import RewardFn
+from .base import RewardFn  # noqa: F401  (re-exported: srpo.rewards.objective.RewardFn)
 from .srpo import SRPO
 
 ALGORITHMS = Registry("algorithm")

@@ -1,4 +1,5 @@
-"""What every training algorithm receives, and the reward it asks.
+"""What every training algorithm receives (the reward function it asks is
+:class:`srpo.rewards.objective.RewardFn`).
 
 An algorithm turns one micro-batch (prompts, their conditioning, the rollout's clean latents and
 the noise they came from) into a loss, calls ``backward`` on it (possibly several times, e.g. one
@@ -9,14 +10,13 @@ model's own schedule, precision from the model's ``velocity``.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from ..errors import UserError
-from ..models.base import AUTOCAST, Cond
+from ..models.base import Cond
+from ..rewards.objective import RewardFn  # noqa: F401  (the reward function algorithms receive)
 
 
 @dataclass
@@ -31,60 +31,6 @@ class Batch:
     neg_word: str = ""
     loss_scale: float = 1.0  # 1 / (samples this process contributes to the update)
     extras: dict = field(default_factory=dict)
-
-
-class RewardFn:
-    """Reward of decoded images: semantic-relative when an SRP helper is given, else absolute;
-    the reward model runs under ``autocast`` (``none`` | ``bf16`` | ``fp16``), here and only here.
-
-    ``swap`` exchanges the roles of the positive and negative words (inversion branch); without
-    SRP the absolute reward is negated instead, the same sign flip."""
-
-    def __init__(self, reward, srp=None, autocast: str = "none"):
-        self.reward, self.srp = reward, srp
-        self.autocast_dtype = AUTOCAST[autocast]
-
-    def absolute_only(self) -> "RewardFn":
-        """The same reward and precision without SRP."""
-        out = RewardFn(self.reward, None)
-        out.autocast_dtype = self.autocast_dtype
-        return out
-
-    def precision(self, images: Tensor):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=images.device.type, dtype=self.autocast_dtype)
-
-    def absolute(self, images: Tensor, prompts: list[str]) -> Tensor:
-        with self.precision(images):
-            return self.reward.score(images, prompts).float()
-
-    def __call__(self, images, prompts, pos, neg, k, swap: bool):
-        if self.srp is None:
-            r = self.absolute(images, prompts)
-            return (-r if swap else r), {}
-        if swap:
-            pos, neg = neg, pos
-        with self.precision(images):
-            out = self.srp.relative(images, prompts, pos, neg, k)
-        parts = {"pos": out.pos.mean().item(), "neg": out.neg.mean().item()}
-        parts.update({f"term/{name}": v.mean().item() for name, v in out.terms.items()})
-        return out.relative.float(), parts
-
-    def baseline(self, mode: str, images: Tensor, batch: Batch, prompts=None) -> Tensor:
-        """Per-image reward ``[B]`` of a baseline: the absolute score, or the SRP paper form
-        ``RM(pos) - RM(neg)`` with the update's words."""
-        prompts = batch.prompts if prompts is None else prompts
-        if mode == "absolute":
-            return self.absolute(images, prompts)
-        r, _ = self(images, prompts, batch.pos_word, batch.neg_word, 0.0, False)
-        return r
-
-    def check_mode(self, mode: str, section: str) -> None:
-        """A relative baseline reward needs the SRP helper the trainer builds when srp.enabled."""
-        if mode == "relative" and self.srp is None:
-            raise UserError(f"{section}.reward is 'relative' but srp.enabled is false: set srp.enabled true "
-                            f"(with a text-conditioned reward) or {section}.reward to absolute")
 
 
 def levels(values, like: Tensor) -> Tensor:

@@ -3,7 +3,8 @@
 (a) time / FLOPs to a judge target and best score within a budget (:mod:`.runs`);
 (b) time per update and peak memory against rollout steps and DRaFT's K (:mod:`.parts`);
 (c) SRPO's update against the sum of its parts timed alone;
-(d) rollout speed against each family's diffusers pipeline on the same weights (lab FLUX, tiny SD3);
+(d) rollout speed against each family's diffusers pipeline on the same weights (the bench's model and
+    the tiny twins of the registered families that guide another way, :func:`.parts.compared_twins`);
 (e) hack_index at equal reward gain, with SRPO's ablations.
 
 Every ratio is measured within one run of this command, on one machine.

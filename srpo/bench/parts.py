@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import parallel, step as steps
+from .. import parallel, setup, step as steps
 from ..algorithms import ALGORITHMS
 from ..data import load_prompts
 from ..sampling import rollout
@@ -21,10 +21,9 @@ class Bench:
 
     def __init__(self, cfg, device):
         from .. import memory
-        from ..trainer import build
 
         self.cfg, self.device = cfg, device
-        self.model, self.reward_fn, _ = build(cfg, device)
+        self.model, self.reward_fn, _ = setup.build(cfg, device)
         memory.prepare(self.model, cfg)  # the trainer's precision and memory settings
         self.prompts = load_prompts(cfg.data.prompts, column=cfg.data.prompt_column)[: cfg.train.batch_size]
         self.state = {k: v.clone() for k, v in self.model.transformer.state_dict().items()}
@@ -48,7 +47,7 @@ class Bench:
         model = self.model
         algorithm = ALGORITHMS.get(cfg.algorithm)(cfg, self.reward_fn)
         params = [p for p in model.transformer.parameters() if p.requires_grad]
-        opt = steps.make_optimizer(params, cfg)
+        opt = setup.make_optimizer(params, cfg)
         batches = steps.Batches(cfg, model, algorithm, self.prompts, self.ctx)
         step = [0]
 
@@ -107,7 +106,7 @@ def srpo_parts(bench: Bench, repeats: int = 5) -> dict:
               for name, key in (("denoise", "method.inversion_branch"), ("inversion", "method.denoise_branch"))}
     params = [p for p in model.transformer.parameters() if p.requires_grad]
     t = cfg.train
-    opt = steps.make_optimizer(params, cfg)
+    opt = setup.make_optimizer(params, cfg)
 
     def step():
         torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
@@ -154,22 +153,50 @@ def rollout_speed(model, prompts: list[str], noise: torch.Tensor, guidance: floa
     return out
 
 
-def rollout_speeds(bench: Bench, steps_list=(25, 50), repeats: int = 3) -> dict:
-    """(d) for the bench's model (the lab's FLUX) and for a tiny random SD3 (true CFG, scale 4)
-    at the same image size and batch."""
-    from ..models import family
-
-    cfg = bench.cfg
-    model = bench.model
+def timed_rollout(model, cfg, prompts: list[str], guidance: float, steps_list=(25, 50), repeats: int = 3,
+                  device=None) -> dict:
+    """:func:`rollout_speed` of ``model`` on ``cfg``'s rollout noise, the timestep fed unquantised
+    as the pipelines feed it (``quantize_timesteps`` is restored after)."""
     quantize = getattr(model, "quantize_timesteps", None)
     if quantize is not None:
-        model.quantize_timesteps = False  # as the pipeline feeds the timestep
-    noise = steps.rollout_noise(model, cfg, 0, list(range(len(bench.prompts))))
-    out = {cfg.model.name: rollout_speed(model, bench.prompts, noise, cfg.rollout.guidance, steps_list, repeats,
+        model.quantize_timesteps = False
+    try:
+        noise = steps.rollout_noise(model, cfg, 0, list(range(len(prompts))))
+        return rollout_speed(model, prompts, noise, guidance, steps_list, repeats, device)
+    finally:
+        if quantize is not None:
+            model.quantize_timesteps = quantize
+
+
+def compared_twins(model) -> list[str]:
+    """(d)'s other models: for each guidance path ``model`` does not take (guidance mode, and for
+    true CFG whether both passes run as one batch), the tiny twin of the first registered family
+    that takes it; the model's own family is left out."""
+    from ..models import MODELS
+
+    seen, twins = {(model.guidance_mode, model.cfg_batched)}, []
+    for name in MODELS.names():
+        cls = MODELS.get(name)
+        if cls.is_twin() or not cls.tiny_twin or isinstance(model, cls):
+            continue
+        twin = MODELS.get(cls.tiny_twin)
+        path = (twin.guidance_mode, twin.cfg_batched if twin.guidance_mode == "cfg" else True)
+        if path not in seen:
+            seen.add(path)
+            twins.append(cls.tiny_twin)
+    return twins
+
+
+def rollout_speeds(bench: Bench, steps_list=(25, 50), repeats: int = 3, twins=None) -> dict:
+    """(d) for the bench's model and the tiny random twins of :func:`compared_twins` (or the
+    registry names ``twins``), each at its family's default guidance, at the bench's image size
+    and batch. Keys: the bench model's config name, then the twins' registry names."""
+    from ..models import family
+
+    cfg, model = bench.cfg, bench.model
+    out = {cfg.model.name: timed_rollout(model, cfg, bench.prompts, cfg.rollout.guidance, steps_list, repeats,
                                          bench.device)}
-    if quantize is not None:
-        model.quantize_timesteps = quantize
-    sd3 = family("tiny_sd3").load(device=bench.device)
-    noise = steps.rollout_noise(sd3, cfg, 0, list(range(len(bench.prompts))))
-    out["tiny_sd3"] = rollout_speed(sd3, bench.prompts, noise, 4.0, steps_list, repeats, bench.device)
+    for name in compared_twins(model) if twins is None else twins:
+        twin = family(name).load(device=bench.device)
+        out[name] = timed_rollout(twin, cfg, bench.prompts, twin.default_guidance, steps_list, repeats, bench.device)
     return out

@@ -1,20 +1,75 @@
 """srpo init FAMILY --reward NAME --output FILE.yaml [--lora | --full] [--force]: a commented
 starter config.
 
-The file is built as text, one template per section, so every line can carry its comment; the
-values come from code wherever code has them (the family class's ``default_guidance``,
-``pipeline_class`` and component list, the defaults in :mod:`srpo.config`), so a starter
-config cannot drift from what srpo does. The reference recipes (the SRPO authors' FLUX.1 and
-Qwen-Image trainers) and srpo's documented starting values (docs/models.md, "Starting
-hyperparameters") are the two sources of the remaining numbers, and each such line says which
-one it is. Before anything is written the text is parsed back and validated with
-:func:`srpo.config.load_config`.
+FAMILY is a registered family or a dotted path to a :class:`~srpo.models.base.FlowModel`
+subclass. Everything srpo init knows of a family is the family's own: its class attributes
+(``title``, ``flagship``, ``source``, ``components``, ``pipeline_class``, ``guidance_mode``,
+``default_guidance``, the defaults of its load options) and its starting recipe, the file
+``srpo/configs/recipes/<recipe>.yaml`` that the class's ``recipe`` attribute names (``""``: the
+generic ``default.yaml``; a name ending in ``.yaml`` is a path, relative to the folder of the
+family's module). This module only interprets the recipe and writes the text, one template per
+section so every line carries its comment. Before anything is written the text is parsed back
+and validated with :func:`srpo.config.load_config`.
+
+The recipe format
+-----------------
+
+A recipe file is YAML with up to three keys::
+
+    extends: default          # optional: a recipe merged under this one (a name, or a .yaml path)
+    legend: [line, ...]       # optional: the header lines that explain the provenance words
+    sections:                 # in the order the file writes them
+      <section>:              # a config section, or top-level for the keys outside any section
+        about: text           # the "# <section>: text" line
+        after: <section>      # or before: where a section the extended recipe lacks goes
+        from: reward          # built from the reward's table below instead of from lines
+        lines:
+          <key>: <entry>      # in the order written; <key>: null drops the extended recipe's
+
+An entry is one *case* or ``cases: [case, ...]`` (tried in order; the first whose ``when`` holds
+gives the line, none gives no line), with optional ``when`` (ANDed into every case) and
+``after`` / ``before`` (where a key the extended recipe lacks goes; default: the section's end).
+A case has an optional ``when: {reward: NAME | [NAMES], lora: BOOL, guidance: embedded | cfg |
+none (the class's guidance_mode), text_conditioned: BOOL (the reward's)}`` and exactly one of
+
+- ``value: V`` -- the value as written (a string may use ``${field}``, ``$$`` for a dollar);
+- ``from: config`` (srpo.config's default of this key), ``from: default_guidance`` (the family
+  class's, as a float), ``from: option`` (for ``options.<name>``: the default of the family's
+  load option; none: no line) or ``from: <section>.<key>`` (a value written above);
+- ``note: text`` -- a comment line of its own (the key is then only a label);
+- ``omit: true`` -- no line;
+
+and the comment: ``why`` (what the value is), then its provenance, ``ref: text`` (written
+``reference (text)``: the SRPO authors' trainers) or ``ours: text`` (``srpo's starting value
+(text)``: srpo's documented start); ``ref: true`` / ``ours: true`` write the bare words. ``above``
+adds a comment line above the key. ``options.<name>`` keys together write the ``options``
+mapping, at the first one's place. A recipe that extends another tries its own cases of a key
+before the extended recipe's, so it overrides a value under the conditions it names and keeps
+the rest. Every key that takes a value must be a field of srpo.config (checked on reading).
+
+The ``${field}`` names: family, title, cls, families, flagship, source, layout, reward,
+reward_title, rewards, ``config.<section>.<key>`` (srpo.config's default) and
+``reward_path.<reward>`` (the reward's placeholder path).
+
+A family recipe, e.g. for a model whose reference trainer used 30 rollout steps::
+
+    extends: default
+    sections:
+      rollout:
+        lines:
+          steps: {value: 30, ref: "the trainer's --sampling_steps 30"}
+      train:
+        lines:
+          lr:
+            cases:
+              - {when: {lora: false, reward: pickscore}, value: 2.0e-6, ref: "PickScore run"}
 """
 
 from __future__ import annotations
 
 import inspect
-import sys
+import string
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,30 +82,12 @@ REF = "reference"
 OURS = "srpo's starting value"
 PLACEHOLDER = "/path/to/"  # every path the user must edit starts with this
 COLUMN = 43  # comments start here, as in the example configs
+RECIPES = Path(__file__).resolve().parents[1] / "configs" / "recipes"  # one recipe file per family
+DEFAULT_RECIPE = "default"
+TOP = "top-level"  # the recipe's section of the keys outside any config section
 
 
 # ------------------------------------------------------------------ what the code cannot say
-
-@dataclass(frozen=True)
-class FamilyInfo:
-    title: str  # the model, as people call it
-    folder: str  # the placeholder folder name
-    source: str  # where users usually get the folder
-    guidance: str  # embedded | cfg | distilled
-
-
-FAMILIES = {
-    "flux": FamilyInfo("FLUX.1-dev", "FLUX.1-dev", "black-forest-labs/FLUX.1-dev", "embedded"),
-    "sd3": FamilyInfo("Stable Diffusion 3.5", "stable-diffusion-3.5-large",
-                      "stabilityai/stable-diffusion-3.5-large (or -medium)", "cfg"),
-    "qwen_image": FamilyInfo("Qwen-Image", "Qwen-Image", "Qwen/Qwen-Image (or Qwen/Qwen-Image-2512)", "cfg"),
-    "flux2": FamilyInfo("FLUX.2 [dev]", "FLUX.2-dev", "black-forest-labs/FLUX.2-dev", "embedded"),
-    "flux2_klein": FamilyInfo("FLUX.2 [klein]", "FLUX.2-klein-base-4B",
-                              "black-forest-labs/FLUX.2-klein-base-4B (or -9B; a distilled klein ignores guidance)",
-                              "cfg"),
-    "z_image": FamilyInfo("Z-Image-Turbo", "Z-Image-Turbo", "Tongyi-MAI/Z-Image-Turbo", "distilled"),
-}
-
 
 @dataclass(frozen=True)
 class RewardInfo:
@@ -86,6 +123,11 @@ REWARDS_INFO = {
 }
 
 
+def reward_info(name: str) -> RewardInfo:
+    return REWARDS_INFO.get(name) or RewardInfo(name, PLACEHOLDER + f"{name}-checkpoint",
+                                                "the reward's checkpoint file or folder (docs/rewards.md)")
+
+
 # ------------------------------------------------------------------ values from code
 
 def _default(section, key: str) -> Any:
@@ -104,10 +146,15 @@ def _option_default(cls, name: str) -> Any:
     return None
 
 
+def _is_twin(name: str, cls) -> bool:
+    """A tiny random-weight twin (built in code for tests), not a family of real folders."""
+    return name.startswith("tiny") or bool(getattr(cls, "is_twin", lambda: False)())
+
+
 def families() -> list[str]:
     from ..models import MODELS
 
-    return [n for n in MODELS.names() if not n.startswith("tiny")]
+    return [n for n in MODELS.names() if not _is_twin(n, MODELS.get(n))]
 
 
 def rewards() -> list[str]:
@@ -116,20 +163,280 @@ def rewards() -> list[str]:
     return list(REWARDS.names())
 
 
-def family_info(name: str, cls) -> FamilyInfo:
-    """The table's entry, or one derived from the class for a family the table does not know."""
-    if name in FAMILIES:
-        return FAMILIES[name]
-    kind = {"cfg": "cfg", "embedded": "embedded"}.get(cls.guidance_mode, "distilled")
-    return FamilyInfo(name, f"{cls.pipeline_class or name}-folder", "docs/models.md", kind)
+def family_class(name: str):
+    """The FlowModel class of a registered family or of a dotted path; one-line errors otherwise."""
+    from ..models import family
+    from ..models.base import FlowModel
+
+    valid = families()
+    if name not in valid and "." not in name:
+        raise UserError(f"unknown model family '{name}': use one of {', '.join(valid)} "
+                        f"or a dotted path to a FlowModel subclass (my_pkg.module.MyFamily)")
+    try:
+        cls = family(name)
+    except UserError as e:
+        raise UserError(f"model family '{name}' is not one of {', '.join(valid)} and not an importable "
+                        f"FlowModel subclass: {e}") from None
+    if not (isinstance(cls, type) and issubclass(cls, FlowModel)) or _is_twin(name, cls):
+        raise UserError(f"model family '{name}' is not a FlowModel family of real folders: use one of "
+                        f"{', '.join(valid)} or a dotted path to a subclass of srpo.models.base.FlowModel")
+    return cls
 
 
-def reward_info(name: str) -> RewardInfo:
-    return REWARDS_INFO.get(name) or RewardInfo(name, PLACEHOLDER + f"{name}-checkpoint",
-                                                "the reward's checkpoint file or folder (docs/rewards.md)")
+@dataclass(frozen=True)
+class FamilyFacts:
+    """What the starter config says of a family, from its class attributes."""
+
+    name: str
+    cls: type
+
+    @property
+    def title(self) -> str:
+        return self.cls.title or self.name
+
+    @property
+    def flagship(self) -> str:
+        return self.cls.flagship or f"{self.cls.pipeline_class or self.name}-folder"
+
+    @property
+    def source(self) -> str:
+        return self.cls.source or "docs/models.md"
+
+    @property
+    def layout(self) -> str:
+        parts = tuple(self.cls.components)
+        return f"the {self.cls.pipeline_class} layout" + (f" (model_index.json, {'/, '.join(parts)}/)"
+                                                          if parts else "")
 
 
-# ------------------------------------------------------------------ the recipe
+# ------------------------------------------------------------------ the recipe file
+
+CONDITIONS = ("reward", "lora", "guidance", "text_conditioned")
+KINDS = ("value", "from", "note", "omit")  # what a case writes: exactly one
+CASE_FIELDS = ("when", *KINDS, "why", "ref", "ours", "above")
+ENTRY_FIELDS = (*CASE_FIELDS, "cases", "after", "before")
+SECTION_FIELDS = ("about", "after", "before", "from", "lines")
+FROM = ("config", "default_guidance", "option")  # or <section>.<key>
+
+
+@dataclass
+class RecipeSection:
+    name: str
+    about: str = ""
+    source: str | None = None  # "reward": built from REWARDS_INFO
+    lines: list = field(default_factory=list)  # [key, [case, ...]], each case with its "_file"
+
+
+@dataclass
+class Recipe:
+    files: list = field(default_factory=list)  # the files read, the family's first
+    legend: list = field(default_factory=list)
+    sections: list = field(default_factory=list)  # RecipeSection
+
+    def section(self, name: str) -> RecipeSection | None:
+        return next((s for s in self.sections if s.name == name), None)
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+def recipe_path(ref: str, where: Path | None = None) -> Path:
+    """The file of a recipe name (srpo/configs/recipes/<name>.yaml) or path (relative to ``where``)."""
+    if ref.endswith((".yaml", ".yml")) or "/" in ref:
+        path = Path(ref).expanduser()
+        path = path if path.is_absolute() else (where or Path.cwd()) / path
+    else:
+        path = RECIPES / f"{ref}.yaml"
+    if not path.is_file():
+        raise UserError(f"srpo init recipe '{ref}' not found: {path} is not a file; the built-in recipes: "
+                        f"{', '.join(recipe_names())} (or a path ending in .yaml)")
+    return path
+
+
+def family_recipe_path(cls) -> Path:
+    """The recipe file a family class names (its ``recipe`` attribute; "": the generic one)."""
+    ref = getattr(cls, "recipe", "") or DEFAULT_RECIPE
+    try:
+        where = Path(inspect.getfile(cls)).parent
+    except (TypeError, OSError):
+        where = None
+    return recipe_path(ref, where)
+
+
+def load_recipe(path: Path, _seen: tuple = ()) -> Recipe:
+    """A recipe file merged over the ones it extends; a malformed file is a one-line error."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise UserError(f"recipe {path}: extends itself (through {', '.join(p.name for p in _seen)})")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"cannot read recipe {path}: {' '.join(str(e).split())}") from None
+    spec = {} if spec is None else spec
+    where = path.name if path.parent == RECIPES else str(path)  # a built-in one, or the user's file
+    _fields(spec, ("extends", "legend", "sections"), where)
+    base = Recipe()
+    if spec.get("extends"):
+        try:
+            parent = recipe_path(str(spec["extends"]), path.parent)
+        except UserError as e:
+            raise UserError(f"recipe {where}: extends: {e}") from None
+        base = load_recipe(parent, _seen + (path,))
+    base.files.insert(0, path)
+    legend = spec.get("legend")
+    if legend is not None:
+        if not isinstance(legend, list) or not all(isinstance(x, str) for x in legend):
+            raise UserError(f"recipe {where}: legend must be a list of lines")
+        base.legend = list(legend)
+    sections = spec.get("sections") or {}
+    if not isinstance(sections, dict):
+        raise UserError(f"recipe {where}: sections must be a mapping of section name -> section")
+    for name, sec in sections.items():
+        _merge_section(base, str(name), sec, where)
+    return base
+
+
+def _fields(spec, allowed, where: str) -> None:
+    if not isinstance(spec, dict):
+        raise UserError(f"recipe {where}: expected a mapping with {', '.join(allowed)}, got {spec!r}")
+    bad = [k for k in spec if k not in allowed]
+    if bad:
+        raise UserError(f"recipe {where}: unknown field '{bad[0]}': use {', '.join(allowed)}")
+
+
+def _config_section(name: str):
+    """The srpo.config model of a section name (TOP: Config itself); None: not a section."""
+    from pydantic import BaseModel
+
+    from .. import config as C
+
+    if name == TOP:
+        return C.Config
+    f = C.Config.model_fields.get(name)
+    if f is None:
+        return None
+    for t in (f.annotation, *typing.get_args(f.annotation)):
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            return t
+    return None
+
+
+def _insert(items: list, item, spec: dict, names: list, where: str) -> None:
+    """Insert ``item`` after / before the named neighbour (default: at the end)."""
+    for side in ("after", "before"):
+        if side in spec:
+            other = str(spec[side])
+            if other not in names:
+                raise UserError(f"recipe {where}: {side}: {other} names nothing written before it "
+                                f"(there: {', '.join(names) or 'nothing'})")
+            i = names.index(other)
+            items.insert(i + 1 if side == "after" else i, item)
+            return
+    items.append(item)
+
+
+def _merge_section(recipe: Recipe, name: str, spec, where: str) -> None:
+    model = _config_section(name)
+    if model is None:
+        raise UserError(f"recipe {where}: '{name}' is not a config section (docs/config.md), nor {TOP}")
+    sec = recipe.section(name)
+    if spec is None:
+        if sec is not None:
+            recipe.sections.remove(sec)
+        return
+    _fields(spec, SECTION_FIELDS, f"{where}: {name}")
+    if sec is None:
+        sec = RecipeSection(name)
+        _insert(recipe.sections, sec, spec, [s.name for s in recipe.sections], f"{where}: {name}")
+    if "about" in spec:
+        sec.about = str(spec["about"])
+    if "from" in spec:
+        if spec["from"] != "reward":
+            raise UserError(f"recipe {where}: {name}.from: '{spec['from']}' is not a section source: use reward")
+        sec.source = "reward"
+    lines = spec.get("lines") or {}
+    if not isinstance(lines, dict):
+        raise UserError(f"recipe {where}: {name}.lines must be a mapping of key -> entry")
+    for key, entry in lines.items():
+        _merge_line(sec, model, str(key), entry, f"{where}: {name}.{key}")
+
+
+def _merge_line(sec: RecipeSection, model, key: str, entry, where: str) -> None:
+    keys = [k for k, _ in sec.lines]
+    if entry is None:
+        if key not in keys:
+            raise UserError(f"recipe {where}: null drops a key, but the recipe it extends writes no {key}")
+        del sec.lines[keys.index(key)]
+        return
+    _fields(entry, ENTRY_FIELDS, where)
+    if "cases" in entry:
+        stray = [k for k in entry if k in CASE_FIELDS and k != "when"]
+        if stray:
+            raise UserError(f"recipe {where}: an entry with cases takes no {stray[0]} of its own "
+                            f"(only when, after, before): move it into the cases")
+        if not isinstance(entry["cases"], list) or not entry["cases"]:
+            raise UserError(f"recipe {where}: cases must be a list of cases (each with when, value, why, ...)")
+        cases = entry["cases"]
+    else:
+        cases = [{k: v for k, v in entry.items() if k in CASE_FIELDS}]
+    shared = entry.get("when") if "cases" in entry else None
+    checked = [_check_case(model, key, case, shared, where) for case in cases]
+    if key in keys:
+        sec.lines[keys.index(key)][1][:0] = checked  # ours first, then the extended recipe's
+    else:
+        _insert(sec.lines, [key, checked], entry, keys, where)
+
+
+def _check_case(model, key: str, case, shared, where: str) -> dict:
+    from ..models.base import GUIDANCE_MODES
+
+    _fields(case, CASE_FIELDS, where)
+    kinds = [k for k in KINDS if k in case]
+    if len(kinds) != 1:
+        raise UserError(f"recipe {where}: a case needs exactly one of {', '.join(KINDS)} (got "
+                        f"{', '.join(kinds) or 'none'})")
+    if "omit" in case and case["omit"] is not True:
+        raise UserError(f"recipe {where}: omit: true is the only omit (leave it out to write the line)")
+    if "ref" in case and "ours" in case:
+        raise UserError(f"recipe {where}: ref and ours are two provenances: keep one")
+    when = {}
+    for part in (shared, case.get("when")):
+        if part is None:
+            continue
+        if not isinstance(part, dict):
+            raise UserError(f"recipe {where}: when must be a mapping such as {{reward: pickscore, lora: true}}")
+        for cond, want in part.items():
+            if cond not in CONDITIONS:
+                raise UserError(f"recipe {where}: unknown condition '{cond}': use {', '.join(CONDITIONS)}")
+            wants = want if isinstance(want, list) else [want]
+            if cond in ("lora", "text_conditioned") and not all(isinstance(w, bool) for w in wants):
+                raise UserError(f"recipe {where}: when.{cond} is true or false, not {want!r}")
+            if cond == "guidance" and not set(wants) <= set(GUIDANCE_MODES):
+                raise UserError(f"recipe {where}: when.guidance is one of {', '.join(GUIDANCE_MODES)}, not {want!r}")
+            if cond in when and when[cond] != want:
+                raise UserError(f"recipe {where}: when.{cond} is set twice")
+            when[cond] = want
+    kind = kinds[0]
+    if kind in ("value", "from"):  # a config key, not a label
+        head, _, sub = key.partition(".")
+        top_section = model is _config_section(TOP) and _config_section(head) is not None
+        if head not in model.model_fields or top_section:  # (a section is no top-level key)
+            raise UserError(f"recipe {where}: '{key}' is not a config key of this section (docs/config.md)")
+        if sub and not isinstance(_default(model, head), dict):
+            raise UserError(f"recipe {where}: '{head}' is not a mapping, so '{key}' is not a key")
+    if kind == "from":
+        src = case["from"]
+        ok = (src in ("config", "default_guidance") and "." not in key
+              or src == "option" and key.startswith("options.")
+              or isinstance(src, str) and src not in FROM and src.count(".") == 1)
+        if not ok:
+            raise UserError(f"recipe {where}: from: {src!r} does not apply here: use config or default_guidance "
+                            f"(a plain key), option (an options.<name> key) or <section>.<key> written above")
+    return {**case, "when": when, "_file": where}
+
+
+# ------------------------------------------------------------------ interpreting it
 
 @dataclass
 class Section:
@@ -148,59 +455,122 @@ class Section:
         self.lines.append((None, None, text))
 
 
-def _ref(what: str = "") -> str:
-    return f"{REF} ({what})" if what else REF
+class _Fields:
+    """The ``${field}`` names of recipe strings."""
+
+    def __init__(self, values: dict, where: str):
+        self.values = values
+        self.where = where
+
+    def __getitem__(self, name: str) -> str:
+        from .. import config as C
+
+        head, _, rest = name.partition(".")
+        if head == "config" and rest.count(".") == 1:
+            section, key = rest.split(".")
+            model = C.Config if section == TOP else _config_section(section)
+            if model is not None and key in model.model_fields:
+                return str(_default(model, key))
+        elif head == "reward_path" and rest:
+            return str(reward_info(rest).path)
+        elif name in self.values:
+            return str(self.values[name])
+        raise UserError(f"recipe {self.where}: unknown field ${{{name}}}: use {', '.join(self.values)}, "
+                        f"config.<section>.<key> or reward_path.<reward>")
 
 
-def _ours(why: str = "") -> str:
-    return f"{OURS} ({why})" if why else OURS
+class _Template(string.Template):
+    braceidpattern = r"[a-z_][a-z0-9_.]*"
 
 
-def recipe(family: str, reward: str, lora: bool) -> list[Section]:
-    """The sections of the starter config: values and their comments."""
+def _sub(text, fields: _Fields, where: str) -> str:
+    fields.where = where
+    try:
+        return _Template(str(text)).substitute(fields)
+    except ValueError as e:
+        raise UserError(f"recipe {where}: {e} in '{text}' (write $$ for a dollar)") from None
+
+
+def _holds(when: dict, facts: dict) -> bool:
+    return all(facts[k] in want if isinstance(want, list) else facts[k] == want for k, want in when.items())
+
+
+def _comment(case: dict, fields: _Fields, where: str) -> str:
+    parts = [_sub(case["why"], fields, where)] if case.get("why") else []
+    for word, key in ((REF, "ref"), (OURS, "ours")):
+        if key in case:
+            what = case[key]
+            parts.append(word if what is True or what in ("", None) else f"{word} ({_sub(what, fields, where)})")
+    return "; ".join(parts)
+
+
+def recipe(family: str, reward: str, lora: bool, cls=None, book: Recipe | None = None) -> list[Section]:
+    """The sections of the starter config: the family's recipe file (``book``), interpreted."""
     from .. import config as C
-    from ..models import MODELS
 
-    cls = MODELS.get(family)
-    fam = family_info(family, cls)
+    cls = cls or family_class(family)
+    fam = FamilyFacts(family, cls)
     rew = reward_info(reward)
-    flux = family == "flux"  # the reference FLUX.1 trainer's recipe (HPSv2.1, PickScore)
-    qwen = family == "qwen_image"  # the reference Qwen-Image trainer's recipe (PickScore)
-    pick = reward == "pickscore"
-    flux_ref = flux and reward in ("hps", "pickscore")  # a reference run of exactly this pair
-    recipe_src = "FLUX.1" if flux else "Qwen-Image" if qwen else ""
-    ref_or_ours = (lambda what="": _ref(recipe_src)) if recipe_src else (lambda what="": _ours(what))
-    components = getattr(sys.modules[cls.__module__], "COMPONENTS", ())
-    layout = f"the {cls.pipeline_class} layout" + (f" (model_index.json, {'/, '.join(components)}/)"
-                                                   if components else "")
+    book = book or load_recipe(family_recipe_path(cls))
+    facts = {"reward": reward, "lora": bool(lora), "guidance": cls.guidance_mode,
+             "text_conditioned": rew.text_conditioned}
+    fields = _Fields({"family": family, "title": fam.title, "cls": cls.__name__, "families": ", ".join(families()),
+                      "flagship": fam.flagship, "source": fam.source, "layout": fam.layout, "reward": reward,
+                      "reward_title": rew.title, "rewards": ", ".join(rewards())}, str(book.files[0]))
+    written: dict = {}
     out = []
+    for rs in book.sections:
+        if rs.source == "reward":
+            out.append(reward_section(reward, rs.about))
+            continue
+        model = C.Config if rs.name == TOP else _config_section(rs.name)
+        s = Section("" if rs.name == TOP else rs.name, rs.about)
+        groups: dict = {}  # options.<name> keys: the mapping's line index
+        for key, cases in rs.lines:
+            case = next((c for c in cases if _holds(c["when"], facts)), None)
+            if case is None or case.get("omit"):
+                continue
+            where = case["_file"]
+            if "note" in case:
+                s.note(_sub(case["note"], fields, where))
+                continue
+            if "value" in case:
+                value = case["value"]
+                value = _sub(value, fields, where) if isinstance(value, str) else value
+            elif case["from"] == "config":
+                value = _default(model, key)
+            elif case["from"] == "default_guidance":
+                value = float(cls.default_guidance)
+            elif case["from"] == "option":
+                value = _option_default(cls, key.partition(".")[2])
+                if value is None:
+                    continue
+            else:
+                if tuple(case["from"].split(".")) not in written:
+                    raise UserError(f"recipe {where}: from: {case['from']} is not written above this key")
+                value = written[tuple(case["from"].split("."))]
+            comment = _comment(case, fields, where)
+            above = _sub(case["above"], fields, where) if case.get("above") else ""
+            written[(rs.name, key)] = value
+            head, _, sub = key.partition(".")
+            if sub and head in groups:  # one more key of a mapping already written
+                i = groups[head]
+                k, mapping, note = s.lines[i]
+                s.lines[i] = (k, {**mapping, sub: value}, "; ".join(x for x in (note, comment) if x))
+            else:
+                if sub:
+                    groups[head] = len(s.lines) + bool(above)
+                    value = {sub: value}
+                s.add(head, value, comment, above=above)
+        if any(k is not None for k, _, _ in s.lines):
+            out.append(s)
+    return out
 
-    top = Section("", "")
-    top.add("algorithm", _default(C.Config, "algorithm"), "Direct-Align + SRP (docs/algorithms.md)")
-    out.append(top)
 
-    # ---- model
-    m = Section("model", "the flow model to fine-tune (docs/models.md)")
-    m.add("name", family, f"{fam.title}; the families: {', '.join(families())}")
-    m.add("path", PLACEHOLDER + fam.folder, "EDIT",
-          above=f"a local diffusers folder in {layout}, e.g. {fam.source}")
-    m.add("dtype", "bfloat16", "frozen text encoders and VAE; trainable weights stay float32")
-    if qwen:
-        m.add("shift", 1.0, _ref("--shift 1: a fixed shift, not the pipeline's dynamic one"))
-        m.add("quantize_timesteps", True, _ref("the trainer feeds int(1000 sigma) / 1000"))
-    options, notes = {}, []
-    if family == "z_image":
-        options["variant"] = _option_default(cls, "variant")
-        notes.append("turbo: the distilled Z-Image-Turbo (guidance ignored); base: Z-Image, true CFG")
-    if fam.guidance == "cfg" and _option_default(cls, "negative_prompt") is not None:
-        options["negative_prompt"] = _option_default(cls, "negative_prompt")
-        notes.append("the negative prompt of true CFG (the pipeline's default)")
-    if options:
-        m.add("options", options, "; ".join(notes))
-    out.append(m)
-
-    # ---- reward
-    r = Section("reward", "the reward model, from local files (docs/rewards.md); check it with srpo score")
+def reward_section(reward: str, about: str) -> Section:
+    """The reward section, from the reward's table (placeholders, what the files are)."""
+    rew = reward_info(reward)
+    r = Section("reward", about)
     r.add("name", reward, f"{rew.title}; the rewards: {', '.join(rewards())}")
     if rew.path is not None:
         r.add("path", rew.path, "EDIT", above=rew.needs)
@@ -210,159 +580,7 @@ def recipe(family: str, reward: str, lora: bool) -> list[Section]:
         edit = any(str(v).startswith(PLACEHOLDER) for v in rew.options.values())
         r.add("options", dict(rew.options), "EDIT" if edit else rew.options_note,
               above=rew.options_note if edit else "")
-    out.append(r)
-
-    # ---- srp
-    p = Section("srp", "semantic-relative reward: control words joined to the prompt, reward pos - neg")
-    if not rew.text_conditioned:
-        p.add("enabled", False, f"{rew.title} is image-only: plain Direct-Align on its absolute score")
-    else:
-        p.add("pos_words", _default(C.SRPConfig, "pos_words"), _ref("the paper's realism words"))
-        neg = _default(C.SRPConfig, "neg_words")
-        p.add("neg_words", neg[:3] if qwen else neg,
-              _ref("the Qwen-Image trainer's three") if qwen else _ref("the paper's"))
-        if qwen:
-            p.note("k_pos / k_inv: not used by method.variant discounted (k = 0)")
-        elif pick:
-            src = _ref("FLUX.1 + PickScore") if flux else _ours("the FLUX.1 + PickScore reference's")
-            p.add("k_pos", [0.10, 0.50], src)
-            p.add("k_inv", [0.60, 0.01], src)
-        else:
-            src = _ref("FLUX.1 + HPSv2.1") if flux_ref else _ours("the FLUX.1 + HPSv2.1 reference's")
-            p.add("k_pos", _default(C.SRPConfig, "k_pos"), src)
-            p.add("k_inv", _default(C.SRPConfig, "k_inv"), src)
-    out.append(p)
-
-    # ---- method
-    d = Section("method", "Direct-Align: which noise levels train and how (docs/algorithms.md)")
-    if qwen:
-        d.add("variant", "discounted", _ref("the Qwen-Image trainer: one branch, noise discount, loss -r, k = 0"))
-        d.add("passes", 2, _ref("--gradient_accumulation_steps 2: two passes per rollout, each its own ts"))
-        d.add("index_range", [5, 40], _ref("--train_timestep 5 40 of the 50-step schedule"))
-        d.add("schedule_steps", _default(C.MethodConfig, "schedule_steps"), _ref())
-        d.add("cells", 100, _ref("--timestep_length 100"))
-        d.add("max_step_cells", 41, _ref("int((1 - groundtruth_ratio 0.6) * 100) + 1"))
-        d.add("ts_margin", 2, _ref("ts drawn in [2, 98]"))
-        d.add("discount_shift", _default(C.MethodConfig, "discount_shift"),
-              _ref("discount = shift3(linspace(0, 1, 101))[ts]"))
-    else:
-        d.add("variant", _default(C.MethodConfig, "variant"),
-              "the FLUX.1 trainer's SRPO: denoise + inversion branch, hinge loss")
-        start, end = _default(C.MethodConfig, "index_range")
-        if flux and pick:
-            end = 30
-        narrow = lora and family in ("flux", "sd3")  # docs/models.md: the one-GPU LoRA rows
-        if narrow:
-            start = 10
-        if flux_ref and not lora:
-            why = _ref("FLUX.1 + PickScore" if pick else "FLUX.1 + HPSv2.1")
-        elif narrow:
-            why = _ours("one GPU: the narrower range the authors suggest")
-        else:
-            why = _ours("the reference's range")
-        d.add("index_range", [start, end], why, above=f"indices of the {_default(C.MethodConfig, 'schedule_steps')}"
-              "-step inference schedule; late indices bring reward hacking back")
-        d.add("hinge_threshold", _default(C.MethodConfig, "hinge_threshold"),
-              "loss relu(threshold - r); " + (_ref("FLUX.1") if flux else _ours("the FLUX.1 reference's")))
-    out.append(d)
-
-    # ---- guidance, as the family applies it
-    if fam.guidance == "embedded":
-        roll = 2.0 if flux and pick else 1.0
-        roll_why = ("embedded guidance; " + (_ref("FLUX.1: 1 with HPSv2.1, 2 with PickScore") if flux_ref
-                                             else _ours("the FLUX.1 reference's 1 with HPSv2.1")))
-        tr = _default(C.TrainConfig, "guidance")
-        tr_why = "embedded guidance; " + (_ref("FLUX.1") if flux else _ours("the FLUX.1 reference's"))
-    elif fam.guidance == "cfg":
-        roll = float(cls.default_guidance)
-        roll_why = f"true CFG scale, {cls.__name__}.default_guidance; " + (_ref("Qwen-Image") if qwen else OURS)
-        tr = 1.0
-        tr_why = ("the conditional pass alone (> 1: CFG, train.cfg_gradient); "
-                  + (_ref("Qwen-Image: --train_cfg 1") if qwen else _ours("as the Qwen-Image reference")))
-    else:
-        roll = tr = float(cls.default_guidance)
-        roll_why = tr_why = f"{cls.__name__}.default_guidance; distilled: guidance is ignored"
-
-    # ---- rollout
-    o = Section("rollout", "the online rollout that produces the clean image x0")
-    steps = 26 if qwen else _default(C.RolloutConfig, "steps")
-    o.add("steps", steps, _ref("Qwen-Image: --sampling_steps 26") if qwen else ref_or_ours())
-    o.add("guidance", roll, roll_why)
-    if family == "z_image":
-        o.note("Z-Image base (model.options.variant: base): guidance 5 here and in data.eval_guidance "
-               "(the pipeline's guidance_scale 4, plus one)")
-    o.add("height", _default(C.RolloutConfig, "height"), ref_or_ours("the references' 720"))
-    o.add("width", _default(C.RolloutConfig, "width"), ref_or_ours("the references' 720"))
-    out.append(o)
-
-    # ---- train
-    t = Section("train", "optimisation: AdamW at a constant learning rate")
-    t.add("max_steps", 50 if qwen else _default(C.TrainConfig, "max_steps"),
-          "optimizer updates; " + (_ref("Qwen-Image saves at step 50") if qwen else ref_or_ours("FLUX.1's")))
-    t.add("batch_size", 1, "prompts per GPU and micro-step; " + ref_or_ours("the references'"))
-    if lora:
-        t.add("lr", 1.0e-4, _ours("the FLUX.1 LoRA r64 start; no LoRA reference exists"))
-    else:
-        t.add("lr", 3.0e-6 if qwen else _default(C.TrainConfig, "lr"), ref_or_ours("FLUX.1's"))
-    t.add("grad_clip", 50.0 if qwen else _default(C.TrainConfig, "grad_clip"),
-          _ref("Qwen-Image: --max_grad_norm 50") if qwen else ref_or_ours("FLUX.1's"))
-    t.add("guidance", tr, tr_why)
-    t.add("autocast", "bf16", "transformer calls under bf16 autocast, fp32 master weights")
-    t.add("gradient_checkpointing", True, "activation checkpointing in the transformer blocks")
-    out.append(t)
-
-    # ---- data
-    a = Section("data", "prompts: a text file (one per line), .jsonl / .csv / .parquet or an inline list")
-    a.add("prompts", PLACEHOLDER + "prompts.txt", "EDIT: training prompts")
-    a.add("eval_prompts", PLACEHOLDER + "eval-prompts.txt", "EDIT: held-out prompts (evaluation and the guard)")
-    if flux or qwen:
-        a.add("eval_steps", 50, _ref(recipe_src))
-    elif family == "sd3":
-        a.add("eval_steps", 28, _ours("the SD3.5 Large model card's"))
-    else:
-        a.add("eval_steps", steps, _ours("the rollout's"))
-    a.add("eval_guidance", float(cls.default_guidance), f"{cls.__name__}.default_guidance, as the family samples")
-    out.append(a)
-
-    if qwen:
-        y = Section("memory", "the frozen parts")
-        y.add("offload_frozen", True, _ours("the 8B text encoder visits the GPU only for new prompts"))
-        out.append(y)
-
-    # ---- guard
-    g = Section("guard", "watches the eval prompts for reward hacking and stops the run (docs/guard.md)")
-    for key in ("enabled", "every", "prompts", "seeds", "stop_when", "keep_best", "best_when"):
-        g.add(key, _default(C.GuardConfig, key), "srpo's default")
-    other = "pickscore" if reward != "pickscore" else "hps"
-    g.note(f"judges: [{{name: {other}, path: {reward_info(other).path}}}]   # a held-out reward to watch")
-    out.append(g)
-
-    # ---- lora
-    lo = Section("lora", "LoRA adapters on the transformer; the base stays frozen in model.dtype")
-    if lora:
-        lo.add("enabled", True, "LoRA fine-tune (srpo init --full: every weight)")
-        lo.add("rank", 64, _ours("the FLUX.1 LoRA start"))
-        lo.add("alpha", 64, "the update is scaled by alpha / rank")
-        lo.note("target_modules: the family's defaults (docs/models.md)")
-    else:
-        lo.add("enabled", False, "full fine-tune of every transformer weight (srpo init --lora: adapters)")
-    out.append(lo)
-
-    # ---- parallel
-    pa = Section("parallel", "the multi-GPU strategy (docs/scale.md)")
-    if lora:
-        pa.add("strategy", "none", "one GPU; several: ddp, launched with torchrun")
-    else:
-        pa.add("strategy", "fsdp", "FSDP2 shards weights, gradients and AdamW state; launch with torchrun")
-    out.append(pa)
-
-    # ---- log
-    lg = Section("log", "run-folder outputs")
-    every = 10 if qwen else 5
-    lg.add("sample_every", every, "sample grid every N updates; " + ref_or_ours("FLUX.1's"))
-    lg.add("checkpoint_every", every, "resumable checkpoint every N updates; " + ref_or_ours("FLUX.1's"))
-    out.append(lg)
-    return out
+    return r
 
 
 # ------------------------------------------------------------------ text
@@ -414,17 +632,19 @@ def build(family: str, reward: str, lora: bool, output: str = "config.yaml") -> 
     the dotted keys whose placeholders the user must edit."""
     from ..config import load_config
 
-    valid = families()
-    if family not in valid:
-        raise UserError(f"unknown model family '{family}': use one of {', '.join(valid)}")
+    cls = family_class(family)
     if reward not in rewards():
         raise UserError(f"unknown reward '{reward}': use one of {', '.join(rewards())}")
-    sections = recipe(family, reward, lora)
-    mode = "LoRA (rank 64, one GPU)" if lora else "full fine-tune (FSDP2, several GPUs)"
+    book = load_recipe(family_recipe_path(cls))
+    sections = recipe(family, reward, lora, cls, book)
+    _, tree, _ = render(sections, [])
+    rank = (tree.get("lora") or {}).get("rank")
+    mode = (f"LoRA ({f'rank {rank}, ' if rank else ''}one GPU)" if lora
+            else "full fine-tune (FSDP2, several GPUs)")
     launch = (f"srpo train {output} --output runs/{Path(output).stem}" if lora else
               f"torchrun --nproc_per_node N -m srpo train {output} --output runs/{Path(output).stem}")
     header = [
-        f"srpo starter config: {family_info(family, _cls(family)).title} "
+        f"srpo starter config: {FamilyFacts(family, cls).title} "
         f"({family}) + {reward_info(reward).title} ({reward}), {mode}.",
         f"Written by: srpo init {family} --reward {reward} {'--lora' if lora else '--full'} --output {output}",
         "",
@@ -432,8 +652,7 @@ def build(family: str, reward: str, lora: bool, output: str = "config.yaml") -> 
         f"2. srpo plan {output} --gpus N      per-GPU memory before launching",
         f"3. {launch}",
         "",
-        f'Numbers marked "{REF}" are the SRPO authors\' recipe (their FLUX.1 / Qwen-Image trainers);',
-        f'"{OURS}": no reference exists, srpo\'s documented start (docs/models.md). Every key: docs/config.md.',
+        *book.legend,
     ]
     text, tree, edits = render(sections, header)
     if yaml.safe_load(text) != tree:
@@ -442,17 +661,12 @@ def build(family: str, reward: str, lora: bool, output: str = "config.yaml") -> 
     return text, edits
 
 
-def _cls(family: str):
-    from ..models import MODELS
-
-    return MODELS.get(family)
-
-
 # ------------------------------------------------------------------ command
 
 def add_parser(sub) -> None:
     p = sub.add_parser("init", help="write a commented starter config for a model family and a reward")
-    p.add_argument("family", help="model family: flux, sd3, qwen_image, flux2, flux2_klein, z_image")
+    p.add_argument("family", help="model family: a registered family (an unknown name lists them) or a dotted path to a "
+                   "FlowModel subclass (my_pkg.module.MyFamily)")
     p.add_argument("--reward", required=True, help="reward: hps, pickscore, clip, aesthetic, tiny_clip")
     p.add_argument("--output", "-o", required=True, help="the YAML file to write")
     mode = p.add_mutually_exclusive_group()

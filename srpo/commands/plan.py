@@ -25,7 +25,7 @@ def _n(x: float) -> str:
 
 
 def render(cfg, sizes, gpus: int, gpu_memory: float) -> str:
-    from ..memory import GiB, estimate_for
+    from ..plan import GiB, estimate_for
 
     mode = f"LoRA r={cfg.lora.rank}" if cfg.lora.enabled else "full fine-tune"
     strategy = cfg.parallel.strategy if gpus > 1 or cfg.parallel.strategy == "fsdp" else "none"
@@ -61,7 +61,7 @@ def render(cfg, sizes, gpus: int, gpu_memory: float) -> str:
 
 def run(args) -> int:
     from ..config import load_config
-    from ..memory import model_sizes
+    from ..plan import model_sizes
 
     if args.gpus < 1:
         raise UserError(f"--gpus must be at least 1 (got {args.gpus})")

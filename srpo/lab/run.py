@@ -56,14 +56,15 @@ class Evaluator:
     """Samples the held-out prompts with fixed seeds and scores them with judge and reward."""
 
     def __init__(self, cfg, prompts: list[str], judge: Judge):
-        from ..algorithms import RewardFn
-        from ..rewards.srp import SRP
-        from ..trainer import build
+        from ..models import load_model
+        from ..rewards.factory import build_reward
+        from ..rewards.objective import reward_function
 
         self.cfg, self.prompts, self.judge = cfg, prompts, judge
-        self.model, reward_fn, _ = build(cfg, torch.device("cpu"))
-        srp = SRP(reward_fn.reward, cfg.srp.pos_words, cfg.srp.neg_words, template=cfg.srp.template)
-        self.reward_fn = RewardFn(reward_fn.reward, srp)
+        device = torch.device("cpu")
+        self.model = load_model(cfg.model, device)
+        reward = build_reward(cfg.reward, device=device, training=True).frozen()
+        self.reward_fn = reward_function(cfg, reward, srp=True, precision="none")  # SRP scores every run, control too
         self.base_state = {k: v.clone() for k, v in self.model.transformer.state_dict().items()}
         self.base_stats = None
 

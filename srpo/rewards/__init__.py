@@ -1,8 +1,6 @@
 """Reward models: a registry of Reward factories (name or dotted path)."""
 
-from ..registry import Registry
-
-REWARDS = Registry("reward")
+from .base import REWARDS  # noqa: F401
 
 # Register the built-in rewards (these modules import only torch at import time).
 from . import aesthetic, clip, hps, pickscore, tiny  # noqa: E402,F401

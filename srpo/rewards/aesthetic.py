@@ -14,8 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
-from . import REWARDS
-from .base import Reward
+from .base import REWARDS, VIT_L_14, Reward, RewardPlan, plan_sizes
 from .openclip import check_fit, load_state_dict
 
 
@@ -69,6 +68,7 @@ def load_head(path, dim: int, sd: dict | None = None) -> AestheticHead:
 
 
 @REWARDS.register("aesthetic")
+@plan_sizes(RewardPlan(VIT_L_14.params + 1_000_000, VIT_L_14.layers, VIT_L_14.width, VIT_L_14.tokens))
 def aesthetic(path=None, device=None, clip_path=None, arch: str = "ViT-L-14", dtype=None,
               uint8: str | None = "pil") -> AestheticReward:
     """``path``: the head (e.g. ``sac+logos+ava1-l14-linearMSE.pth``); ``clip_path``: CLIP

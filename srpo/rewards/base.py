@@ -12,8 +12,40 @@ and the trainer falls back to plain Direct-Align on the absolute score.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
+
+from ..registry import Registry
+
+REWARDS = Registry("reward")  # name -> factory(path=..., device=..., **options) -> Reward
+
+
+@dataclass(frozen=True)
+class RewardPlan:
+    """What ``srpo plan`` needs of a reward model (a reward reports its own, as a model family's
+    ``plan_parts`` does): parameters and its vision tower's depth, width and tokens."""
+
+    params: int
+    layers: int  # vision transformer layers (each keeps ~26 tokens x width tensors for backward)
+    width: int
+    tokens: int
+
+
+VIT_H_14 = RewardPlan(986_109_441, 32, 1280, 257)  # open_clip / CLIP ViT-H-14 (HPSv2.1, PickScore)
+VIT_L_14 = RewardPlan(427_616_513, 24, 1024, 257)  # CLIP ViT-L/14 (CLIP score, the aesthetic predictor's tower)
+
+
+def plan_sizes(sizes):
+    """Decorator for a reward factory: ``sizes`` is its :class:`RewardPlan`, or a function of the
+    reward's options returning one; ``srpo plan`` reads it as ``factory.plan_sizes(options)``."""
+
+    def deco(factory):
+        factory.plan_sizes = sizes if callable(sizes) else (lambda options: sizes)
+        return factory
+
+    return deco
 
 
 class Reward(nn.Module):

@@ -16,8 +16,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from ..errors import UserError
-from . import REWARDS
-from .base import Reward
+from .base import REWARDS, VIT_L_14, Reward, plan_sizes
 from .preprocess import ImageTransform
 
 
@@ -135,6 +134,7 @@ class CLIPReward(Reward):
 
 
 @REWARDS.register("clip")
+@plan_sizes(VIT_L_14)
 def clip(path=None, device=None, processor_path=None, arch: str = "ViT-L-14", dtype=None,
          divide_by: float = 20.0, uint8: str | None = "auto", resize_mode: str | None = None) -> Reward:
     """CLIP score (``logit_scale.exp() * cos / divide_by``) from a local checkpoint: a

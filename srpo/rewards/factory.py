@@ -6,8 +6,7 @@ import inspect
 from collections.abc import Mapping
 
 from ..errors import UserError
-from . import REWARDS
-from .base import Reward
+from .base import REWARDS, Reward
 
 SPEC_KEYS = ("name", "path", "weight", "options")
 

@@ -7,11 +7,12 @@ HPSv2 scores them: longer side resized to 224 (bicubic), zero-padded to a square
 
 from __future__ import annotations
 
-from . import REWARDS
+from .base import REWARDS, VIT_H_14, plan_sizes
 from .openclip import OpenCLIPReward
 
 
 @REWARDS.register("hps")
+@plan_sizes(VIT_H_14)
 def hps(path=None, device=None, arch: str = "ViT-H-14", dtype=None, resize_mode: str = "longest",
         uint8: str | None = "pil") -> OpenCLIPReward:
     """HPSv2.1 reward (``scale = 1``). ``arch``: an open_clip name or JSON config (tests use a

@@ -7,11 +7,12 @@ it near HPS's raw cosine, so in srpo's contract ``scale = logit_scale.exp() / 20
 
 from __future__ import annotations
 
-from . import REWARDS
+from .base import REWARDS, VIT_H_14, plan_sizes
 from .clip import CLIPReward
 
 
 @REWARDS.register("pickscore")
+@plan_sizes(VIT_H_14)
 def pickscore(path=None, device=None, processor_path=None, dtype=None, divide_by: float = 20.0,
               uint8: str | None = "auto") -> CLIPReward:
     """``path``: the PickScore_v1 model folder; ``processor_path``: the CLIP-H processor folder

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from . import REWARDS
+from .base import REWARDS, RewardPlan, plan_sizes
 from .clip import CLIPReward
 from .preprocess import ImageTransform
 
@@ -39,7 +39,19 @@ def tiny_clip_model(seed: int = 0, image_size: int = 32):
         return CLIPModel(tiny_clip_config(image_size)).eval()
 
 
+def plan(options: dict) -> RewardPlan:
+    """The tiny CLIP's sizes at its ``image_size`` option, counted on the meta device."""
+    from transformers import CLIPModel
+
+    config = tiny_clip_config(int(options.get("image_size", 32)))
+    vc = config.vision_config
+    with torch.device("meta"):
+        n = sum(p.numel() for p in CLIPModel(config).parameters())
+    return RewardPlan(n, vc.num_hidden_layers, vc.hidden_size, (vc.image_size // vc.patch_size) ** 2 + 1)
+
+
 @REWARDS.register("tiny_clip")
+@plan_sizes(plan)
 def build_tiny_clip(path=None, seed: int = 0, device=None, image_size: int = 32,
                     divide_by: float = 20.0, uint8: str | None = "auto") -> CLIPReward:
     """The tiny CLIP reward with random weights from ``seed`` (``path`` is ignored)."""

@@ -1,0 +1,273 @@
+"""The per-GPU memory estimate behind ``srpo plan``: sizes of a configured model and reward
+(counted on the meta device, no weights read) and the bytes a run holds by component.
+
+The estimate counts bytes, it does not measure them: weights and optimizer state exactly from
+parameter counts, activations from per-block formulas (saved tensors per token and channel,
+checked against autograd's saved tensors in tests/test_parallel.py), plus a fixed CUDA overhead
+and 10 % for allocator fragmentation. ``benchmarks/gpu_update.py`` and ``benchmarks/real_dims.py``
+print it next to the measured peak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+GiB = 1024**3
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+# ---------------------------------------------------------------------- sizes for the plan
+
+@dataclass
+class Sizes:
+    """What the estimate needs to know about a model, reward and image size."""
+
+    name: str
+    transformer: int  # parameters
+    blocks: int
+    largest_block: int  # parameters of the largest block
+    root: int  # parameters outside the blocks (embedders, final layer)
+    hidden: int  # transformer width
+    lora_params: int  # adapter parameters for the configured LoRA
+    text_encoders: int
+    vae: int
+    vae_levels: list[tuple[int, int]] = field(default_factory=list)  # decoder (channels, upsample factor)
+    vae_resnets: int = 3
+    reward: int = 0
+    reward_layers: int = 32
+    reward_width: int = 1280
+    reward_tokens: int = 257
+    image_tokens: int = 0
+    text_tokens: int = 512
+    gradient_passes: int = 1  # transformer passes per gradient forward (2 under true CFG, both with grad)
+    vae_checkpointing: bool = True  # the family's decoder recomputes activations under checkpointing
+    largest_weight: int = 0  # elements of the largest transformer weight (one-tensor optimizer temporaries)
+    largest_lora: int = 0  # elements of the largest LoRA adapter matrix
+
+
+def _lora_params(transformer: nn.Module, rank: int, target_modules: list[str]) -> tuple[int, int]:
+    """(adapter parameters, elements of the largest adapter matrix)."""
+    total, largest = 0, 0
+    for name, m in transformer.named_modules():
+        if isinstance(m, nn.Linear) and any(name == t or name.endswith("." + t) for t in target_modules):
+            total += rank * (m.in_features + m.out_features)
+            largest = max(largest, rank * max(m.in_features, m.out_features))
+    return total, largest
+
+
+def model_sizes(cfg, parts=None) -> Sizes:
+    """Sizes of the configured model and reward, from the family's :meth:`plan_parts` (modules
+    on the meta device: no weights are read or allocated), or from ``parts`` given (a
+    :class:`~srpo.models.base.PlanParts` of modules built some other way, e.g. a benchmark's)."""
+    from .models import family
+    from .parallel import blocks
+
+    m = cfg.model
+    fam = family(m.name)
+    if parts is None:
+        path = m.path if m.path and Path(m.path).exists() else None  # no folder yet: the family's flagship
+        parts = fam.plan_parts(path, dict(m.options), cfg.rollout.height, cfg.rollout.width)
+        if m.path and path is None:
+            parts.name = f"{parts.name} ({m.path} not found: its flagship's dimensions)"
+    tr, vae_cfg = parts.transformer, parts.vae_config
+    chans = list(reversed(vae_cfg["block_out_channels"]))
+    levels = [(c, 2**i) for i, c in enumerate(chans)]
+    blocks_ = blocks(tr)
+    tc = tr.config
+    n_tr = sum(p.numel() for p in tr.parameters())
+    targets = list(cfg.lora.target_modules) if cfg.lora.target_modules else list(fam.lora_targets)
+    lora_params, largest_lora = _lora_params(tr, cfg.lora.rank, targets)
+    sizes = Sizes(
+        name=parts.name, transformer=n_tr, blocks=len(blocks_),
+        largest_block=max(sum(p.numel() for p in b.parameters()) for b in blocks_),
+        root=n_tr - sum(p.numel() for b in blocks_ for p in b.parameters()),
+        hidden=parts.hidden or tc.num_attention_heads * tc.attention_head_dim,
+        lora_params=lora_params, largest_lora=largest_lora,
+        largest_weight=max(p.numel() for p in tr.parameters()),
+        text_encoders=parts.text_encoders, vae=sum(p.numel() for p in parts.vae.parameters()), vae_levels=levels,
+        vae_resnets=vae_cfg["layers_per_block"] + 1, text_tokens=parts.text_tokens, image_tokens=parts.image_tokens,
+        gradient_passes=2 if (parts.guidance_mode or fam.guidance_mode) == "cfg" and cfg.train.guidance > 1
+        and cfg.train.cfg_gradient == "both" else 1, vae_checkpointing=parts.vae_checkpointing,
+    )
+    _reward_sizes(cfg, sizes)
+    return sizes
+
+
+def _reward_sizes(cfg, sizes: Sizes) -> None:
+    """The configured reward's (or rewards') sizes, as each reward factory reports them
+    (``factory.plan_sizes(options)``, :func:`srpo.rewards.base.plan_sizes`); a reward that
+    reports none (a user's own) is planned as a ViT-H-14 CLIP. Several rewards: their parameters
+    add up, the largest vision tower sets the activations."""
+    from .rewards import REWARDS
+    from .rewards.base import VIT_H_14
+
+    specs = cfg.reward if isinstance(cfg.reward, list) else [cfg.reward]
+    plans = []
+    for spec in specs:
+        report = getattr(REWARDS.get(spec.name), "plan_sizes", None)
+        plans.append(report(dict(spec.options)) if report is not None else VIT_H_14)
+    largest = max(plans, key=lambda p: p.layers * p.width)
+    sizes.reward = sum(p.params for p in plans)
+    sizes.reward_layers, sizes.reward_width, sizes.reward_tokens = largest.layers, largest.width, largest.tokens
+
+
+# ---------------------------------------------------------------------- the estimate
+
+BLOCK_UNITS = 26  # tensors of size tokens x width a transformer block keeps for backward
+RESNET_UNITS = 6  # tensors of size pixels x channels a VAE resnet keeps for backward (3 at its input width, 3 at its output width)
+VIT_UNITS = 26  # per reward ViT layer, in tokens x width
+OVERHEAD = 1.5 * GiB  # CUDA context, cuBLAS / NCCL workspaces
+# the caching allocator's blocks (CUDA); glibc hands large blocks back to the OS at free (CPU)
+FRAGMENTATION = {"cuda": 1.10, "cpu": 1.0}
+
+
+def _transformer_parts(s: Sizes, batch: int, act_bytes: int, checkpointing: bool) -> tuple[int, int]:
+    """(held from the gradient forward to its backward, one block recomputed in backward): with
+    checkpointing each block's input, then one block's tensors and gradients at a time; without,
+    every block's tensors."""
+    unit = (s.image_tokens + s.text_tokens) * s.hidden * act_bytes * batch
+    if checkpointing:
+        return unit * s.blocks, unit * (BLOCK_UNITS + 8)
+    return unit * s.blocks * BLOCK_UNITS, 0
+
+
+def transformer_activations(s: Sizes, batch: int, act_bytes: int, checkpointing: bool) -> int:
+    """Saved activations of one gradient forward (held + one block recomputed)."""
+    return int(sum(_transformer_parts(s, batch, act_bytes, checkpointing)))
+
+
+def _vae_blocks(s: Sizes, height: int, width: int) -> tuple[list[tuple[int, int, int]], int]:
+    """The decoder's checkpointed blocks (mid block, then each up block) as (input elements,
+    elements kept for backward, largest tensor), and the elements the output layers keep. An up
+    block's first resnet reads the previous level's width; its upsampler's conv reads the
+    doubled map (at the next level's resolution)."""
+    base = (height // s.vae_levels[-1][1]) * (width // s.vae_levels[-1][1])  # latent pixels
+    c0 = s.vae_levels[0][0]
+    blocks = [(c0 * base, c0 * base * (2 * RESNET_UNITS + 4), c0 * base)]  # two resnets and attention
+    prev = c0
+    for i, (ch, up) in enumerate(s.vae_levels):
+        px = base * up * up
+        upsampled = 4 * px * ch if i < len(s.vae_levels) - 1 else 0
+        kept = px * (prev + ch) * RESNET_UNITS // 2 + (s.vae_resnets - 1) * px * ch * RESNET_UNITS + upsampled
+        blocks.append((px * prev, kept, max(px * prev, upsampled)))
+        prev = ch
+    return blocks, base * s.vae_levels[-1][1] ** 2 * prev * 3  # norm_out, silu, conv_out
+
+
+def _vae_parts(s: Sizes, batch: int, height: int, width: int, act_bytes: int, checkpointing: bool) -> tuple[int, int]:
+    """(held from the decode to its backward, the largest block recomputed with its backward's
+    two gradient maps): with checkpointing each block's input and the output layers; without,
+    every tensor."""
+    blocks, top = _vae_blocks(s, height, width)
+    if checkpointing:
+        held = sum(b[0] for b in blocks) + top
+        block = max(b[1] + 2 * b[2] for b in blocks)
+        return held * act_bytes * batch, block * act_bytes * batch
+    return (sum(b[1] for b in blocks) + top) * act_bytes * batch, 0
+
+
+def vae_activations(s: Sizes, batch: int, height: int, width: int, act_bytes: int, checkpointing: bool) -> int:
+    """Decoder tensors kept for backward (decoding with gradient), at the decoder's peak."""
+    return int(sum(_vae_parts(s, batch, height, width, act_bytes, checkpointing)))
+
+
+def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, height: int, width: int,
+             model_bytes: int, reward_bytes: int = 4, act_bytes: int = 2, checkpointing: bool = True,
+             offload_text: bool = False, release_text: bool = False, device: str = "cuda",
+             optimizer: str = "adamw") -> dict[str, float]:
+    """Expected peak bytes per device by component (and ``total``); ``device``: ``cuda`` (a
+    CUDA context, foreach AdamW, the caching allocator) or ``cpu`` (process memory).
+
+    Activations of a gradient step are not all live at once: the peak is the largest of the
+    transformer's forward (its held inputs, one block, autocast's copies of the weights), the
+    reward (transformer and VAE held, the ViT's tensors), the VAE decoder's backward (both held,
+    one decoder block recomputed) and the transformer's backward. The text encoders, when
+    released (or offloaded), count where they are resident: at the start, before any gradient or
+    optimizer state (under FSDP: beside the model as loaded, whole in ``model.dtype``, or as
+    sharded, whichever is larger), or between updates."""
+    shard = gpus if strategy == "fsdp" else 1
+    trainable = s.lora_params if lora else s.transformer
+    adamw = optimizer == "adamw"
+    out: dict[str, float] = {}
+    if adamw:
+        out["trainable weights + grads + AdamW (fp32)"] = 16 * trainable / shard
+    else:  # plain SGD: no optimizer state
+        out["trainable weights + grads (fp32), SGD"] = 8 * trainable / shard
+    if device == "cuda":  # foreach AdamW: a temporary per trainable element (the denominators)
+        temporaries = 4 * trainable / shard if adamw else 0
+    else:  # one tensor at a time on the CPU
+        temporaries = 4 * (s.largest_lora if lora else s.largest_weight) if adamw else 0
+    out["optimizer-step temporaries"] = temporaries
+    if lora:
+        out["frozen transformer base"] = model_bytes * s.transformer / shard
+    if strategy == "fsdp":  # under autocast FSDP gathers in the compute dtype (parallel.apply's MixedPrecisionPolicy)
+        block_bytes = min(act_bytes, model_bytes if lora else 4)
+        out["FSDP gathered blocks (2) + block grads"] = s.largest_block * (2 * block_bytes + (0 if lora else 4))
+        out["FSDP unsharded root"] = s.root * (model_bytes if lora else 4)
+    text = model_bytes * s.text_encoders
+    out["text encoders"] = 0 if offload_text or release_text else text
+    out["VAE"] = model_bytes * s.vae
+    out["reward model"] = reward_bytes * s.reward
+    static = sum(out.values())
+
+    t_held, t_block = _transformer_parts(s, batch * s.gradient_passes, act_bytes, checkpointing)
+    v_held, v_block = _vae_parts(s, batch, height, width, model_bytes, checkpointing and s.vae_checkpointing)
+    reward_acts = VIT_UNITS * s.reward_layers * s.reward_tokens * s.reward_width * reward_bytes * batch
+    # autocast caches its low-precision copy of every float32 weight it casts until the forward
+    # returns: the whole transformer in a full fine-tune. Under FSDP the weights arrive already in
+    # the compute dtype (MixedPrecisionPolicy), so nothing is cached.
+    fp32_weights = (trainable + (s.transformer if model_bytes == 4 else 0)) if lora else s.transformer
+    copies = act_bytes * fp32_weights if act_bytes < 4 and strategy != "fsdp" else 0
+    phases = {"transformer forward": t_held + t_block + copies, "reward": t_held + v_held + reward_acts,
+              "VAE decode backward": t_held + v_held + v_block, "transformer backward": t_held + t_block}
+    out["activations: transformer"] = t_held + t_block
+    out["activations: VAE decode"] = v_held + v_block
+    out["activations: reward"] = reward_acts
+    out["autocast copies of fp32 weights"] = copies
+    peak = max(phases, key=phases.get)
+    out[f"not live at once (peak: {peak})"] = phases[peak] - (t_held + t_block + v_held + v_block + reward_acts + copies)
+    if device == "cuda":
+        out["CUDA context + workspaces"] = OVERHEAD
+        static += OVERHEAD
+    subtotal = sum(out.values())
+    start = None
+    if release_text:  # encoded at the start, before any gradient or optimizer state
+        others = model_bytes * s.vae + reward_bytes * s.reward + text + (OVERHEAD if device == "cuda" else 0)
+        if strategy == "fsdp":  # loaded whole in model.dtype, cast and sharded block by block, then encoded
+            loaded = model_bytes * s.transformer + (0 if lora else 4 * s.largest_block)
+            sharded = ((4 * trainable + model_bytes * s.transformer) if lora else 4 * s.transformer) / shard
+            start = max(loaded, sharded) + others
+        else:
+            start = ((4 * trainable + model_bytes * s.transformer) if lora else 4 * s.transformer) + others
+    elif offload_text:  # a new prompt brings the encoders over between updates: gradients freed
+        start = static - 4 * trainable / shard - temporaries + text
+    if start is not None:
+        subtotal = max(subtotal, start)
+    frag = FRAGMENTATION[device]
+    if frag > 1:
+        out[f"fragmentation ({round(100 * (frag - 1))} %)"] = subtotal * (frag - 1)
+    out["total"] = subtotal * frag
+    if start is not None:
+        out["  of which text encoders, at the start only" if release_text else
+            "  of which text encoders, while encoding new prompts"] = text
+        out["  peak while they are resident"] = start * frag
+    return out
+
+
+def estimate_for(cfg, s: Sizes, gpus: int, strategy: str | None = None, lora: bool | None = None,
+                 device: str = "cuda", optimizer: str = "adamw") -> dict[str, float]:
+    """:func:`estimate` with the config's settings (strategy and LoRA overridable)."""
+    strategy = strategy or cfg.parallel.strategy
+    lora = cfg.lora.enabled if lora is None else lora
+    specs = cfg.reward if isinstance(cfg.reward, list) else [cfg.reward]
+    reward_bytes = max(BYTES.get(str(sp.options.get("dtype", "float32")), 4) for sp in specs)
+    return estimate(s, gpus=gpus, strategy="none" if gpus == 1 and strategy == "ddp" else strategy, lora=lora,
+                    batch=cfg.train.batch_size, height=cfg.rollout.height, width=cfg.rollout.width,
+                    model_bytes=BYTES[cfg.model.dtype], reward_bytes=reward_bytes,
+                    act_bytes=2 if cfg.train.autocast != "none" else 4,
+                    checkpointing=cfg.train.gradient_checkpointing,
+                    offload_text=cfg.memory.offload_frozen, release_text=cfg.memory.release_text_encoders,
+                    device=device, optimizer=optimizer)
