@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
+from .models.base import DEFAULT_FAMILY
 
 REALISM_POS = ["Natural-lighting", "Detail", "Detailed", "Real"]
 REALISM_NEG = ["Concept art", "Painting", "Anime", "Flat", "Oil"]
@@ -26,13 +27,13 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    name: str = Field("flux", description="Model family: a registered name (flux, sd3, qwen_image, flux2, flux2_klein, z_image; tiny_<family> built in code) or a dotted path to a FlowModel subclass (docs/models.md).")
+    name: str = Field(DEFAULT_FAMILY, description="Model family: a registered name (`srpo init --help` and docs/models.md list them; tiny_<family>: its random-weight twin built in code) or a dotted path to a FlowModel subclass.")
     path: str | None = Field(None, description="Local diffusers folder of the base model, in the layout of the family's diffusers pipeline (docs/models.md).")
     transformer_path: str | None = Field(None, description="Optional folder with transformer weights that replace the base model's.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Storage dtype of the frozen parts (text encoders, VAE); trainable weights stay float32.")
-    shift: float | None = Field(None, gt=0, description="Time shift m of the sampling schedule, m t / (1 + (m - 1) t); null: the family's rule (flux: 3, the reference trainer's fixed shift; the others: the pipeline's own, from its scheduler config, dynamic where the config asks for it).")
-    quantize_timesteps: bool | None = Field(None, description="Floor the transformer's timestep input to multiples of 1/1000 as the reference FLUX trainer feeds it (noise levels themselves stay exact); null: the family's default (flux: on; the others: off, as their pipelines feed it).")
-    options: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments of the family's load() (flux: max_sequence_length; sd3, qwen_image: max_sequence_length, negative_prompt; flux2: max_sequence_length, text_encoder_out_layers, negative_prompt (klein); z_image: variant (turbo | base), max_sequence_length, negative_prompt, cfg_normalization, cfg_truncation; tiny_*: seed and sizes). docs/models.md.")
+    shift: float | None = Field(None, gt=0, description="Time shift m of the sampling schedule, m t / (1 + (m - 1) t); null: the family's rule (docs/models.md: the reference trainer's fixed 3 for its family, the pipeline's own scheduler config, dynamic where it asks for it, for the others).")
+    quantize_timesteps: bool | None = Field(None, description="Floor the transformer's timestep input to multiples of 1/1000 as the reference FLUX trainer feeds it (noise levels themselves stay exact); null: the family's default (docs/models.md: on for the reference trainer's family, off where the pipeline feeds it unquantised).")
+    options: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments of the family's load() (max_sequence_length, negative_prompt, a variant, ...; tiny_*: seed and sizes): each family's options are in docs/models.md, and an unknown one is a one-line error that lists the valid ones.")
 
 
 class RewardConfig(Section):
@@ -102,7 +103,7 @@ class MethodConfig(Section):
 
 class RolloutConfig(Section):
     steps: int = Field(25, ge=1, description="Euler steps of the online rollout that produces x0.")
-    guidance: float = Field(1.0, ge=0, description="Guidance of the rollout, as the family applies it: FLUX's embedded guidance (reference: 1 with HPS, 2 with PickScore), the CFG scale of true-CFG families (sd3; <= 1: one conditional pass), ignored by distilled models.")
+    guidance: float = Field(1.0, ge=0, description="Guidance of the rollout, as the family applies it: FLUX's embedded guidance (reference: 1 with HPS, 2 with PickScore), the CFG scale of true-CFG families (<= 1: one conditional pass), ignored by distilled models.")
     height: int = Field(720, ge=8, description="Image height in pixels.")
     width: int = Field(720, ge=8, description="Image width in pixels.")
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 from .errors import UserError
+
+
+def _where(obj) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', getattr(obj, '__name__', repr(obj)))}"
 
 
 class Registry:
@@ -15,6 +19,9 @@ class Registry:
 
     def register(self, name: str):
         def deco(obj):
+            if name in self._items and self._items[name] is not obj:
+                raise UserError(f"{self.kind} '{name}' is registered already (by {_where(self._items[name])}); "
+                                f"register {_where(obj)} under another name, or name it by its dotted path")
             self._items[name] = obj
             return obj
 

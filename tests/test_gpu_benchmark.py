@@ -3,21 +3,12 @@ and a CPU dry run of the whole script at tiny size (the real-dims builder at tes
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
+
+import gpu_update  # benchmarks/gpu_update.py (tests/conftest.py puts benchmarks/ on the path)
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("gpu_update", ROOT / "benchmarks" / "gpu_update.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_benchmark_flop_formula_matches_flop_counter():
@@ -27,7 +18,7 @@ def test_benchmark_flop_formula_matches_flop_counter():
     from srpo.bench import real_dims as rd
     from srpo.config import LoRAConfig
 
-    bench = _bench()
+    bench = gpu_update
     for use_lora in (False, True):
         model = rd.build_model(rd.TINY, base_dtype=torch.float32, frozen_dtype=torch.float32)
         if use_lora:
@@ -56,7 +47,7 @@ def measured_grad_step_flops(mode: str) -> int:
     from srpo import lora
     from srpo.bench import real_dims as rd
 
-    bench = _bench()
+    bench = gpu_update
     model = rd.build_model(rd.TINY, base_dtype=torch.float32, frozen_dtype=torch.float32)
     lora.apply(model, bench.make_config(True, mode, 32, 1, "cpu", rank=4).lora, seed=0)
     lat = torch.randn(model.latent_shape(1, 32, 32))
@@ -67,7 +58,7 @@ def measured_grad_step_flops(mode: str) -> int:
 
 
 def test_benchmark_tiny_dry_run(capsys):
-    results = _bench().main(["--tiny", "--modes", "lora,full", "--steps", "1", "--warmup", "0",
+    results = gpu_update.main(["--tiny", "--modes", "lora,full", "--steps", "1", "--warmup", "0",
                              "--rollout-steps", "1", "--rank", "4"])
     assert [r["mode"] for r in results] == ["lora", "full"]
     lora_run, full = results

@@ -18,7 +18,6 @@ def test_render_is_deterministic_per_scene():
     other = render(sample_scenes(12, seed=6))
     assert (other - batch).abs().mean() > 0.05
     assert batch.shape == (12, 3, 32, 32) and batch.dtype == torch.float32
-    assert batch.min() >= 0 and batch.max() <= 1
 
 
 def test_scene_pins_and_object_colours():

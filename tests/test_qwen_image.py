@@ -1,62 +1,41 @@
-"""The Qwen-Image family: parity with QwenImagePipeline (prompt template and masks, schedule, the
-norm-rescaled true CFG, the whole sampler), folder round trips and errors, transformer and LoRA
-export, plan sizes, the tiny tokenizer."""
+"""What is particular to the Qwen-Image family (the checks every family passes are in
+test_family_contract.py): QwenImagePipeline's prompt template, masks and ragged text lengths, its
+schedule (dynamic mu, shift_terminal), the transformer inputs, the norm-rescaled true CFG, the
+per-channel latent normalisation, fit errors, the flagship's plan sizes, the tiny tokenizer."""
 
 import json
 
-import peft
 import pytest
 import torch
 from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 
+from family_runs import noise_and_cond, saved_twin
 from srpo.errors import UserError
-from srpo.models import MODELS, family_of_folder
+from srpo.models.base import split_cond
 from srpo.models.qwen_image import (PROMPT_TEMPLATE, PROMPT_TEMPLATE_START_IDX, TEXT_ENCODER_PARAMS, QwenImageModel,
                                     trim_text)
-from srpo.models.qwen_image_tiny import TinyQwenImageModel, build_tiny_qwen_image, save_tiny_qwen_image, tiny_tokenizer
-from srpo.sampling import rollout
+from srpo.models.qwen_image_tiny import build_tiny_qwen_image, save_tiny_qwen_image, tiny_tokenizer
 
 PROMPTS = ["a red cube on a table", "a small blue ball in the grass near a lake at dusk"]
-H, W, STEPS, CFG = 32, 48, 4, 4.0
+H, W = 32, 48
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "qwen_image"
-    return path, save_tiny_qwen_image(path, seed=0)
+    return saved_twin(tmp_path_factory.mktemp("qwen_image"), save_tiny_qwen_image)
 
 
 @pytest.fixture(scope="module")
 def inputs(saved):
+    return noise_and_cond(saved[1], PROMPTS, H, W)
+
+
+def test_the_prompt_template_and_vae_factor_are_the_pipelines(saved):
     _, model = saved
-    noise = torch.randn(model.latent_shape(2, H, W), generator=torch.Generator().manual_seed(1))
-    return noise, model.encode_prompts(PROMPTS)
-
-
-@pytest.fixture(scope="module")
-def base_images(saved, inputs):
-    _, model = saved
-    noise, cond = inputs
-    return model.pipeline_images(cond, noise, STEPS, CFG)
-
-
-def parts(cond):
-    pos = {k: v for k, v in cond.items() if not k.startswith("negative_")}
-    neg = {k[len("negative_"):]: v for k, v in cond.items() if k.startswith("negative_")}
-    return pos, neg
-
-
-def test_registered_classes_and_family_facts(saved):
-    _, model = saved
-    assert MODELS.get("qwen_image") is QwenImageModel and MODELS.get("tiny_qwen_image") is TinyQwenImageModel
-    assert QwenImageModel.guidance_mode == "cfg" and not QwenImageModel.cfg_batched
-    assert QwenImageModel.pipeline_class == "QwenImagePipeline"
-    assert QwenImageModel.transformer_class == "QwenImageTransformer2DModel"
-    assert QwenImageModel.lora_targets == ("to_k", "to_q", "to_v", "to_out.0")
-    pipe = model.pipeline()  # the template facts are the pipeline's own
+    pipe = model.pipeline()
     assert pipe.prompt_template_encode == PROMPT_TEMPLATE
     assert pipe.prompt_template_encode_start_idx == PROMPT_TEMPLATE_START_IDX == 34
-    assert model.negative_prompt == " " and model.vae_scale_factor == pipe.vae_scale_factor == 4
+    assert model.vae_scale_factor == pipe.vae_scale_factor == 4
 
 
 def test_tiny_tokenizer_is_deterministic_and_drops_exactly_the_template_prefix():
@@ -120,16 +99,14 @@ def test_schedule_equals_the_sigmas_the_pipeline_sets(saved):
     grid = model.schedule(50, 1024, 1024)  # dynamic: another size is another schedule; shift_terminal 0.02
     assert not torch.equal(grid, model.schedule(50, 512, 512))
     assert grid[0] == 1 and abs(grid[-2].item() - 0.02) < 1e-6 and grid[-1] == 0
-    shifted = build_tiny_qwen_image(seed=0, shift=3.0)  # a fixed shift override reaches the pipeline too
-    assert torch.equal(shifted.schedule(4, H, W), _pipeline_sigmas(shifted, 4, H, W))
+    shifted = build_tiny_qwen_image(seed=0, shift=3.0)  # a fixed shift: the same grid at every size
     assert torch.equal(shifted.schedule(4, H, W), shifted.schedule(4, 1024, 1024))
-    assert not torch.equal(shifted.schedule(4, H, W), model.schedule(4, H, W))
 
 
 def test_predict_feeds_the_transformer_as_the_pipeline_does(saved, inputs):
     _, model = saved
     noise, cond = inputs
-    pos, neg = parts(cond)
+    pos, neg = split_cond(cond)
     sigma = torch.tensor([0.30049, 0.8])
     seen = []
     hook = model.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
@@ -161,70 +138,32 @@ def test_predict_feeds_the_transformer_as_the_pipeline_does(saved, inputs):
     assert not torch.equal(q, v)
 
 
-def test_cfg_two_passes_with_the_pipelines_norm_rescale(saved, inputs):
+def test_cfg_is_the_pipelines_norm_rescaled_combination(saved, inputs):
     _, model = saved
     noise, cond = inputs
-    pos, neg = parts(cond)
+    pos, neg = split_cond(cond)
     sigma = torch.tensor([0.3, 0.8])
-    calls = []
-    hook = model.transformer.register_forward_hook(lambda *a: calls.append(a[2][0].shape[0]))
-    try:
-        with torch.no_grad():
-            v_c, v_u = model.predict(noise, sigma, pos, None), model.predict(noise, sigma, neg, None)
-            calls.clear()
-            v1 = model.velocity(noise, sigma, cond, 1.0)
-            assert calls == [2] and torch.equal(v1, v_c)
-            v4 = model.velocity(noise, sigma, cond, 4.0)
-            assert calls == [2, 2, 2]  # conditional and unconditional passes apart, as the pipeline runs them
-    finally:
-        hook.remove()
+    with torch.no_grad():
+        v_c, v_u = model.predict(noise, sigma, pos, None), model.predict(noise, sigma, neg, None)
+        v4 = model.velocity(noise, sigma, cond, 4.0)
     pack = lambda x: QwenImagePipeline._pack_latents(x, 2, 4, x.shape[2], x.shape[3])  # noqa: E731
     comb = pack(v_u) + 4.0 * (pack(v_c) - pack(v_u))
     want = comb * (torch.norm(pack(v_c), dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
     assert torch.equal(pack(v4), want)
     assert (v4 - (v_u + 4.0 * (v_c - v_u))).abs().max() > 1e-3  # the rescale is not the plain combination
-    assert (v_c - v_u).abs().max() > 1e-3
 
 
-def test_rollout_and_decode_equal_the_pipeline(saved, inputs, base_images):
-    _, model = saved
-    noise, cond = inputs
-    with torch.no_grad():
-        images = model.decode(rollout(model, cond, noise, STEPS, CFG))
-    assert images.shape == base_images.shape == (2, 3, H, W) and base_images.dtype == torch.float32
-    assert (images - base_images).abs().max() < 1e-4
-    assert (images[0] - images[1]).abs().max() > 0.05  # two prompts (and noises), two images
-    without_cfg = model.pipeline_images(cond, noise, STEPS, 1.0)
-    assert (without_cfg - base_images).abs().max() > 1e-3
-    # prompts encoded one at a time and concatenated (the trainer's text cache) sample the same images
-    single = [model.encode_prompts([p]) for p in PROMPTS]
-    joined = {k: torch.cat([c[k] for c in single]) for k in cond}
-    with torch.no_grad():
-        again = model.decode(rollout(model, joined, noise, STEPS, CFG))
-    assert (again - base_images).abs().max() < 1e-4
-
-
-def test_decode_is_differentiable_and_encode_inverts_the_normalisation(saved, inputs):
+def test_encode_inverts_the_per_channel_normalisation(saved, inputs):
     _, model = saved
     noise, _ = inputs
-    latents = noise.clone().requires_grad_(True)
-    pixels = model.decode(latents)
-    pixels.mean().backward()
-    assert latents.grad is not None and latents.grad.abs().sum() > 0
-    assert pixels.shape == (2, 3, H, W) and pixels.min() >= 0 and pixels.max() <= 1
-    z = model.encode(pixels.detach())
+    with torch.no_grad():
+        pixels = model.decode(noise)
+    z = model.encode(pixels)
     assert z.shape == noise.shape and not z.requires_grad
     cfg = model.vae.config
-    raw = model.vae.encode(pixels.detach()[:, :, None] * 2 - 1).latent_dist.mode()[:, :, 0]
+    raw = model.vae.encode(pixels[:, :, None] * 2 - 1).latent_dist.mode()[:, :, 0]
     mean, std = torch.tensor(cfg.latents_mean)[:, None, None], torch.tensor(cfg.latents_std)[:, None, None]
     assert len(set(cfg.latents_std)) > 1 and torch.allclose(z, (raw - mean) / std, atol=1e-6)
-
-
-def test_latent_shape_and_size_errors(saved):
-    _, model = saved
-    assert model.latent_shape(2, H, W) == (2, 4, 8, 12)
-    with pytest.raises(UserError, match="multiples of 8"):
-        model.latent_shape(1, 36, 48)
 
 
 def test_incompatible_transformer_is_a_one_line_error(saved):
@@ -242,21 +181,6 @@ def test_incompatible_transformer_is_a_one_line_error(saved):
         QwenImageModel(m.transformer, m.vae, m.text_encoder, m.tokenizer, m.scheduler, max_sequence_length=2000)
 
 
-def test_saved_folder_loads_with_the_same_images(saved, inputs, base_images):
-    path, model = saved
-    noise, cond = inputs
-    index = json.loads((path / "model_index.json").read_text())
-    assert index["_class_name"] == "QwenImagePipeline" and index["tokenizer"] == ["transformers", "Qwen2Tokenizer"]
-    assert family_of_folder(path) == "qwen_image"  # srpo sample --model FOLDER finds the family
-    loaded = QwenImageModel.load(path, max_sequence_length=model.max_sequence_length)
-    assert type(loaded) is QwenImageModel and type(loaded.text_encoder).__name__ == "Qwen2_5_VLForConditionalGeneration"
-    assert all(torch.equal(cond[k], v) for k, v in loaded.encode_prompts(PROMPTS).items())
-    assert torch.equal(loaded.pipeline_images(cond, noise, STEPS, CFG), base_images)
-    assert not any(path.rglob("*.bin")) and any(path.rglob("*.safetensors"))
-    other = build_tiny_qwen_image(seed=1)  # another seed is another model: the comparison can fail
-    assert (other.pipeline_images(cond, noise, STEPS, CFG) - base_images).abs().max() > 1e-3
-
-
 def _fake_folder(root, saved_path, drop=(), class_name=None):
     root.mkdir()
     index = json.loads((saved_path / "model_index.json").read_text())
@@ -269,113 +193,39 @@ def _fake_folder(root, saved_path, drop=(), class_name=None):
     return root
 
 
-def test_load_errors_are_one_line_and_name_the_problem(saved, tmp_path):
+def test_load_errors_particular_to_qwen_image(saved, tmp_path):
     path, _ = saved
     cases = [
-        (lambda: QwenImageModel.load(tmp_path / "nowhere"), "does not exist"),
-        (lambda: QwenImageModel.load(None), "needs a path"),
-        (lambda: QwenImageModel.load(path, resolution=512), "unknown option(s) for model 'qwen_image': resolution"),
-        (lambda: QwenImageModel.load(_fake_folder(tmp_path / "novae", path, drop=("vae",))), "lacks vae/"),
-        (lambda: QwenImageModel.load(_fake_folder(tmp_path / "sd3", path, class_name="StableDiffusion3Pipeline")),
-         "holds a StableDiffusion3Pipeline pipeline, not QwenImage"),
         (lambda: QwenImageModel.load(_fake_folder(tmp_path / "edit", path, class_name="QwenImageEditPipeline")),
          "holds a QwenImageEditPipeline pipeline, not QwenImagePipeline"),
-        (lambda: QwenImageModel.load(_fake_folder(tmp_path / "te", path, drop=("text_encoder",))),
-         "lacks text_encoder/"),
-        (lambda: QwenImageModel.load(_fake_folder(tmp_path / "noweights", path)), "cannot load weights from"),
         (lambda: QwenImageModel.load(path, max_sequence_length=0), "max_sequence_length 0 is out of range"),
-        (lambda: TinyQwenImageModel.load(path), "takes no path"),
-        (lambda: TinyQwenImageModel.load(depth=3), "bad option for model 'tiny_qwen_image'"),
     ]
-    (tmp_path / "model_index").mkdir()
-    cases.append((lambda: QwenImageModel.load(tmp_path / "model_index"), "no model_index.json"))
-    wrong = tmp_path / "wrong_transformer"
-    wrong.mkdir()
-    (wrong / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel"}))
-    cases.append((lambda: QwenImageModel.load(path, transformer_path=wrong),
-                  "holds a FluxTransformer2DModel, not a QwenImageTransformer2DModel"))
     for call, message in cases:
         with pytest.raises(UserError) as e:
             call()
         assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
-def test_save_transformer_round_trip(saved, inputs, tmp_path):
-    path, model = saved
-    noise, cond = inputs
-    model.save_transformer(tmp_path / "t")
-    reloaded = QwenImageTransformer2DModel.from_pretrained(tmp_path / "t", local_files_only=True)
-    mine, theirs = model.transformer.state_dict(), reloaded.state_dict()
-    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
-    sigma = torch.tensor([0.5, 0.5])
-    pos, _ = parts(cond)
-    with torch.no_grad():
-        v = model.predict(noise, sigma, pos, None)
-        for other in (QwenImageModel.load(path, transformer_path=tmp_path / "t", max_sequence_length=64),
-                      TinyQwenImageModel.load(seed=5, transformer_path=tmp_path / "t")):
-            assert torch.equal(other.predict(noise, sigma, pos, None), v)
-
-
-def test_lora_saved_by_the_model_loads_in_the_pipeline(saved, inputs, base_images, tmp_path):
-    path, model = saved
-    noise, cond = inputs
-    adapted = QwenImageModel.load(path, max_sequence_length=model.max_sequence_length)
-    targets = sorted(QwenImageModel.lora_targets)
-    adapted.transformer.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=targets,
-                                                    init_lora_weights="gaussian"))
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(3)
-        for name, p in adapted.transformer.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn_like(p) * 0.1)
-    layers = peft.get_peft_model_state_dict(adapted.transformer)
-    assert layers and all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in layers)
-    assert any(".attn.to_q." in k for k in layers) and any(".attn.to_out.0." in k for k in layers)
-    assert not any("add_q_proj" in k for k in layers)  # the image stream only, as diffusers' example
-    adapted.save_lora(tmp_path / "lora", layers, {"r": 4, "lora_alpha": 4, "target_modules": targets,
-                                                  "lora_dropout": 0.0})
-    images = adapted.pipeline_images(cond, noise, STEPS, CFG)
-    assert (images - base_images).abs().max() > 1e-3
-
-    pipe = QwenImagePipeline.from_pretrained(path, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.load_lora_weights(tmp_path / "lora")
-    e, m = trim_text(cond["prompt_embeds"], cond["prompt_embeds_mask"])
-    ne, nm = trim_text(cond["negative_prompt_embeds"], cond["negative_prompt_embeds_mask"])
-    ref = pipe(prompt_embeds=e, prompt_embeds_mask=m, negative_prompt_embeds=ne, negative_prompt_embeds_mask=nm,
-               latents=QwenImagePipeline._pack_latents(noise, 2, 4, 8, 12), height=H, width=W,
-               num_inference_steps=STEPS, true_cfg_scale=CFG, max_sequence_length=64, output_type="pt").images
-    assert (images - ref).abs().max() < 1e-4
-
-
 def test_plan_parts_sizes(saved, tmp_path):
-    path, model = saved
+    path, _ = saved
     big = QwenImageModel.plan_parts(None, {}, 1024, 1024)
     assert big.name == "Qwen-Image" and big.image_tokens == 64 * 64 and big.text_tokens == 512
     assert next(big.transformer.parameters()).device.type == "meta"
     assert abs(sum(p.numel() for p in big.transformer.parameters()) - 20.43e9) < 0.01e9
     assert len(big.transformer.transformer_blocks) == 60
-    assert big.text_encoders == TEXT_ENCODER_PARAMS == 8_292_166_656
+    assert big.text_encoders == TEXT_ENCODER_PARAMS  # the count from its real config, below
     assert big.vae_config == {"block_out_channels": (96, 192, 384, 384), "layers_per_block": 2,
                               "latent_channels": 16}
     assert abs(sum(p.numel() for p in big.vae.parameters()) - 126.9e6) < 0.1e6
     assert QwenImageModel.plan_parts(None, {"max_sequence_length": 1024}, 928, 1664).image_tokens == 58 * 104
     small = QwenImageModel.plan_parts(path, {"max_sequence_length": 64}, H, W)
     assert small.image_tokens == 4 * 6 and small.text_tokens == 64
-    n = sum(p.numel() for p in model.transformer.parameters())
-    assert sum(p.numel() for p in small.transformer.parameters()) == n
-    assert small.text_encoders == sum(p.numel() for p in model.text_encoder.parameters())
-    tiny = TinyQwenImageModel.plan_parts(None, {}, H, W)
-    assert sum(p.numel() for p in tiny.transformer.parameters()) == n and tiny.image_tokens == 24
-    assert tiny.text_encoders == small.text_encoders
     # Qwen-Image's own text_encoder/config.json (Qwen2.5-VL-7B-Instruct, the legacy flat layout)
     folder = _fake_folder(tmp_path / "real", path)
     for c in ("transformer", "vae"):
         (folder / c / "config.json").write_text((path / c / "config.json").read_text())
     (folder / "text_encoder" / "config.json").write_text(json.dumps(QWEN25_VL_7B))
     assert QwenImageModel.plan_parts(folder, {}, H, W).text_encoders == TEXT_ENCODER_PARAMS
-    with pytest.raises(UserError, match="unknown option"):
-        QwenImageModel.plan_parts(None, {"foo": 1}, 1024, 1024)
 
 
 QWEN25_VL_7B = {
@@ -390,17 +240,3 @@ QWEN25_VL_7B = {
                       "spatial_merge_size": 2, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31],
                       "tokens_per_second": 2, "temporal_patch_size": 2},
 }
-
-
-def test_tiny_is_deterministic_in_seed_and_leaves_the_global_rng_alone():
-    tiny_tokenizer()  # built once (its training draws nothing from torch either)
-    state = torch.random.get_rng_state()
-    a, b, c = build_tiny_qwen_image(seed=0), build_tiny_qwen_image(seed=0), build_tiny_qwen_image(seed=1)
-    assert torch.equal(torch.random.get_rng_state(), state)
-    wa, wb, wc = (m.transformer.state_dict()["proj_out.weight"] for m in (a, b, c))
-    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
-    ea, eb = (m.text_encoder.state_dict()["lm_head.weight"] for m in (a, b))
-    assert torch.equal(ea, eb)
-    t = TinyQwenImageModel.load(dtype="bfloat16")
-    assert type(t) is TinyQwenImageModel and t.dtype == torch.bfloat16 and t.vae.dtype == torch.bfloat16
-    assert t.text_encoder.dtype == torch.bfloat16

@@ -3,26 +3,17 @@ own process, the trainer's order and update, the plan for the same modules) and 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("real_dims", ROOT / "benchmarks" / "real_dims.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+import real_dims  # benchmarks/real_dims.py (tests/conftest.py puts benchmarks/ on the path)
 
 
 def test_real_dims_tiny_writes_measured_and_planned(tmp_path):
     out = tmp_path / "real_dims.json"
-    _bench().main(["--tiny", "--updates", "1", "--rank", "4", "--out", str(out)])
+    real_dims.main(["--tiny", "--updates", "1", "--rank", "4", "--out", str(out)])
     result = json.loads(out.read_text())
     assert set(result["modes"]) == {"lora", "full"}
     for mode, r in result["modes"].items():
@@ -48,5 +39,5 @@ def test_real_dims_tiny_writes_measured_and_planned(tmp_path):
 
 def test_real_dims_bad_input_exits_2(capsys):
     with pytest.raises(SystemExit) as e:
-        _bench().main(["--modes", "lora,half"])
+        real_dims.main(["--modes", "lora,half"])
     assert e.value.code == 2 and "unknown mode half" in capsys.readouterr().err

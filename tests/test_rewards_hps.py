@@ -12,7 +12,6 @@ from PIL import Image
 
 from srpo.errors import UserError
 from srpo.rewards import REWARDS
-from srpo.rewards.openclip import OpenCLIPReward
 
 PROMPTS = ["a photo of a red cat", "an oil painting of a harbour at night"]
 TINY = {
@@ -110,7 +109,6 @@ def test_open_clip_clip_score_file(setup):
     expected = model.logit_scale.detach().exp() * (fi * ft).sum(-1) / 20
     for path in (ckpt, st):
         reward = REWARDS.get("clip")(path=str(path), arch=str(arch))
-        assert isinstance(reward, OpenCLIPReward)
         assert torch.allclose(reward.score(images, PROMPTS), expected, rtol=1e-3)
 
 

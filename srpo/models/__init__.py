@@ -6,9 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
-from ..registry import Registry
-
-MODELS = Registry("model")
+from .base import MODELS, folder_family
 
 
 def family(name: str):
@@ -33,22 +31,20 @@ def load_model(m, device, transformer_path: str | None = None):
 
 def family_of_folder(path) -> str:
     """The registered family whose diffusers pipeline a local folder holds (model_index.json)."""
-    from .base import read_class_name
+    from .folders import read_class_name
 
     name = read_class_name(Path(path) / "model_index.json", "diffusers pipeline folder")
-    for key in MODELS.names():
-        cls = MODELS.get(key)
-        names = (getattr(cls, "pipeline_class", None), *getattr(cls, "pipeline_aliases", ()))
-        if name in names and not key.startswith("tiny"):
-            return key
-    raise UserError(f"{path} holds a {name or 'unknown'} pipeline, which no model family reads: "
-                    f"use one of {', '.join(n for n in MODELS.names() if not n.startswith('tiny'))}")
+    key = folder_family(name)
+    if key is None:
+        raise UserError(f"{path} holds a {name or 'unknown'} pipeline, which no model family reads: "
+                        f"use one of {', '.join(n for n in MODELS.names() if not MODELS.get(n).is_twin())}")
+    return key
 
 
 # the built-in families, one file each, and their tiny random-weight twins (a file not present
 # in this version is skipped)
-BUILTIN = ("flux", "tiny", "sd3", "sd3_tiny", "qwen_image", "qwen_image_tiny", "flux2", "flux2_tiny", "z_image",
-           "z_image_tiny")
+BUILTIN = ("flux", "tiny", "sd3", "sd3_tiny", "qwen_image", "qwen_image_tiny", "flux2", "flux2_klein", "flux2_tiny",
+           "z_image", "z_image_tiny")
 
 
 def _register_builtin() -> None:

@@ -1,9 +1,10 @@
 """The FlowModel contract: everything the trainer, the algorithms, the sampler, export and the
 memory plan need from a text-to-image flow-matching family, and nothing about how it is built.
 
-A family is one file: a subclass of :class:`FlowModel` registered under a name (``flux``,
-``sd3``, ...) or reached by a dotted path (``my_pkg.models.MyFamily``). It implements the hooks
-marked *family* below; the base class owns what every family shares and must do the same way:
+A family is one file: a subclass of :class:`FlowModel` registered in :data:`MODELS` under a name
+(``@MODELS.register("sd3")`` on the class) or reached by a dotted path
+(``my_pkg.models.MyFamily``). It implements the hooks marked *family* below; the base class owns
+what every family shares and must do the same way:
 
 - **precision** in one place: :meth:`velocity` runs the transformer under the configured
   autocast (:meth:`set_precision`) and returns float32, whatever the caller;
@@ -12,15 +13,20 @@ marked *family* below; the base class owns what every family shares and must do 
   :meth:`velocity` from the one ``guidance`` number the caller passes;
 - **schedule**: :meth:`schedule` gives the family's sigma grid (1 -> 0) for N steps at an image
   size; the algorithms read every noise level from it, so ``method.index_range`` means the same
-  for every family.
+  for every family;
+- **folders**: :meth:`load` reads a local diffusers folder of the family's pipeline (checked by
+  :meth:`check_folder`) through :meth:`pipeline_from_folder` and :meth:`from_pipeline`, and
+  :meth:`pipeline` hands the same modules back to that pipeline; a family overrides these only
+  where its pipeline differs.
 
 Latents in the contract are ``[B, C, h, w]`` in the VAE's normalised space; packing into patch
-tokens, position ids and pooled projections are details of a family's file.
+tokens, position ids and pooled projections are details of a family's file. The default
+:meth:`decode` / :meth:`encode` are those of an ``AutoencoderKL`` (scaling and shift factor).
 """
 
 from __future__ import annotations
 
-import contextlib
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,11 +35,15 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
+from ..precision import AUTOCAST, autocast
+from ..registry import Registry
+from .folders import check_options, check_transformer_folder, load_error, read_class_name, read_config
 
+MODELS = Registry("model")  # family name -> FlowModel subclass (each family file registers its classes)
 Cond = dict[str, Tensor]  # prompt conditioning, batched on dim 0; opaque outside the family
 NEGATIVE = "negative_"  # cond keys of the unconditional (negative-prompt) branch under true CFG
 GUIDANCE_MODES = ("embedded", "cfg", "none")
-AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_FAMILY = "flux"  # model.name when a config names none: the reference trainer's family
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -59,8 +69,83 @@ def split_cond(cond: Cond) -> tuple[Cond, Cond]:
     return pos, neg
 
 
+def broadcast_cond(cond: Cond, batch: int) -> Cond:
+    """A batch-1 conditioning expanded (a view) to ``batch``; others unchanged."""
+    return {k: (v.expand(batch, *v.shape[1:]) if v.shape[0] == 1 and batch > 1 else v) for k, v in cond.items()}
+
+
 def frozen(module: nn.Module) -> nn.Module:
     return module.eval().requires_grad_(False)
+
+
+def pack(latents: Tensor) -> Tensor:
+    """``[B, C, h, w]`` -> ``[B, (h/2)(w/2), 4C]``: the 2x2 patch tokens of FluxPipeline's and
+    QwenImagePipeline's ``_pack_latents``."""
+    b, c, h, w = latents.shape
+    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: Tensor, h: int, w: int) -> Tensor:
+    """Inverse of :func:`pack` for latents of spatial size ``h x w`` (``_unpack_latents``)."""
+    b, _, d = tokens.shape
+    x = tokens.reshape(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, h, w)
+
+
+def check_fit(model: str, pairs) -> None:
+    """One-line error at the first ``(name, value, other, wanted)`` where the transformer does not
+    fit the other parts of a ``model`` (a family's ``_check_compatible``)."""
+    for name, got, other, want in pairs:
+        if got != want:
+            raise UserError(f"transformer does not fit this {model} model: {name} = {got} but {other} = "
+                            f"{want}; use a transformer trained for this base model")
+
+
+def check_image_size(height: int, width: int, multiple: int) -> None:
+    if height % multiple or width % multiple or height <= 0 or width <= 0:
+        raise UserError(f"image size {height}x{width} is not supported: height and width must be "
+                        f"positive multiples of {multiple} for this model")
+
+
+def meta_module(module_cls, config: dict | None, default: dict) -> nn.Module:
+    """``module_cls`` on the meta device from a folder's ``config`` (or the flagship's ``default``)."""
+    with torch.device("meta"):
+        return module_cls.from_config(config) if config else module_cls(**default)
+
+
+def folder_configs(root: Path | None, *components: str) -> list[dict | None]:
+    """The components' ``config.json`` of a pipeline folder (None each without a folder or file)."""
+    return [read_config(Path(root) / c) if root else None for c in components]
+
+
+def encoder_params(config: dict | None, model_class: str, default: int) -> int:
+    """Parameters of the transformers model ``model_class`` built from a folder's ``config`` on the
+    meta device (``default``, the flagship's count, without a config)."""
+    if config is None:
+        return int(default)
+    import transformers
+
+    cls = getattr(transformers, model_class)
+    with torch.device("meta"):
+        model = cls(cls.config_class.from_dict({k: v for k, v in config.items() if not k.startswith("_")}))
+    return sum(p.numel() for p in model.parameters())
+
+
+def vae_sizes(vae) -> dict:
+    """What ``srpo plan`` reads of an ``AutoencoderKL``-style VAE (:attr:`PlanParts.vae_config`)."""
+    vc = vae.config
+    return {"block_out_channels": tuple(vc.block_out_channels), "layers_per_block": vc.layers_per_block,
+            "latent_channels": vc.latent_channels}
+
+
+def folder_family(pipeline_class: str) -> str | None:
+    """The registered family (not a tiny twin) that reads folders of ``pipeline_class``."""
+    for name in MODELS.names():
+        cls = MODELS.get(name)
+        if not cls.is_twin() and pipeline_class in (cls.pipeline_class, *cls.pipeline_aliases):
+            return name
+    return None
 
 
 @dataclass
@@ -87,11 +172,20 @@ class FlowModel:
     pipeline_class = ""  # the diffusers pipeline this family corresponds to
     pipeline_aliases: tuple[str, ...] = ()  # other pipeline classes whose folders this family loads
     transformer_class = ""  # the diffusers transformer class final/ loads with
+    options: tuple[str, ...] = ()  # the load options (model.options) the family's constructor takes
     lora_targets: tuple[str, ...] = ()  # default LoRA target modules (Linear names or suffixes)
     export_formats: tuple[str, ...] = ("diffusers",)
     guidance_mode = "none"  # embedded | cfg | none (an instance may refine it from its config)
     default_guidance = 1.0  # the family's usual sampling guidance (srpo sample's default)
     cfg_batched = True  # CFG: one call on [negative, positive] (False: two calls, e.g. ragged text lengths)
+    # what `srpo init`, `srpo bench` and the benchmarks know of a family, read from here only
+    title = ""  # the flagship model as people call it ("FLUX.1-dev")
+    flagship = ""  # the flagship's folder name (srpo init's placeholder path)
+    source = ""  # where users get the flagship folder (a hub repository, in words)
+    components: tuple[str, ...] = ()  # the pipeline folder's component folders
+    recipe = ""  # srpo init's starting recipe: srpo/configs/recipes/<recipe>.yaml ("": the generic one)
+    tiny_twin = ""  # registry name of the family's tiny random-weight twin
+    tiny_config = ""  # the built-in config that trains the twin (srpo train <tiny_config>)
 
     transformer: nn.Module
     vae: nn.Module
@@ -99,18 +193,51 @@ class FlowModel:
     autocast_dtype: torch.dtype | None = None  # set by set_precision
     cfg_gradient = "both"  # true CFG in a gradient forward: both passes with gradient, or "cond" only
 
-    # ---- construction (family) ---------------------------------------------------------------
+    @classmethod
+    def is_twin(cls) -> bool:
+        """A tiny random-weight twin built in code (:class:`~srpo.models.twin.TinyTwin`), not a
+        family of real folders."""
+        return False
+
+    # ---- construction -------------------------------------------------------------------------
     @classmethod
     def load(cls, path=None, transformer_path=None, device="cpu", dtype=torch.float32, shift=None,
-             **options) -> "FlowModel":
-        """The model from a local diffusers folder (or built in code); ``transformer_path``
-        replaces the transformer with a folder written by :meth:`save_transformer`."""
-        raise NotImplementedError
+             **options) -> FlowModel:
+        """The model from a local diffusers folder of the family's pipeline, offline and from
+        safetensors; ``options`` (the family's :attr:`options`) go to its constructor and
+        ``transformer_path`` replaces ``transformer/`` with a folder written by :meth:`save_transformer`."""
+        check_options(cls.family, set(options) - set(cls.options), cls.options)
+        if not path:
+            raise UserError(f"model '{cls.family}' needs a path: set model.path to a local diffusers "
+                            f"{cls.pipeline_class} folder")
+        root = cls.check_folder(path, need_transformer=not transformer_path)
+        pipe = cls.pipeline_from_folder(root, transformer_path, resolve_dtype(dtype))
+        return cls.from_pipeline(pipe, shift=shift, **options).to(device)
 
     @classmethod
-    def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:
-        """Sizes for ``srpo plan`` (meta-device modules; no weights read)."""
-        raise UserError(f"model family '{cls.family}' does not provide sizes for srpo plan")
+    def check_folder(cls, path, need_transformer: bool = True) -> Path:
+        """A local diffusers folder of exactly this family's pipeline (or one of its aliases), with
+        every component folder present; a one-line error naming what is wrong, or the family that
+        reads the folder instead."""
+        root = Path(path)
+        want = cls.pipeline_class
+        if not root.is_dir():
+            raise UserError(f"model folder {root} does not exist: give a local diffusers {want} folder "
+                            f"(model_index.json, {', '.join(c + '/' for c in cls.components)})")
+        if not (root / "model_index.json").is_file():
+            raise UserError(f"{root} is not a diffusers pipeline folder (no model_index.json): "
+                            f"give a local folder in the {want} layout")
+        name = read_class_name(root / "model_index.json", "pipeline folder")
+        if name not in (want, *cls.pipeline_aliases):
+            other = folder_family(name)
+            hint = f"use model '{other}'" if other else f"the '{cls.family}' model reads {want} folders ({cls.title})"
+            raise UserError(f"{root} holds a {name or 'unknown'} pipeline, not {want}: {hint}")
+        missing = [c + "/" for c in cls.components
+                   if (need_transformer or c != "transformer") and not (root / c).is_dir()]
+        if missing:
+            raise UserError(f"{root} lacks {', '.join(missing)}: a {cls.family} folder needs "
+                            f"{', '.join(cls.components)}")
+        return root
 
     @classmethod
     def pipeline_from_folder(cls, root, transformer_path, dtype: torch.dtype, **components):
@@ -131,54 +258,53 @@ class FlowModel:
                                                           f"safetensors weights is needed") from None
 
     @classmethod
-    def load_tiny(cls, build, path, transformer_path, device, dtype, folder_family: str) -> "FlowModel":
-        """A ``tiny_*`` family's ``load``: ``build()`` makes the random model in code (``path``
-        must be empty); ``transformer_path`` replaces its transformer; then device and dtype."""
-        import diffusers
-
-        if path:
-            raise UserError(f"model '{cls.family}' is built in code and takes no path (got {path}); "
-                            f"use model '{folder_family}' to load a folder")
-        try:
-            model = build()
-        except TypeError as e:
-            raise UserError(f"bad option for model '{cls.family}': {e}") from None
-        if transformer_path:
-            check_transformer_folder(transformer_path, cls.transformer_class)
-            model.transformer = getattr(diffusers, cls.transformer_class).from_pretrained(
-                str(transformer_path), local_files_only=True, use_safetensors=True)
-            model._check_compatible()
-        dtype = resolve_dtype(dtype)
-        for m in (model.transformer, *model.frozen_modules().values()):
-            m.to(device=device) if getattr(m, "dtype", None) == dtype else m.to(device=device, dtype=dtype)
-        return model
+    def from_pipeline(cls, pipe, **options) -> FlowModel:
+        """Wrap the modules of an existing pipeline of the family (its components, by the names
+        the family's constructor takes them under)."""
+        names = inspect.signature(cls.__init__).parameters
+        return cls(**{k: v for k, v in pipe.components.items() if k in names}, **options)
 
     @classmethod
-    def tiny_plan_modules(cls, path, options: dict, make, default_len: int,
-                          ignore: tuple[str, ...] = ()) -> tuple[dict, int, int]:
-        """A ``tiny_*`` family's modules on the meta device for ``plan_parts``: ``make(max_len,
-        options)`` builds them from the options left after the sequence length and the options
-        that do not change sizes (``ignore``, plus seed, shift, negative prompt, timestep
-        quantisation). Returns (modules, max_len, text-encoder parameters)."""
-        options = dict(options or {})
-        if path:
-            raise UserError(f"model '{cls.family}' is built in code and takes no path (got {path})")
-        max_len = int(options.pop("max_sequence_length", default_len))
-        for k in ("seed", "shift", "quantize_timesteps", "negative_prompt", *ignore):
-            options.pop(k, None)
-        try:
-            with torch.device("meta"):
-                modules = make(max_len, options)
-        except TypeError as e:
-            raise UserError(f"bad option for model '{cls.family}': {e}") from None
-        text = sum(p.numel() for k, m in modules.items() if k.startswith("text_encoder") and isinstance(m, nn.Module)
-                   for p in m.parameters())
-        return modules, max_len, text
+    def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:
+        """Sizes for ``srpo plan`` (meta-device modules; no weights read)."""
+        raise UserError(f"model family '{cls.family}' does not provide sizes for srpo plan")
 
-    def save_pipeline(self, path) -> "FlowModel":
+    @classmethod
+    def plan_options(cls, options: dict | None, default_len: int) -> tuple[int, dict]:
+        """The opening of :meth:`plan_parts`: a one-line error for options the family does not
+        take; the text length (``max_sequence_length``, else ``default_len``) and the others."""
+        options = dict(options or {})
+        check_options(cls.family, set(options) - set(cls.options), cls.options)
+        return int(options.pop("max_sequence_length", default_len)), options
+
+    @classmethod
+    def real_dims(cls, blocks: dict | None = None, *, tiny: bool = False, device="cpu", dtype=torch.bfloat16,
+                  frozen_dtype=torch.bfloat16, seed: int = 0) -> FlowModel:
+        """The flagship at its real widths with random weights of the real classes, to measure
+        memory and speed without its weights (*family*, optional). ``blocks`` chooses the depths
+        the family names (the flagship's where not given; FLUX: ``double`` and ``single``
+        transformer blocks, ``t5_layers``, ``text_tokens``); ``tiny``: the same classes at test
+        widths. The transformer in ``dtype``, the other parts in ``frozen_dtype``, on ``device``
+        (``meta``: shapes only, for :meth:`built_parts`); deterministic in ``seed``."""
+        have = [n for n in MODELS.names() if MODELS.get(n).real_dims.__func__ is not FlowModel.real_dims.__func__]
+        raise UserError(f"model family '{cls.family}' has no real-dimension builder: use {' or '.join(have)}")
+
+    def built_parts(self, height: int, width: int) -> PlanParts:
+        """Sizes for ``srpo plan`` of this model as built (:meth:`real_dims` on the meta device)."""
+        raise UserError(f"model family '{self.family}' does not provide sizes of a built model for srpo plan")
+
+    def save_pipeline(self, path) -> FlowModel:
         """Write the model as a full pipeline folder of its family (safetensors); returns self."""
         self.pipeline().save_pretrained(str(path), safe_serialization=True)
         return self
+
+    def hold(self, transformer, **parts) -> None:
+        """Keep a pipeline's parts as attributes under their component names: the transformer (it
+        trains), the VAE and the text encoders frozen, tokenizers, the scheduler and absent parts
+        (None) as they are."""
+        self.transformer = transformer
+        for name, part in parts.items():
+            setattr(self, name, frozen(part) if isinstance(part, nn.Module) else part)
 
     def _check_compatible(self) -> None:
         """One-line errors when the transformer does not fit the other parts (families override)."""
@@ -201,19 +327,55 @@ class FlowModel:
         raise NotImplementedError
 
     def decode(self, latents: Tensor) -> Tensor:
-        """Latents -> pixels in [0, 1], ``[B, 3, H, W]``, differentiable."""
-        raise NotImplementedError
+        """Latents -> pixels in [0, 1], ``[B, 3, H, W]``, differentiable with respect to ``latents``.
+        Default: an ``AutoencoderKL``'s, from its normalised space ``(z - shift_factor) *
+        scaling_factor``, run in the VAE's device and dtype."""
+        cfg = self.vae.config
+        z = latents / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+        x = self.vae.decode(z.to(self.vae.device, self.vae.dtype), return_dict=False)[0]
+        return ((x + 1) / 2).clamp(0, 1).to(latents.dtype)
 
+    @torch.no_grad()
     def encode(self, pixels: Tensor) -> Tensor:
-        """Pixels in [0, 1] -> latents (offline mode; no grad)."""
-        raise NotImplementedError
+        """Pixels in [0, 1] -> latents (offline mode; no grad). Default: an ``AutoencoderKL``'s
+        posterior mode in its normalised space (the inverse of :meth:`decode`)."""
+        cfg = self.vae.config
+        z = self.vae.encode((pixels * 2 - 1).to(self.vae.device, self.vae.dtype)).latent_dist.mode()
+        return ((z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor).to(pixels.dtype)
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
         raise NotImplementedError
 
     def pipeline(self):
-        """The family's diffusers pipeline sharing this model's modules (no copies)."""
-        raise NotImplementedError
+        """The family's diffusers pipeline sharing this model's modules (no copies: every
+        attribute named as one of the pipeline's components) with :meth:`pipeline_scheduler`."""
+        import diffusers
+
+        pipe_cls = getattr(diffusers, self.pipeline_class)
+        names = inspect.signature(pipe_cls.__init__).parameters
+        parts = {k: v for k, v in vars(self).items() if k in names and k != "scheduler"}
+        pipe = pipe_cls(scheduler=self.pipeline_scheduler(), **parts)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def pipeline_scheduler(self):
+        """The scheduler :meth:`pipeline` hands the pipeline: a fresh one from the model's config
+        (:meth:`scheduler_config`)."""
+        return type(self.scheduler).from_config(self.scheduler_config())
+
+    def scheduler_config(self) -> dict:
+        """The model's scheduler config, with ``shift`` (where the model overrides it) as a fixed shift."""
+        config = dict(self.scheduler.config)
+        if getattr(self, "shift", None) is not None:
+            config.update(shift=self.shift, use_dynamic_shifting=False)
+        return config
+
+    def scheduler_timestep(self, sigma: Tensor) -> Tensor:
+        """The scheduler's timestep ``1000 sigma`` (float32, on the model's device) as a pipeline
+        feeds it, floored to an integer first when ``quantize_timesteps``."""
+        if getattr(self, "quantize_timesteps", False):
+            return torch.floor(sigma.to(device=self.device, dtype=torch.float64) * 1000 + 1e-6).float()
+        return sigma.to(device=self.device, dtype=torch.float32) * 1000
 
     def pipeline_images(self, cond: Cond, noise: Tensor, steps: int, guidance: float) -> Tensor:
         """Images ``[B, 3, H, W]`` in [0, 1] from the diffusers pipeline's own ``__call__`` with
@@ -244,7 +406,7 @@ class FlowModel:
     def text_encoders(self) -> list[nn.Module]:
         return [m for k, m in self.frozen_modules().items() if k.startswith("text_encoder")]
 
-    def to(self, device) -> "FlowModel":
+    def to(self, device) -> FlowModel:
         for m in (self.transformer, *self.frozen_modules().values()):
             m.to(device)
         return self
@@ -256,12 +418,34 @@ class FlowModel:
         self.cfg_gradient = cfg_gradient
 
     def precision(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+        return autocast(self.device.type, self.autocast_dtype)
 
     def uses_cfg(self, guidance: float) -> bool:
         return self.guidance_mode == "cfg" and guidance > 1.0
+
+    def guided_cond(self, cond: Cond, batch: int, guidance: float) -> tuple[Cond, Cond]:
+        """(conditional, unconditional) parts of ``cond`` broadcast to ``batch``; a one-line error
+        where true CFG at ``guidance`` needs the unconditional part and ``cond`` has none."""
+        pos, neg = (broadcast_cond(c, batch) for c in split_cond(cond))
+        if self.uses_cfg(guidance) and not neg:
+            raise UserError(f"CFG scale {guidance} needs the negative prompt's conditioning: "
+                            f"encode prompts with {type(self).__name__}.encode_prompts")
+        return pos, neg
+
+    def negative_cond(self, batch: int = 1):
+        """The negative prompt's encoding for ``batch`` rows (the family's ``_encode`` of
+        ``[negative_prompt] * batch``) on the model's device, cached per prompt, text length and
+        batch (the last four). Encoded as a batch of copies, like the pipelines, rather than once
+        and expanded: the text encoders' matmuls round differently at other batch sizes (~4e-7 in
+        SD3's pooled CLIP projection), and ``encode_prompt`` parity is meant to be exact."""
+        cache = self.__dict__.setdefault("_negative", {})
+        key = (self.negative_prompt, self.max_sequence_length, batch)
+        if key not in cache:
+            if len(cache) >= 4:
+                cache.pop(next(iter(cache)))
+            cache[key] = self._encode([self.negative_prompt] * batch)
+        out = cache[key]
+        return tuple(t.to(self.device) for t in out) if isinstance(out, tuple) else out.to(self.device)
 
     def velocity(self, latents: Tensor, sigma: Tensor | float, cond: Cond, guidance: float) -> Tensor:
         """Guided velocity (float32) at levels ``sigma`` ([B] or scalar). ``guidance`` is the
@@ -270,17 +454,12 @@ class FlowModel:
         is broadcast over the latents' batch."""
         b = latents.shape[0]
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).reshape(-1).expand(b)
-        pos, neg = split_cond(cond)
-        pos = broadcast_cond(pos, b)
+        pos, neg = self.guided_cond(cond, b, guidance)
         with self.precision():
             if self.guidance_mode == "embedded":
                 return self.predict(latents, sigma, pos, float(guidance)).float()
             if not self.uses_cfg(guidance):
                 return self.predict(latents, sigma, pos, None).float()
-            if not neg:
-                raise UserError(f"CFG scale {guidance} needs the negative prompt's conditioning: "
-                                f"encode prompts with {type(self).__name__}.encode_prompts")
-            neg = broadcast_cond(neg, b)
             grad_cond_only = torch.is_grad_enabled() and self.cfg_gradient == "cond"
             if grad_cond_only or not self.cfg_batched:  # two calls; the unconditional one maybe without grad
                 v = self.predict(latents, sigma, pos, None).float()
@@ -327,11 +506,6 @@ class FlowModel:
                                transformer_lora_adapter_metadata=metadata)
 
 
-def broadcast_cond(cond: Cond, batch: int) -> Cond:
-    """A batch-1 conditioning expanded (a view) to ``batch``; others unchanged."""
-    return {k: (v.expand(batch, *v.shape[1:]) if v.shape[0] == 1 and batch > 1 else v) for k, v in cond.items()}
-
-
 def scheduler_sigmas(scheduler, steps: int, image_seq_len: int, shift: float | None = None) -> Tensor:
     """The sigmas ``[steps + 1]`` (float64, ending in 0) a diffusers flow-match scheduler sets for
     ``steps`` steps, as the family's pipeline calls it: dynamic shifting from the image sequence
@@ -352,101 +526,3 @@ def scheduler_sigmas(scheduler, steps: int, image_seq_len: int, shift: float | N
     sched = FlowMatchEulerDiscreteScheduler.from_config(config)
     sched.set_timesteps(steps, device="cpu", mu=mu)
     return sched.sigmas.to(torch.float64)
-
-
-# ---- local folders ---------------------------------------------------------------------------
-
-def read_class_name(config_file: Path, what: str) -> str:
-    """``_class_name`` of a diffusers JSON config; one-line errors for a missing or bad file."""
-    import json
-
-    if not config_file.is_file():
-        raise UserError(f"{config_file.parent} has no {config_file.name}: give a {what}")
-    try:
-        return str(json.loads(config_file.read_text()).get("_class_name", "") or "")
-    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
-        raise UserError(f"{config_file} is not valid JSON: re-download or re-save the folder") from None
-
-
-def check_options(family: str, unknown, valid) -> None:
-    """One-line error for options a family does not know."""
-    if unknown:
-        raise UserError(f"unknown option(s) for model '{family}': {', '.join(sorted(unknown))}; "
-                        f"valid: {', '.join(valid)}")
-
-
-def read_model_index(root: Path) -> dict:
-    """``model_index.json`` of a pipeline folder ({} when missing or unreadable)."""
-    import json
-
-    try:
-        index = json.loads((Path(root) / "model_index.json").read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return {}
-    return index if isinstance(index, dict) else {}
-
-
-def read_config(folder: Path, required: str | None = None) -> dict | None:
-    """A component's ``config.json``: None when missing (or, with ``required``, a one-line error
-    asking for it), a one-line error when it is not JSON."""
-    import json
-
-    file = Path(folder) / "config.json"
-    if not file.is_file():
-        if required:
-            raise UserError(f"{folder} has no config.json: give a complete diffusers {required} folder")
-        return None
-    try:
-        return json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{file} is not valid JSON") from None
-
-
-def check_pipeline_folder(path, family: str, pipeline_prefix: str, components: tuple[str, ...],
-                          need_transformer: bool = True) -> Path:
-    """A local diffusers pipeline folder of the family, with every component folder present."""
-    root = Path(path)
-    if not root.is_dir():
-        raise UserError(f"model folder {root} does not exist: give a local diffusers {pipeline_prefix} folder "
-                        f"(model_index.json, transformer/, vae/, text_encoder/, ...)")
-    if not (root / "model_index.json").is_file():
-        raise UserError(f"{root} is not a diffusers pipeline folder (no model_index.json): "
-                        f"give a local folder in the {pipeline_prefix}Pipeline layout")
-    name = read_class_name(root / "model_index.json", "pipeline folder")
-    if not name.startswith(pipeline_prefix):
-        raise UserError(f"{root} holds a {name or 'unknown'} pipeline, not {pipeline_prefix}: the "
-                        f"'{family}' model needs a {pipeline_prefix}Pipeline folder")
-    wanted = [c for c in components if need_transformer or c != "transformer"]
-    missing = [c + "/" for c in wanted if not (root / c).is_dir()]
-    if missing:
-        raise UserError(f"{root} lacks {', '.join(missing)}: a {family} folder needs {', '.join(components)}")
-    return root
-
-
-def check_transformer_folder(path, class_name: str) -> None:
-    """A transformer folder (``save_transformer`` / ``from_pretrained`` layout) of ``class_name``."""
-    name = read_class_name(Path(path) / "config.json", f"folder written by save_transformer / "
-                                                       f"{class_name}.save_pretrained")
-    if name != class_name:
-        raise UserError(f"{path} holds a {name or 'unknown model'}, not a {class_name}: give a transformer "
-                        f"folder of this model family")
-
-
-def load_error(where, e: Exception, what: str) -> UserError:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return UserError(f"cannot load weights from {where}: {first} ({what})")
-
-
-class TinyTwin:
-    """The ``load`` of a tiny random-weight twin, mixed in before its family's class: ``build(cls,
-    seed, shift=..., **sizes)`` makes the model in code (no path); ``transformer_path`` replaces
-    its transformer; a saved folder of it loads with the family named ``folder_family``."""
-
-    build = None  # staticmethod(the family's tiny builder)
-    folder_family = ""
-
-    @classmethod
-    def load(cls, path=None, seed: int = 0, transformer_path=None, device="cpu", dtype=torch.float32,
-             shift=None, **sizes):
-        return cls.load_tiny(lambda: cls.build(cls, seed, shift=shift, **sizes), path, transformer_path, device,
-                             dtype, cls.folder_family)

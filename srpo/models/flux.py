@@ -11,16 +11,14 @@ sigma, quantised to 1/1000 as the reference trainer feeds it (``quantize_timeste
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from ..errors import UserError
 from ..method import time_shift
-from . import MODELS
-from .base import Cond, FlowModel, PlanParts, check_pipeline_folder, frozen, resolve_dtype
+from .base import (MODELS, Cond, FlowModel, PlanParts, check_fit, check_image_size, encoder_params, folder_configs,
+                   meta_module, pack, unpack, vae_sizes)
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 REFERENCE_SHIFT = 3.0  # the reference FLUX trainer's fixed time shift
@@ -30,22 +28,31 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", 
 FLUX_DEV = dict(in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
                 guidance_embeds=True, axes_dims_rope=(16, 56, 56))
-FLUX_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16)
+FLUX_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2, latent_channels=16, norm_num_groups=32, sample_size=1024,
+                scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                use_post_quant_conv=False)  # FLUX.1-dev's vae/config.json
 T5_XXL, CLIP_L = 4_762_310_656, 123_060_480  # encoder parameters (FLUX.1's text_encoder_2 / text_encoder)
+CLIP_VOCAB = 49408  # the offline CLIP BPE's (srpo.tokenizer.clip_tokenizer)
 
-
-def pack(latents: Tensor) -> Tensor:
-    """``[B, C, h, w]`` -> ``[B, (h/2)(w/2), 4C]`` (2x2 patches, FluxPipeline's layout)."""
-    b, c, h, w = latents.shape
-    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack(tokens: Tensor, h: int, w: int) -> Tensor:
-    """Inverse of :func:`pack` for latents of spatial size ``h x w``."""
-    b, _, d = tokens.shape
-    x = tokens.reshape(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, d // 4, h, w)
+# FluxModel.real_dims: FLUX.1-dev's widths with T5-XXL's encoder (gated GELU) and CLIP-L's text model;
+# no tokenizer can be downloaded, so both encoders read the offline CLIP BPE and T5's vocabulary is
+# its 49408 tokens (T5-XXL has 32128: 71 M more embedding parameters, which srpo plan counts as any)
+REAL_WIDTHS = dict(heads=24, head_dim=128, rope=(16, 56, 56), vae=FLUX_VAE,
+                   t5=dict(d_model=4096, d_kv=64, d_ff=10240, num_heads=64, feed_forward_proj="gated-gelu"),
+                   clip=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                             projection_dim=768, hidden_act="quick_gelu"))
+REAL_BLOCKS = dict(double=19, single=38, t5_layers=24, text_tokens=512)
+# the same classes at test size (seconds on a CPU)
+TEST_WIDTHS = dict(heads=2, head_dim=16, rope=(4, 6, 6),
+                   vae=dict(FLUX_VAE, block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                            norm_num_groups=8, sample_size=32),
+                   t5=dict(d_model=32, d_kv=16, d_ff=64, num_heads=2, feed_forward_proj="gated-gelu"),
+                   clip=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                             projection_dim=32, hidden_act="quick_gelu"))
+TEST_BLOCKS = dict(double=1, single=1, t5_layers=1, text_tokens=16)
 
 
 @functools.lru_cache(maxsize=16)
@@ -64,12 +71,21 @@ def _text_ids(n: int, device, dtype) -> Tensor:
     return torch.zeros(n, 3, device=device, dtype=dtype)
 
 
+@MODELS.register("flux")
 class FluxModel(FlowModel):
     """A FLUX pipeline's parts behind the FlowModel contract; only ``transformer`` trains."""
 
     family = "flux"
     pipeline_class = "FluxPipeline"
+    title = "FLUX.1-dev"
+    flagship = "FLUX.1-dev"
+    source = "black-forest-labs/FLUX.1-dev"
+    components = COMPONENTS
+    recipe = "flux"
+    tiny_twin = "tiny_flux"
+    tiny_config = "tiny"
     transformer_class = "FluxTransformer2DModel"
+    options = ("max_sequence_length", "quantize_timesteps")
     lora_targets = LORA_TARGETS
     export_formats = ("diffusers", "single-file")
     default_guidance = 3.5
@@ -77,13 +93,8 @@ class FluxModel(FlowModel):
     def __init__(self, transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
                  scheduler=None, max_sequence_length: int = 512, shift: float | None = None,
                  quantize_timesteps: bool | None = None):
-        self.transformer = transformer
-        self.vae = frozen(vae)
-        self.text_encoder = frozen(text_encoder)
-        self.text_encoder_2 = frozen(text_encoder_2)
-        self.tokenizer = tokenizer
-        self.tokenizer_2 = tokenizer_2
-        self.scheduler = scheduler
+        self.hold(transformer, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                  tokenizer_2=tokenizer_2, scheduler=scheduler)
         self.max_sequence_length = max_sequence_length
         self.shift = REFERENCE_SHIFT if shift is None else float(shift)
         self.quantize_timesteps = True if quantize_timesteps is None else bool(quantize_timesteps)
@@ -93,80 +104,79 @@ class FluxModel(FlowModel):
 
     def _check_compatible(self) -> None:
         tc = self.transformer.config
-        pairs = [
+        check_fit("FLUX", [
             ("transformer in_channels", tc.in_channels, "4 x vae latent_channels",
              4 * self.vae.config.latent_channels),
             ("transformer joint_attention_dim", tc.joint_attention_dim, "text_encoder_2 d_model",
              self.text_encoder_2.config.d_model),
             ("transformer pooled_projection_dim", tc.pooled_projection_dim, "text_encoder hidden_size",
-             self.text_encoder.config.hidden_size),
-        ]
-        for name, got, other, want in pairs:
-            if got != want:
-                raise UserError(f"transformer does not fit this FLUX model: {name} = {got} but "
-                                f"{other} = {want}; use a transformer trained for this base model")
+             self.text_encoder.config.hidden_size)])
 
     # ---- construction -------------------------------------------------------------------
-    @classmethod
-    def load(cls, path=None, transformer_path=None, device="cpu", dtype=torch.float32, shift=None,
-             max_sequence_length: int = 512, quantize_timesteps: bool | None = None, **unknown) -> "FluxModel":
-        """A local diffusers FLUX folder (FluxPipeline layout), offline and from safetensors.
-
-        ``transformer_path`` optionally replaces ``transformer/`` with a folder written by
-        :meth:`save_transformer` (or any ``FluxTransformer2DModel`` folder).
-        """
-        if unknown:
-            raise UserError(f"unknown option(s) for model 'flux': {', '.join(sorted(unknown))}; "
-                            f"valid: max_sequence_length, quantize_timesteps")
-        if not path:
-            raise UserError("model 'flux' needs a path: set model.path to a local diffusers FLUX folder")
-        root = check_pipeline_folder(path, "flux", "Flux", COMPONENTS, need_transformer=not transformer_path)
-        dtype = resolve_dtype(dtype)
-        pipe = cls.pipeline_from_folder(root, transformer_path, dtype)
-        model = cls.from_pipeline(pipe, max_sequence_length=max_sequence_length, shift=shift,
-                                  quantize_timesteps=quantize_timesteps)
-        return model.to(device)
-
-    @classmethod
-    def from_pipeline(cls, pipe, **kwargs) -> "FluxModel":
-        """Wrap the components of an existing diffusers ``FluxPipeline``."""
-        return cls(pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.text_encoder_2,
-                   pipe.tokenizer_2, scheduler=pipe.scheduler, **kwargs)
-
     @classmethod
     def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:
         """From the folder's config files, or FLUX.1-dev's dimensions without a folder."""
         from diffusers import AutoencoderKL, FluxTransformer2DModel
 
-        folder = Path(path) if path else None
-        if folder is not None and (folder / "transformer" / "config.json").is_file():
-            tcfg = json.loads((folder / "transformer" / "config.json").read_text())
-            tcfg = {k: v for k, v in tcfg.items() if not k.startswith("_")}
-            vae_cfg = json.loads((folder / "vae" / "config.json").read_text())
-            name = str(folder)
-        else:
-            tcfg, vae_cfg, name = FLUX_DEV, FLUX_VAE, "FLUX.1-dev dimensions"
-        with torch.device("meta"):
-            tr = FluxTransformer2DModel(**tcfg)
-            n = len(vae_cfg["block_out_channels"])
-            vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-                                block_out_channels=tuple(vae_cfg["block_out_channels"]),
-                                layers_per_block=vae_cfg["layers_per_block"],
-                                latent_channels=vae_cfg["latent_channels"])
-        factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1) * 2
-        return PlanParts(name, tr, vae, vae_cfg, T5_XXL + CLIP_L, int(options.get("max_sequence_length", 512)),
+        max_len, _ = cls.plan_options(options, 512)
+        t_cfg, v_cfg, clip, t5 = folder_configs(Path(path) if path else None, "transformer", "vae", "text_encoder",
+                                                "text_encoder_2")
+        transformer = meta_module(FluxTransformer2DModel, t_cfg, FLUX_DEV)
+        text = encoder_params(clip, "CLIPTextModel", CLIP_L) + encoder_params(t5, "T5EncoderModel", T5_XXL)
+        return cls.plan_of(str(path) if t_cfg else "FLUX.1-dev dimensions", transformer,
+                           meta_module(AutoencoderKL, v_cfg, FLUX_VAE), text, max_len, height, width)
+
+    @classmethod
+    def plan_of(cls, name, transformer, vae, text_params: int, max_len: int, height: int, width: int) -> PlanParts:
+        factor = 2 ** len(vae.config.block_out_channels)  # the VAE's factor x the 2x2 packing
+        return PlanParts(name, transformer, vae, vae_sizes(vae), int(text_params), int(max_len),
                          (height // factor) * (width // factor))
 
-    def pipeline(self):
-        """A diffusers ``FluxPipeline`` sharing this model's modules (no copies)."""
-        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    @classmethod
+    def real_dims(cls, blocks: dict | None = None, *, tiny: bool = False, device="cpu", dtype=torch.bfloat16,
+                  frozen_dtype=torch.bfloat16, seed: int = 0) -> FluxModel:
+        """FLUX.1-dev's widths (``tiny``: test widths) with random weights: ``blocks`` takes
+        ``double`` (19) and ``single`` (38) transformer blocks, ``t5_layers`` (24) and
+        ``text_tokens`` (T5 tokens, 512); see :meth:`FlowModel.real_dims`."""
+        from diffusers import AutoencoderKL, FluxTransformer2DModel
+        from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-        scheduler = self.scheduler or FlowMatchEulerDiscreteScheduler(shift=self.shift, use_dynamic_shifting=False)
-        pipe = FluxPipeline(scheduler=scheduler, vae=self.vae, text_encoder=self.text_encoder,
-                            tokenizer=self.tokenizer, text_encoder_2=self.text_encoder_2,
-                            tokenizer_2=self.tokenizer_2, transformer=self.transformer)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        from ..tokenizer import clip_tokenizer
+        from .folders import check_options
+        from .twin import made_in, seeded
+
+        w, depth = (TEST_WIDTHS, dict(TEST_BLOCKS)) if tiny else (REAL_WIDTHS, dict(REAL_BLOCKS))
+        check_options(cls.family, set(blocks or {}) - set(depth), depth)
+        depth.update(blocks or {})
+
+        def make():
+            with made_in(device, dtype):
+                transformer = FluxTransformer2DModel(
+                    patch_size=1, in_channels=4 * w["vae"]["latent_channels"], num_layers=depth["double"],
+                    num_single_layers=depth["single"], attention_head_dim=w["head_dim"],
+                    num_attention_heads=w["heads"], joint_attention_dim=w["t5"]["d_model"],
+                    pooled_projection_dim=w["clip"]["hidden_size"], guidance_embeds=True, axes_dims_rope=w["rope"])
+            with made_in(device, frozen_dtype):
+                return (transformer, AutoencoderKL(**w["vae"]),
+                        CLIPTextModel(CLIPTextConfig(vocab_size=CLIP_VOCAB, max_position_embeddings=77, **w["clip"])),
+                        T5EncoderModel(T5Config(vocab_size=CLIP_VOCAB, dropout_rate=0.0, num_layers=depth["t5_layers"],
+                                                **w["t5"])))
+
+        transformer, vae, clip, t5 = seeded(seed, make)
+        tok = clip_tokenizer()
+        return cls(transformer, vae, clip, tok, t5, tok, max_sequence_length=depth["text_tokens"])
+
+    def built_parts(self, height: int, width: int) -> PlanParts:
+        tc = self.transformer.config
+        return self.plan_of(f"{self.title} widths, {tc.num_layers} + {tc.num_single_layers} blocks", self.transformer,
+                            self.vae, sum(p.numel() for e in self.text_encoders() for p in e.parameters()),
+                            self.max_sequence_length, height, width)
+
+    def pipeline_scheduler(self):
+        """The model's own scheduler (what ``save_pipeline`` writes), else one at the fixed shift."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return self.scheduler or FlowMatchEulerDiscreteScheduler(shift=self.shift, use_dynamic_shifting=False)
 
     def pipeline_images(self, cond: Cond, noise: Tensor, steps: int, guidance: float) -> Tensor:
         """``FluxPipeline.__call__`` on this model's modules, prompt embeddings and noise, with the
@@ -221,26 +231,8 @@ class FluxModel(FlowModel):
         ``linspace(1, 1/N, N)`` under a fixed-shift scheduler, then 0."""
         return time_shift(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), self.shift)
 
-    def decode(self, latents: Tensor) -> Tensor:
-        """Normalised latents -> pixels in [0, 1]; differentiable with respect to ``latents``."""
-        cfg = self.vae.config
-        z = latents / cfg.scaling_factor + (cfg.shift_factor or 0.0)
-        x = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
-        return ((x + 1) / 2).clamp(0, 1).to(latents.dtype)
-
-    @torch.no_grad()
-    def encode(self, pixels: Tensor) -> Tensor:
-        """Pixels in [0, 1] -> normalised latents (the posterior mode)."""
-        cfg = self.vae.config
-        x = (pixels * 2 - 1).to(self.vae.device, self.vae.dtype)
-        z = self.vae.encode(x).latent_dist.mode()
-        return ((z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor).to(pixels.dtype)
-
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
-        m = self.vae_scale_factor * 2
-        if height % m or width % m:
-            raise UserError(f"image size {height}x{width} is not supported: height and width must be "
-                            f"multiples of {m} for this model")
+        check_image_size(height, width, self.vae_scale_factor * 2)
         return (batch, self.vae.config.latent_channels, height // self.vae_scale_factor,
                 width // self.vae_scale_factor)
 
@@ -249,6 +241,3 @@ class FluxModel(FlowModel):
         from .flux_single_file import bfl_state
 
         return bfl_state(state)
-
-
-MODELS.register("flux")(FluxModel)

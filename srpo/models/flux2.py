@@ -1,5 +1,6 @@
 """FLUX.2 as a FlowModel: diffusers' Flux2Transformer2DModel + AutoencoderKLFlux2 with the text
-encoder of one of its two text-to-image pipelines, one registered family each:
+encoder of one of its two text-to-image pipelines, one registered family each (:class:`Flux2Base`,
+what both share, and ``flux2`` here; ``flux2_klein`` in ``flux2_klein.py``):
 
 - ``flux2``: ``Flux2Pipeline`` (FLUX.2 [dev]): Mistral-Small-3.x (``Mistral3ForConditionalGeneration``
   behind a ``PixtralProcessor``), its chat template with the pipeline's system message, hidden
@@ -24,24 +25,21 @@ tokens (a plain flatten: the transformer's ``patch_size`` is 1) and the 4-D posi
 (BFL's empirical fit, :func:`empirical_mu`); the transformer gets ``timestep / 1000`` of the
 scheduler's ``1000 sigma`` timestep and scales it back itself.
 
-The file also holds ``tiny_flux2`` / ``tiny_flux2_klein``: random-weight models built in code from
-the real classes, with small deterministic byte-level BPE tokenizers built here (no tokenizer file
+Their twins ``tiny_flux2`` / ``tiny_flux2_klein`` (``flux2_tiny.py``): random-weight models built in
+code from the real classes, with small deterministic byte-level BPE tokenizers (no tokenizer file
 of these models exists offline) carrying the special tokens the chat templates use.
 """
 
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from ..errors import UserError
-from . import MODELS
-from .base import Cond, FlowModel, PlanParts, broadcast_cond, frozen, resolve_dtype, split_cond
-from .base import check_options, read_config, read_model_index
-from .base import check_pipeline_folder as _check_folder
+from .base import MODELS, Cond, FlowModel, PlanParts, check_fit, check_image_size, vae_sizes
+from .folders import read_config, read_model_index
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 MAX_SEQUENCE_LENGTH = 512  # both pipelines' default
@@ -54,13 +52,10 @@ FLUX2_DEV_TRANSFORMER = dict(
     num_attention_heads=48, joint_attention_dim=15360, timestep_guidance_channels=256, mlp_ratio=3.0,
     axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, eps=1e-6, guidance_embeds=True,
 )
-# the same script, "klein-4b" (black-forest-labs/FLUX.2-klein-4B and -base-4B; no guidance embedding)
-FLUX2_KLEIN_4B_TRANSFORMER = dict(FLUX2_DEV_TRANSFORMER, num_layers=5, num_single_layers=20,
-                                  num_attention_heads=24, joint_attention_dim=7680, guidance_embeds=False)
 # the script converts the VAE into AutoencoderKLFlux2() with its defaults: 32 latent channels, 8x
 FLUX2_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=32)
-# text encoders: mistralai/Mistral-Small-3.2-24B-Instruct-2506 config.json (FLUX.2 [dev]'s, per the
-# conversion script; lm_head untied) and Qwen/Qwen3-4B config.json (klein 4B's, embeddings tied)
+# text encoder: mistralai/Mistral-Small-3.2-24B-Instruct-2506 config.json (FLUX.2 [dev]'s, per the
+# conversion script; lm_head untied)
 MISTRAL_SMALL_3 = dict(
     text_config=dict(model_type="mistral", vocab_size=131072, hidden_size=5120, intermediate_size=32768,
                      num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
@@ -70,12 +65,7 @@ MISTRAL_SMALL_3 = dict(
     image_token_index=10, spatial_merge_size=2, multimodal_projector_bias=False, projector_hidden_act="gelu",
     vision_feature_layer=-1, tie_word_embeddings=False,
 )
-QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-                tie_word_embeddings=True)
-# their parameters, counted from those configs on the meta device (tests/test_flux2.py recounts)
-MISTRAL_SMALL_3_PARAMS = 24_011_361_280
-QWEN3_4B_PARAMS = 4_022_468_096
+MISTRAL_SMALL_3_PARAMS = 24_011_361_280  # counted from it on the meta device (count_text_encoder_params)
 
 # LoRA targets: attention and MLP projections of the double-stream blocks, the fused QKV+MLP input
 # of the single-stream blocks and, by full name, their fused output ``attn.to_out`` (a bare
@@ -143,19 +133,22 @@ class Flux2Base(FlowModel):
     ``transformer`` trains. Subclasses add the text encoder and guidance."""
 
     family = "flux2_base"
+    components = COMPONENTS
     transformer_class = "Flux2Transformer2DModel"
-    export_formats = ("diffusers",)
-    default_layers: tuple[int, ...] = ()
     options = ("max_sequence_length", "text_encoder_out_layers", "quantize_timesteps")
+    default_layers: tuple[int, ...] = ()  # the pipeline's text_encoder_out_layers
+    text_encoder_classes = ("", "")  # the transformers config and model classes of text_encoder/
+    # the flagship checkpoint, for srpo plan without a folder: its transformer config, its text
+    # encoder's config (named) and parameters, and what the plan calls it
+    flagship_transformer: dict = {}
+    flagship_text_encoder: tuple[str, dict] = ("", {})
+    flagship_text_params = 0
+    flagship_title = ""
 
     def __init__(self, transformer, vae, text_encoder, tokenizer, scheduler,
                  max_sequence_length: int = MAX_SEQUENCE_LENGTH, text_encoder_out_layers=None,
                  shift: float | None = None, quantize_timesteps: bool | None = None):
-        self.transformer = transformer
-        self.vae = frozen(vae)
-        self.text_encoder = frozen(text_encoder)
-        self.tokenizer = tokenizer
-        self.scheduler = scheduler
+        self.hold(transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
         try:
             self.max_sequence_length = int(max_sequence_length)
         except (TypeError, ValueError):
@@ -174,74 +167,32 @@ class Flux2Base(FlowModel):
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._check_compatible()
 
-    def text_hidden_size(self) -> int:
-        raise NotImplementedError
-
-    def text_layers(self) -> int:
-        raise NotImplementedError
-
     def _check_compatible(self) -> None:
         tc, vc = self.transformer.config, self.vae.config
-        depth = self.text_layers()
+        text = self.text_encoder.config.get_text_config()
+        depth = text.num_hidden_layers
         bad = [k for k in self.text_encoder_out_layers if not -depth - 1 <= k <= depth]
         if bad:
             raise UserError(f"text_encoder_out_layers {list(self.text_encoder_out_layers)} do not fit this text "
                             f"encoder: it has {depth} layers (hidden states 0 to {depth}); set "
                             f"model.options.text_encoder_out_layers")
-        pairs = [("transformer patch_size", tc.patch_size, "the pipeline's token packing", 1),
-                 ("transformer in_channels", tc.in_channels, "4 x vae latent_channels", 4 * vc.latent_channels),
-                 ("transformer in_channels", tc.in_channels, "vae batch-norm features", self.vae.bn.num_features),
-                 ("transformer joint_attention_dim", tc.joint_attention_dim,
-                  f"{len(self.text_encoder_out_layers)} stacked layers x text_encoder hidden_size",
-                  len(self.text_encoder_out_layers) * self.text_hidden_size())]
-        for name, got, other, want in pairs:
-            if got != want:
-                raise UserError(f"transformer does not fit this {self.family} model: {name} = {got} but {other} = "
-                                f"{want}; use a transformer trained for this base model")
+        check_fit(self.family, [
+            ("transformer patch_size", tc.patch_size, "the pipeline's token packing", 1),
+            ("transformer in_channels", tc.in_channels, "4 x vae latent_channels", 4 * vc.latent_channels),
+            ("transformer in_channels", tc.in_channels, "vae batch-norm features", self.vae.bn.num_features),
+            ("transformer joint_attention_dim", tc.joint_attention_dim,
+             f"{len(self.text_encoder_out_layers)} stacked layers x text_encoder hidden_size",
+             len(self.text_encoder_out_layers) * text.hidden_size)])
         self.lora_targets = lora_targets_for(tc.num_single_layers)
 
     # ---- construction -----------------------------------------------------------------------
     @classmethod
-    def check_pipeline_folder(cls, path, need_transformer: bool = True) -> Path:
-        """A local folder of exactly this family's pipeline, with every component folder."""
-        root = _check_folder(path, cls.family, "Flux2", COMPONENTS, need_transformer=need_transformer)
-        name = read_model_index(root).get("_class_name", "")
-        if name != cls.pipeline_class:
-            other = {c.pipeline_class: c.family for c in (Flux2Model, Flux2KleinModel)}.get(name)
-            hint = f"use model '{other}'" if other else f"the '{cls.family}' model needs a {cls.pipeline_class} folder"
-            raise UserError(f"{root} holds a {name} pipeline, not {cls.pipeline_class}: {hint}")
-        return root
-
-    @classmethod
-    def load(cls, path=None, transformer_path=None, device="cpu", dtype=torch.float32, shift=None,
-             **options) -> "Flux2Base":
-        """A local diffusers folder of the family's pipeline, offline and from safetensors;
-        ``transformer_path`` replaces ``transformer/`` with a folder written by :meth:`save_transformer`."""
-        check_options(cls.family, {k: v for k, v in options.items() if k not in cls.options}, cls.options)
-        if not path:
-            raise UserError(f"model '{cls.family}' needs a path: set model.path to a local diffusers "
-                            f"{cls.pipeline_class} folder")
-        root = cls.check_pipeline_folder(path, need_transformer=not transformer_path)
-        dtype = resolve_dtype(dtype)
-        pipe = cls.pipeline_from_folder(root, transformer_path, dtype)
-        return cls.from_pipeline(pipe, shift=shift, **options).to(device)
-
-    @classmethod
-    def from_pipeline(cls, pipe, **kwargs) -> "Flux2Base":
-        """Wrap the components of an existing pipeline of this family."""
-        return cls(pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, **kwargs)
-
-    @classmethod
-    def _plan(cls, name, transformer, vae, text_params: int, max_len: int, height: int, width: int,
-              distilled: bool = False) -> PlanParts:
-        vc = vae.config
-        n = 2 ** len(vc.block_out_channels)  # VAE factor x the 2x2 patchify
-        return PlanParts(
-            name=name, transformer=transformer, vae=vae,
-            vae_config={"block_out_channels": tuple(vc.block_out_channels), "layers_per_block": vc.layers_per_block,
-                        "latent_channels": vc.latent_channels},
-            text_encoders=int(text_params), text_tokens=int(max_len), image_tokens=(height // n) * (width // n),
-            guidance_mode="none" if distilled else None)
+    def plan_of(cls, name, transformer, vae, text_params: int, max_len: int, height: int, width: int,
+                distilled: bool = False) -> PlanParts:
+        n = 2 ** len(vae.config.block_out_channels)  # VAE factor x the 2x2 patchify
+        return PlanParts(name=name, transformer=transformer, vae=vae, vae_config=vae_sizes(vae),
+                         text_encoders=int(text_params), text_tokens=int(max_len),
+                         image_tokens=(height // n) * (width // n), guidance_mode="none" if distilled else None)
 
     @classmethod
     def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:
@@ -249,31 +200,28 @@ class Flux2Base(FlowModel):
         checkpoint's dimensions without a path)."""
         from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
 
-        options = dict(options or {})
-        check_options(cls.family, {k: v for k, v in options.items() if k not in cls.options}, cls.options)
-        max_len = int(options.get("max_sequence_length", MAX_SEQUENCE_LENGTH))
+        max_len, _ = cls.plan_options(options, MAX_SEQUENCE_LENGTH)
         if not path:
-            t_cfg, v_cfg, text_params, name = cls.flagship()
             with torch.device("meta"):
-                transformer = Flux2Transformer2DModel(**t_cfg)
-                vae = AutoencoderKLFlux2(**v_cfg)
-            return cls._plan(name, transformer, vae, text_params, max_len, height, width)
-        root = cls.check_pipeline_folder(path)
+                transformer = Flux2Transformer2DModel(**cls.flagship_transformer)
+                vae = AutoencoderKLFlux2(**FLUX2_VAE)
+            return cls.plan_of(cls.flagship_title, transformer, vae, cls.flagship_text_params, max_len, height, width)
+        root = cls.check_folder(path)
         with torch.device("meta"):
             transformer = Flux2Transformer2DModel.from_config(read_config(root / "transformer", required="FLUX.2"))
             vae = AutoencoderKLFlux2.from_config(read_config(root / "vae", required="FLUX.2"))
             encoder = cls.text_encoder_from_config(read_config(root / "text_encoder", required="FLUX.2"))
-        text_params = sum(p.numel() for p in encoder.parameters())
-        return cls._plan(f"{cls.pipeline_class} ({root.name})", transformer, vae, text_params, max_len, height, width,
-                         distilled=bool(read_model_index(root).get("is_distilled", False)))
-
-    @classmethod
-    def flagship(cls) -> tuple[dict, dict, int, str]:
-        raise NotImplementedError
+        return cls.plan_of(f"{cls.pipeline_class} ({root.name})", transformer, vae, _param_count(encoder), max_len,
+                           height, width, distilled=bool(read_model_index(root).get("is_distilled", False)))
 
     @classmethod
     def text_encoder_from_config(cls, config: dict):
-        raise NotImplementedError
+        """The family's text encoder (random init under the caller's device context) from a config."""
+        import transformers
+
+        config_cls, model_cls = (getattr(transformers, name) for name in cls.text_encoder_classes)
+        skip = ("architectures", "transformers_version")
+        return model_cls(config_cls(**{k: v for k, v in config.items() if not k.startswith("_") and k not in skip}))
 
     # ---- FlowModel hooks --------------------------------------------------------------------
     def _embeds(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -296,9 +244,7 @@ class Flux2Base(FlowModel):
         dtype, device = self.dtype, self.device
         x = latents.to(device, dtype).reshape(b, c, h * w).permute(0, 2, 1)
         text = cond["prompt_embeds"].to(device, dtype)
-        t = sigma.to(device=device, dtype=torch.float32) * 1000
-        if self.quantize_timesteps:
-            t = torch.floor(sigma.to(device=device, dtype=torch.float64) * 1000 + 1e-6).float()
+        t = self.scheduler_timestep(sigma)
         t = t.to(dtype)
         g = None
         if guidance is not None:
@@ -309,13 +255,6 @@ class Flux2Base(FlowModel):
         )[0]
         return out.permute(0, 2, 1).reshape(b, c, h, w)
 
-    def _scheduler(self):
-        """A fresh scheduler from the model's config (``shift`` overrides dynamic shifting)."""
-        config = dict(self.scheduler.config)
-        if self.shift is not None:
-            config.update(shift=self.shift, use_dynamic_shifting=False)
-        return type(self.scheduler).from_config(config)
-
     def schedule(self, steps: int, height: int, width: int) -> Tensor:
         """The pipeline's sigmas: ``linspace(1, 1/N, N)`` set on the scheduler with
         ``mu = compute_empirical_mu(tokens, N)`` (used where the scheduler shifts dynamically, as
@@ -324,7 +263,7 @@ class Flux2Base(FlowModel):
 
         n = self.vae_scale_factor * 2
         seq_len = (height // n) * (width // n)
-        sched = self._scheduler()
+        sched = self.pipeline_scheduler()
         sigmas = np.linspace(1.0, 1 / steps, steps)
         if getattr(sched.config, "use_flow_sigmas", False):  # as the pipeline: the scheduler's own
             sigmas = None
@@ -353,24 +292,8 @@ class Flux2Base(FlowModel):
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
         n = self.vae_scale_factor * 2
-        if height % n or width % n or height <= 0 or width <= 0:
-            raise UserError(f"image size {height}x{width} is not supported: height and width must be "
-                            f"positive multiples of {n} for this model")
+        check_image_size(height, width, n)
         return (batch, self.transformer.config.in_channels, height // n, width // n)
-
-    def _pipeline(self, **extra):
-        import diffusers
-
-        pipe = getattr(diffusers, self.pipeline_class)(
-            scheduler=self._scheduler(), vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-            transformer=self.transformer, **extra)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    def pipeline(self):
-        """The family's pipeline sharing this model's modules (a fresh scheduler from the model's
-        config, with ``shift`` applied when it was overridden)."""
-        return self._pipeline()
 
 
 @MODELS.register("flux2")
@@ -379,30 +302,25 @@ class Flux2Model(Flux2Base):
 
     family = "flux2"
     pipeline_class = "Flux2Pipeline"
+    title = "FLUX.2 [dev]"
+    flagship = "FLUX.2-dev"
+    source = "black-forest-labs/FLUX.2-dev"
+    recipe = "flux2"
+    tiny_twin = "tiny_flux2"
+    tiny_config = "tiny-flux2"
     lora_targets = lora_targets_for(FLUX2_DEV_TRANSFORMER["num_single_layers"])
     guidance_mode = "embedded"
     default_guidance = 4.0  # Flux2Pipeline's default guidance_scale
     default_layers = (10, 20, 30)
+    text_encoder_classes = ("Mistral3Config", "Mistral3ForConditionalGeneration")
+    flagship_transformer = FLUX2_DEV_TRANSFORMER
+    flagship_text_encoder = ("mistral_small_3", MISTRAL_SMALL_3)
+    flagship_text_params = MISTRAL_SMALL_3_PARAMS
+    flagship_title = "FLUX.2 [dev]"
 
     def _check_compatible(self) -> None:
         super()._check_compatible()
         self.guidance_mode = "embedded" if self.transformer.config.guidance_embeds else "none"
-
-    def text_hidden_size(self) -> int:
-        return self.text_encoder.config.text_config.hidden_size
-
-    def text_layers(self) -> int:
-        return self.text_encoder.config.text_config.num_hidden_layers
-
-    @classmethod
-    def flagship(cls):
-        return FLUX2_DEV_TRANSFORMER, FLUX2_VAE, MISTRAL_SMALL_3_PARAMS, "FLUX.2 [dev]"
-
-    @classmethod
-    def text_encoder_from_config(cls, config: dict):
-        from transformers import Mistral3Config, Mistral3ForConditionalGeneration
-
-        return Mistral3ForConditionalGeneration(Mistral3Config(**_clean(config)))
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Cond:
@@ -425,7 +343,7 @@ class Flux2Model(Flux2Base):
 
     def pipeline_images(self, cond: Cond, noise: Tensor, steps: int, guidance: float) -> Tensor:
         """``Flux2Pipeline.__call__`` on this model's modules, prompt embeddings and noise."""
-        pos = broadcast_cond(split_cond(cond)[0], noise.shape[0])
+        pos, _ = self.guided_cond(cond, noise.shape[0], guidance)
         height, width = self.pixel_size(noise)
         return self.pipeline()(
             prompt_embeds=pos["prompt_embeds"], latents=noise.to(self.device), height=height, width=width,
@@ -434,111 +352,13 @@ class Flux2Model(Flux2Base):
         ).images.float()
 
 
-@MODELS.register("flux2_klein")
-class Flux2KleinModel(Flux2Base):
-    """A Flux2KleinPipeline's parts (FLUX.2 [klein]) behind the FlowModel contract."""
-
-    family = "flux2_klein"
-    pipeline_class = "Flux2KleinPipeline"
-    lora_targets = lora_targets_for(24)  # klein 9B's single blocks (4B has 20)
-    guidance_mode = "cfg"
-    default_guidance = 4.0  # Flux2KleinPipeline's default (base models); 1.0 for the distilled ones
-    cfg_batched = False  # the pipeline runs the conditional and the unconditional pass apart
-    default_layers = (9, 18, 27)
-    options = ("max_sequence_length", "text_encoder_out_layers", "quantize_timesteps", "negative_prompt")
-
-    def __init__(self, transformer, vae, text_encoder, tokenizer, scheduler, is_distilled: bool = False,
-                 negative_prompt: str = "", **kwargs):
-        super().__init__(transformer, vae, text_encoder, tokenizer, scheduler, **kwargs)
-        self.is_distilled = bool(is_distilled)
-        self.negative_prompt = negative_prompt or ""
-        self._negative: dict[tuple, Tensor] = {}
-        if self.is_distilled:  # step-distilled: the pipeline ignores the guidance scale
-            self.guidance_mode = "none"
-            self.default_guidance = 1.0
-
-    @classmethod
-    def from_pipeline(cls, pipe, **kwargs) -> "Flux2KleinModel":
-        return cls(pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
-                   is_distilled=pipe.config.is_distilled, **kwargs)
-
-    def text_hidden_size(self) -> int:
-        return self.text_encoder.config.hidden_size
-
-    def text_layers(self) -> int:
-        return self.text_encoder.config.num_hidden_layers
-
-    @classmethod
-    def flagship(cls):
-        return FLUX2_KLEIN_4B_TRANSFORMER, FLUX2_VAE, QWEN3_4B_PARAMS, "FLUX.2 [klein] 4B"
-
-    @classmethod
-    def text_encoder_from_config(cls, config: dict):
-        from transformers import Qwen3Config, Qwen3ForCausalLM
-
-        return Qwen3ForCausalLM(Qwen3Config(**_clean(config)))
-
-    def _encode(self, prompts: list[str]) -> Tensor:
-        ids, masks = [], []
-        for p in prompts:  # one at a time, as the pipeline tokenizes them
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                      add_generation_prompt=True, enable_thinking=False)
-            inputs = self.tokenizer(text, return_tensors="pt", padding="max_length", truncation=True,
-                                    max_length=self.max_sequence_length)
-            ids.append(inputs["input_ids"])
-            masks.append(inputs["attention_mask"])
-        return self._embeds(torch.cat(ids), torch.cat(masks))
-
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Cond:
-        """``Flux2KleinPipeline.encode_prompt`` (the Qwen3 chat template, thinking disabled, with
-        the generation prompt) and, under CFG, the negative prompt's embeddings (the pipeline's
-        ``""`` unless ``negative_prompt`` says otherwise), encoded once per batch size."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        cond = {"prompt_embeds": self._encode(prompts)}
-        if self.guidance_mode == "cfg":
-            key = (self.negative_prompt, self.max_sequence_length, len(prompts))
-            if key not in self._negative:
-                if len(self._negative) >= 4:
-                    self._negative.pop(next(iter(self._negative)))
-                self._negative[key] = self._encode([self.negative_prompt] * len(prompts))
-            cond["negative_prompt_embeds"] = self._negative[key].to(self.device)
-        return cond
-
-    def pipeline(self):
-        return self._pipeline(is_distilled=self.is_distilled)
-
-    def pipeline_images(self, cond: Cond, noise: Tensor, steps: int, guidance: float) -> Tensor:
-        """``Flux2KleinPipeline.__call__`` on this model's modules, embeddings and noise."""
-        b = noise.shape[0]
-        pos, neg = (broadcast_cond(c, b) for c in split_cond(cond))
-        if self.uses_cfg(guidance) and not neg:
-            raise UserError(f"CFG scale {guidance} needs the negative prompt's conditioning: "
-                            f"encode prompts with {type(self).__name__}.encode_prompts")
-        height, width = self.pixel_size(noise)
-        return self.pipeline()(
-            prompt_embeds=pos["prompt_embeds"], negative_prompt_embeds=neg.get("prompt_embeds"),
-            latents=noise.to(self.device), height=height, width=width, num_inference_steps=steps,
-            guidance_scale=float(guidance), output_type="pt", max_sequence_length=self.max_sequence_length,
-            text_encoder_out_layers=self.text_encoder_out_layers,
-        ).images.float()
-
-
-# ---- folders ---------------------------------------------------------------------------------
-def _clean(config: dict) -> dict:
-    skip = ("architectures", "transformers_version")
-    return {k: v for k, v in config.items() if not k.startswith("_") and k not in skip}
-
-
 def _param_count(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
 def count_text_encoder_params() -> dict[str, int]:
-    """The flagship text encoders' parameters from their configs on the meta device (what
-    ``MISTRAL_SMALL_3_PARAMS`` / ``QWEN3_4B_PARAMS`` hold)."""
+    """Each FLUX.2 family's flagship text encoder counted from its config on the meta device (what
+    its ``flagship_text_params`` holds), by the config's name."""
     with torch.device("meta"):
-        mistral = Flux2Model.text_encoder_from_config(MISTRAL_SMALL_3)
-        qwen = Flux2KleinModel.text_encoder_from_config(QWEN3_4B)
-    return {"mistral_small_3": _param_count(mistral), "qwen3_4b": _param_count(qwen)}
-
+        return {c.flagship_text_encoder[0]: _param_count(c.text_encoder_from_config(c.flagship_text_encoder[1]))
+                for c in Flux2Base.__subclasses__()}

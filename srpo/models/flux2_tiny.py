@@ -9,11 +9,11 @@ import inspect
 import torch
 
 from ..errors import UserError
-from . import MODELS
-from .base import PlanParts, TinyTwin
-from .flux2 import Flux2Base, Flux2KleinModel, Flux2Model
+from .base import MODELS
+from .flux2 import Flux2Base, Flux2Model
+from .flux2_klein import Flux2KleinModel
 from .tiny_text import byte_bpe, vocab_and_merges
-
+from .twin import TinyTwin, seeded, tiny_vae
 
 _WORDS = dict(
     adj=("red", "blue", "green", "yellow", "white", "black", "small", "large", "old", "shiny", "wooden", "glass",
@@ -70,12 +70,16 @@ def train_bpe(special: tuple[str, ...], vocab_size: int = 512):
     return tok
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mistral_processor():
     """A ``PixtralProcessor`` (Flux2Pipeline's tokenizer component) over a tiny BPE with
     Mistral-Small-3's special tokens at their ids (``<s>`` 1, ``[INST]`` 3, ``[IMG]`` 10, ``<pad>``
     11, ``[SYSTEM_PROMPT]`` 17) and its chat template."""
-    from transformers import PixtralImageProcessor, PixtralProcessor, PreTrainedTokenizerFast
+    from transformers import (
+        PixtralImageProcessor,
+        PixtralProcessor,
+        PreTrainedTokenizerFast,
+    )
 
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=train_bpe(MISTRAL_SPECIAL), bos_token="<s>",
                                         eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
@@ -83,7 +87,7 @@ def mistral_processor():
                             tokenizer=tokenizer, patch_size=4, spatial_merge_size=1, chat_template=MISTRAL_TEMPLATE)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def qwen_tokenizer():
     """A ``Qwen2Tokenizer`` (Flux2KleinPipeline's tokenizer class) over a tiny BPE with Qwen3's
     chat tokens and chat template; pads with ``<|endoftext|>`` on the right, as Qwen's."""
@@ -105,7 +109,12 @@ def _tiny_modules(klein: bool, *, latent_channels=4, vae_channels=(8, 16), vae_g
     has ``max(text_encoder_out_layers) + 1`` layers by default, so the pipeline's own layer
     indices (10, 20, 30) / (9, 18, 27) are intermediate hidden states, as in the real models."""
     from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
-    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Qwen3Config, Qwen3ForCausalLM
+    from transformers import (
+        Mistral3Config,
+        Mistral3ForConditionalGeneration,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     cls = Flux2KleinModel if klein else Flux2Model
     layers = tuple(text_encoder_out_layers or cls.default_layers)
@@ -120,13 +129,7 @@ def _tiny_modules(klein: bool, *, latent_channels=4, vae_channels=(8, 16), vae_g
         axes_dims_rope=tuple(axes_dims_rope),
         guidance_embeds=(not klein) if guidance_embeds is None else bool(guidance_embeds),
     )
-    n = len(vae_channels)
-    vae = AutoencoderKLFlux2(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(vae_channels), layers_per_block=1,
-        latent_channels=latent_channels, norm_num_groups=vae_groups, sample_size=32, use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = tiny_vae(vae_channels, latent_channels, vae_groups, AutoencoderKLFlux2)
     if vae.bn.running_mean.device.type != "meta":  # non-trivial latent statistics, so normalising shows
         vae.bn.running_mean.copy_(0.3 * torch.randn(vae.bn.num_features))
         vae.bn.running_var.copy_(0.5 + torch.rand(vae.bn.num_features))
@@ -174,71 +177,58 @@ def _build_tiny(cls, seed: int = 0, max_sequence_length: int = 128, shift: float
     if not klein and (negative_prompt or is_distilled):
         raise TypeError("negative_prompt and is_distilled are options of tiny_flux2_klein")
     tokenizer = qwen_tokenizer() if klein else mistral_processor()  # built outside the forked RNG
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
-        m = _tiny_modules(klein, **sizes)
+    with torch.no_grad():
+        m = seeded(seed, _tiny_modules, klein, **sizes)
     extra = dict(is_distilled=is_distilled, negative_prompt=negative_prompt) if klein else {}
     return cls(m["transformer"], m["vae"], m["text_encoder"], tokenizer, tiny_scheduler(),
                max_sequence_length=max_sequence_length, text_encoder_out_layers=m["text_encoder_out_layers"],
                shift=shift, quantize_timesteps=quantize_timesteps, **extra)
 
 
-def build_tiny_flux2(seed: int = 0, **sizes) -> Flux2Model:
-    """A random-weight FLUX.2 [dev] (deterministic in ``seed``; the global RNG is left untouched).
+class _TinyFlux2(TinyTwin):
+    """What the two FLUX.2 twins share (``load``: :class:`TinyTwin`). The VAE downsamples by ``2 **
+    (len(vae_channels) - 1)`` (2 by default) and the pipeline's 2x2 patchify halves that again: 32x48
+    pixels are ``[16, 8, 12]`` contract latents, 96 tokens. ``text_dim`` is the text encoder's hidden
+    size (the transformer's joint width is three times it). Also takes ``max_sequence_length``
+    (128), ``shift`` (a schedule override), ``quantize_timesteps``, ``text_encoder_out_layers``."""
 
-    The VAE downsamples by ``2 ** (len(vae_channels) - 1)`` (2 by default) and the pipeline's 2x2
-    patchify halves that again: 32x48 pixels are ``[16, 8, 12]`` contract latents, 96 tokens.
-    ``text_dim`` is the Mistral hidden size (the transformer's joint width is three times it). Also
-    takes ``max_sequence_length`` (128), ``shift`` (a schedule override), ``quantize_timesteps``,
-    ``text_encoder_out_layers``.
-    """
-    return _build_tiny(Flux2Model, seed, **sizes)
-
-
-def build_tiny_flux2_klein(seed: int = 0, **sizes) -> Flux2KleinModel:
-    """A random-weight FLUX.2 [klein] (Qwen3 text encoder, true CFG; ``is_distilled=True`` for
-    the step-distilled variant without CFG); sizes as :func:`build_tiny_flux2`, plus ``negative_prompt``."""
-    return _build_tiny(Flux2KleinModel, seed, **sizes)
-
-
-def save_tiny_flux2(path, seed: int = 0, klein: bool = False, **sizes) -> Flux2Base:
-    """Write a tiny FLUX.2 (``klein`` for the Flux2KleinPipeline one) as a full pipeline folder
-    (safetensors) and return it; ``<family>.load(path, max_sequence_length=model.max_sequence_length)``
-    and the pipeline's ``from_pretrained(path)`` both load it offline."""
-    return (build_tiny_flux2_klein if klein else build_tiny_flux2)(seed, **sizes).save_pipeline(path)
-
-
-class _TinyLoad(TinyTwin):
-    """``plan_parts`` of the tiny registered classes (``load``: :class:`TinyTwin`)."""
-
-    base: type
     build = staticmethod(_build_tiny)
+    plan_length = 128
+    plan_ignore = ("is_distilled",)
 
     @classmethod
-    def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:
+    def plan_modules(cls, max_len: int, sizes: dict) -> dict:
+        return _tiny_modules(issubclass(cls, Flux2KleinModel), **sizes)
+
+    @classmethod
+    def plan_parts(cls, path, options: dict, height: int, width: int):
         distilled = bool((options or {}).get("is_distilled", False))
-        m, max_len, text = cls.tiny_plan_modules(
-            path, options, lambda n, o: _tiny_modules(issubclass(cls, Flux2KleinModel), **o), 128,
-            ignore=("is_distilled",))
-        return cls._plan(f"tiny {cls.base.pipeline_class}", m["transformer"], m["vae"], text, max_len, height, width,
-                         distilled=distilled)
+        return super().plan_parts(path, options, height, width, distilled=distilled)
 
 
 @MODELS.register("tiny_flux2")
-class TinyFlux2Model(_TinyLoad, Flux2Model):
+class TinyFlux2Model(_TinyFlux2, Flux2Model):
     """A tiny random FLUX.2 [dev] built in code (for tests and the lab); takes no path."""
 
     family = "tiny_flux2"
-    base = Flux2Model
     folder_family = "flux2"
 
 
 @MODELS.register("tiny_flux2_klein")
-class TinyFlux2KleinModel(_TinyLoad, Flux2KleinModel):
-    """A tiny random FLUX.2 [klein] built in code (for tests and the lab); takes no path."""
+class TinyFlux2KleinModel(_TinyFlux2, Flux2KleinModel):
+    """A tiny random FLUX.2 [klein] built in code (Qwen3 text encoder, true CFG; ``is_distilled=True``
+    for the step-distilled variant without CFG), for tests and the lab; sizes as ``tiny_flux2``,
+    plus ``negative_prompt``; takes no path."""
 
     family = "tiny_flux2_klein"
-    base = Flux2KleinModel
     folder_family = "flux2_klein"
 
 
+build_tiny_flux2 = TinyFlux2Model.random  # a random-weight Flux2Model (deterministic in seed)
+build_tiny_flux2_klein = TinyFlux2KleinModel.random  # a random-weight Flux2KleinModel
+
+
+def save_tiny_flux2(path, seed: int = 0, klein: bool = False, **sizes) -> Flux2Base:
+    """Write a tiny FLUX.2 (``klein`` for the Flux2KleinPipeline one) as a full pipeline folder
+    (safetensors) and return it (:meth:`TinyTwin.save_random`)."""
+    return (TinyFlux2KleinModel if klein else TinyFlux2Model).save_random(path, seed, **sizes)

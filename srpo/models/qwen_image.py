@@ -26,7 +26,7 @@ Qwen-Image-2512 loads the same way: a QwenImagePipeline folder of the same compo
 configs are read from the folder, so any difference in them is honoured). Its model card recommends
 a long Chinese negative prompt where Qwen-Image's uses " ": pass it as ``negative_prompt``.
 
-The file also holds ``tiny_qwen_image``: random-weight models of the real classes built in code,
+Its twin ``tiny_qwen_image`` (``qwen_image_tiny.py``): random-weight models of the real classes built in code,
 with a small byte-level BPE ``Qwen2Tokenizer`` trained here (no Qwen tokenizer files exist
 offline); it splits the template's prefix into the same 34 tokens as Qwen's own vocabulary.
 """
@@ -39,13 +39,10 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
-from . import MODELS
-from .base import Cond, FlowModel, PlanParts, broadcast_cond, frozen, resolve_dtype, split_cond
-from .base import check_options, read_config
-from .base import check_pipeline_folder as _check_folder
+from .base import (MODELS, Cond, FlowModel, PlanParts, check_fit, check_image_size, encoder_params, folder_configs,
+                   meta_module, pack, unpack)
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-OPTIONS = ("max_sequence_length", "negative_prompt", "quantize_timesteps")
 # QwenImagePipeline.__init__ (diffusers 0.42): the template, the tokens it drops, the tokenizer limit
 PROMPT_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, "
                    "text, spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}"
@@ -72,20 +69,6 @@ QWEN_IMAGE_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shi
                             time_shift_type="exponential", invert_sigmas=False, stochastic_sampling=False)
 
 
-def pack(latents: Tensor) -> Tensor:
-    """``[B, C, h, w]`` -> ``[B, (h/2)(w/2), 4C]``: QwenImagePipeline._pack_latents' 2x2 patches."""
-    b, c, h, w = latents.shape
-    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack(tokens: Tensor, h: int, w: int) -> Tensor:
-    """Inverse of :func:`pack` (QwenImagePipeline._unpack_latents without the frame axis)."""
-    b, _, d = tokens.shape
-    x = tokens.reshape(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, d // 4, h, w)
-
-
 def trim_text(embeds: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Padded conditioning cut to the batch's longest prompt (its last valid token), as
     ``encode_prompt`` pads a batch; contiguous, like the pipeline's."""
@@ -106,11 +89,18 @@ class QwenImageModel(FlowModel):
 
     family = "qwen_image"
     pipeline_class = "QwenImagePipeline"
+    title = "Qwen-Image"
+    flagship = "Qwen-Image"
+    source = "Qwen/Qwen-Image (or Qwen/Qwen-Image-2512)"
+    components = COMPONENTS
+    recipe = "qwen_image"
+    tiny_twin = "tiny_qwen_image"
+    tiny_config = "tiny-qwen-image"
     transformer_class = "QwenImageTransformer2DModel"
+    options = ("max_sequence_length", "negative_prompt", "quantize_timesteps")
     # diffusers' examples/dreambooth/train_dreambooth_lora_qwen_image.py default (--lora_layers unset):
     # the image stream's attention projections of every block
     lora_targets = ("to_k", "to_q", "to_v", "to_out.0")
-    export_formats = ("diffusers",)
     guidance_mode = "cfg"
     default_guidance = 4.0  # true_cfg_scale of QwenImagePipeline and of the Qwen-Image / -2512 model cards
     cfg_batched = False  # the pipeline runs the passes apart (the prompts' and the negative's lengths differ)
@@ -118,11 +108,7 @@ class QwenImageModel(FlowModel):
     def __init__(self, transformer, vae, text_encoder, tokenizer, scheduler,
                  max_sequence_length: int = MAX_SEQUENCE_LENGTH, negative_prompt: str = NEGATIVE_PROMPT,
                  shift: float | None = None, quantize_timesteps: bool | None = None):
-        self.transformer = transformer
-        self.vae = frozen(vae)
-        self.text_encoder = frozen(text_encoder)
-        self.tokenizer = tokenizer
-        self.scheduler = scheduler
+        self.hold(transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
         if not 1 <= int(max_sequence_length) <= 1024:
             raise UserError(f"max_sequence_length {max_sequence_length} is out of range: QwenImagePipeline "
                             f"accepts 1 to 1024 text tokens")
@@ -132,20 +118,16 @@ class QwenImageModel(FlowModel):
         # off by default: QwenImagePipeline feeds the unquantised t / 1000
         self.quantize_timesteps = bool(quantize_timesteps)
         self.vae_scale_factor = 2 ** len(vae.temperal_downsample)
-        self._negative: dict[tuple, tuple[Tensor, Tensor]] = {}
         self._check_compatible()
 
     def _check_compatible(self) -> None:
         tc, z = self.transformer.config, self.vae.config.z_dim
         width = self.text_encoder.config.get_text_config().hidden_size
-        pairs = [("transformer in_channels", tc.in_channels, "4 x vae z_dim", 4 * z),
-                 ("transformer out_channels", tc.out_channels, "vae z_dim", z),
-                 ("transformer patch_size", tc.patch_size, "the pipeline's 2x2 packing", 2),
-                 ("transformer joint_attention_dim", tc.joint_attention_dim, "text_encoder hidden_size", width)]
-        for name, got, other, want in pairs:
-            if got != want:
-                raise UserError(f"transformer does not fit this Qwen-Image model: {name} = {got} but {other} = "
-                                f"{want}; use a transformer trained for this base model")
+        check_fit("Qwen-Image", [("transformer in_channels", tc.in_channels, "4 x vae z_dim", 4 * z),
+                                 ("transformer out_channels", tc.out_channels, "vae z_dim", z),
+                                 ("transformer patch_size", tc.patch_size, "the pipeline's 2x2 packing", 2),
+                                 ("transformer joint_attention_dim", tc.joint_attention_dim,
+                                  "text_encoder hidden_size", width)])
         for flag in ("guidance_embeds", "use_additional_t_cond"):
             if getattr(tc, flag, False):
                 raise UserError(f"transformer has {flag} set, which QwenImagePipeline's text-to-image call does "
@@ -153,49 +135,31 @@ class QwenImageModel(FlowModel):
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod
-    def load(cls, path=None, transformer_path=None, device="cpu", dtype=torch.float32, shift=None,
-             max_sequence_length: int = MAX_SEQUENCE_LENGTH, negative_prompt: str = NEGATIVE_PROMPT,
-             quantize_timesteps: bool | None = None, **unknown) -> "QwenImageModel":
-        """A local QwenImagePipeline folder (Qwen-Image, Qwen-Image-2512), offline and from safetensors;
-        ``transformer_path`` replaces ``transformer/`` with a folder written by :meth:`save_transformer`."""
-        check_options(cls.family, unknown, OPTIONS)
-        if not path:
-            raise UserError(f"model '{cls.family}' needs a path: set model.path to a local diffusers "
-                            f"QwenImagePipeline folder")
-        root = check_pipeline_folder(path, need_transformer=not transformer_path)
-        dtype = resolve_dtype(dtype)
-        pipe = cls.pipeline_from_folder(root, transformer_path, dtype)
-        model = cls.from_pipeline(pipe, max_sequence_length=max_sequence_length, negative_prompt=negative_prompt,
-                                  shift=shift, quantize_timesteps=quantize_timesteps)
-        return model.to(device)
-
-    @classmethod
-    def from_pipeline(cls, pipe, **kwargs) -> "QwenImageModel":
-        """Wrap the components of an existing ``QwenImagePipeline``."""
-        return cls(pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, **kwargs)
-
-    @classmethod
     def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:
         """Meta-device transformer and VAE from the folder's configs (Qwen-Image without a path);
         the text encoder counted from ``text_encoder/config.json`` (Qwen2.5-VL-7B without one)."""
         from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 
-        options = dict(options or {})
-        max_len = int(options.pop("max_sequence_length", MAX_SEQUENCE_LENGTH))
-        options.pop("negative_prompt", None)
-        options.pop("quantize_timesteps", None)
-        check_options(cls.family, options, OPTIONS)
+        max_len, _ = cls.plan_options(options, MAX_SEQUENCE_LENGTH)
         root = Path(path) if path else None
-        t_cfg = read_config(root / "transformer") if root else None
-        v_cfg = read_config(root / "vae") if root else None
-        e_cfg = read_config(root / "text_encoder") if root else None
-        with torch.device("meta"):
-            transformer = (QwenImageTransformer2DModel.from_config(t_cfg) if t_cfg
-                           else QwenImageTransformer2DModel(**QWEN_IMAGE_TRANSFORMER))
-            vae = AutoencoderKLQwenImage.from_config(v_cfg) if v_cfg else AutoencoderKLQwenImage(**QWEN_IMAGE_VAE)
-        text = _count_text_encoder(e_cfg) if e_cfg else TEXT_ENCODER_PARAMS
-        name = f"Qwen-Image ({root.name})" if t_cfg else "Qwen-Image"
-        return _plan(name, transformer, vae, text, max_len, height, width)
+        t_cfg, v_cfg, e_cfg = folder_configs(root, "transformer", "vae", "text_encoder")
+        return cls.plan_of(f"Qwen-Image ({root.name})" if t_cfg else "Qwen-Image",
+                           meta_module(QwenImageTransformer2DModel, t_cfg, QWEN_IMAGE_TRANSFORMER),
+                           meta_module(AutoencoderKLQwenImage, v_cfg, QWEN_IMAGE_VAE),
+                           encoder_params(e_cfg, "Qwen2_5_VLForConditionalGeneration", TEXT_ENCODER_PARAMS), max_len, height, width)
+
+    @classmethod
+    def plan_of(cls, name, transformer, vae, text_params: int, max_len: int, height: int, width: int) -> PlanParts:
+        vc = vae.config
+        n = 2 ** len(vc.temperal_downsample) * 2
+        return PlanParts(
+            name=name, transformer=transformer, vae=vae,
+            vae_config={"block_out_channels": tuple(vc.base_dim * m for m in vc.dim_mult),
+                        "layers_per_block": vc.num_res_blocks, "latent_channels": vc.z_dim},
+            text_encoders=int(text_params), text_tokens=int(max_len),  # at most: the batch's longest prompt
+            image_tokens=(height // n) * (width // n),
+            vae_checkpointing=False,  # AutoencoderKLQwenImage keeps a causal cache: no decoder checkpointing
+        )
 
     # ---- FlowModel hooks ------------------------------------------------------------------
     @torch.no_grad()
@@ -205,19 +169,11 @@ class QwenImageModel(FlowModel):
         and repeated per row), zero-padded to ``max_sequence_length`` tokens."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         embeds, mask = self._encode(prompts)
-        neg, neg_mask = self._negative_cond()
+        neg, neg_mask = self.negative_cond()  # encoded alone, as the pipeline encodes a string
         b = len(prompts)
         return {"prompt_embeds": embeds, "prompt_embeds_mask": mask,
                 "negative_prompt_embeds": neg.expand(b, *neg.shape[1:]),
                 "negative_prompt_embeds_mask": neg_mask.expand(b, *neg_mask.shape[1:])}
-
-    def _negative_cond(self) -> tuple[Tensor, Tensor]:
-        key = (self.negative_prompt, self.max_sequence_length)
-        if key not in self._negative:
-            if len(self._negative) >= 4:
-                self._negative.pop(next(iter(self._negative)))
-            self._negative[key] = self._encode([self.negative_prompt])
-        return tuple(t.to(self.device) for t in self._negative[key])
 
     def _encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """``_get_qwen_prompt_embeds`` + ``encode_prompt``'s truncation, padded to ``max_sequence_length``."""
@@ -242,9 +198,7 @@ class QwenImageModel(FlowModel):
         when every token is valid), ``img_shapes`` one frame of ``(h/2) x (w/2)`` patches."""
         dtype, device = self.dtype, self.device
         b, _, h, w = latents.shape
-        t = sigma.to(device=device, dtype=torch.float32) * 1000
-        if self.quantize_timesteps:
-            t = torch.floor(sigma.to(device=device, dtype=torch.float64) * 1000 + 1e-6).float()
+        t = self.scheduler_timestep(sigma)
         embeds, mask = trim_text(cond["prompt_embeds"], cond["prompt_embeds_mask"])
         out = self.transformer(
             hidden_states=pack(latents.to(device, dtype)),
@@ -271,19 +225,13 @@ class QwenImageModel(FlowModel):
         import numpy as np
 
         m = self.vae_scale_factor * 2
-        config = self._scheduler_config()
+        config = self.scheduler_config()
         sched = type(self.scheduler).from_config(config)
         mu = calculate_shift((height // m) * (width // m), config.get("base_image_seq_len", 256),
                              config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
                              config.get("max_shift", 1.15))
         sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device="cpu", mu=mu)
         return sched.sigmas.to(torch.float64)
-
-    def _scheduler_config(self) -> dict:
-        config = dict(self.scheduler.config)
-        if self.shift is not None:
-            config.update(shift=self.shift, use_dynamic_shifting=False)
-        return config
 
     def _latent_stats(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """(latents_mean, 1 / latents_std) shaped ``[1, C, 1, 1, 1]``, as the pipeline builds them."""
@@ -309,10 +257,7 @@ class QwenImageModel(FlowModel):
         return ((z - mean) * inv_std)[:, :, 0].to(pixels.dtype)
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
-        m = self.vae_scale_factor * 2
-        if height % m or width % m or height <= 0 or width <= 0:
-            raise UserError(f"image size {height}x{width} is not supported: height and width must be "
-                            f"positive multiples of {m} for this model")
+        check_image_size(height, width, self.vae_scale_factor * 2)
         return (batch, self.vae.config.z_dim, height // self.vae_scale_factor, width // self.vae_scale_factor)
 
     def gradient_checkpointing(self, enabled: bool = True) -> None:
@@ -321,23 +266,9 @@ class QwenImageModel(FlowModel):
         t = self.transformer
         t.enable_gradient_checkpointing() if enabled else t.disable_gradient_checkpointing()
 
-    def pipeline(self):
-        """A ``QwenImagePipeline`` sharing this model's modules (a fresh scheduler from the model's
-        config, with ``shift`` applied when it was overridden)."""
-        from diffusers import QwenImagePipeline
-
-        pipe = QwenImagePipeline(scheduler=type(self.scheduler).from_config(self._scheduler_config()), vae=self.vae,
-                                 text_encoder=self.text_encoder, tokenizer=self.tokenizer, transformer=self.transformer)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
     def pipeline_images(self, cond: Cond, noise: Tensor, steps: int, guidance: float) -> Tensor:
-        b = noise.shape[0]
-        pos, neg = (broadcast_cond(c, b) for c in split_cond(cond))
+        pos, neg = self.guided_cond(cond, noise.shape[0], guidance)
         cfg = self.uses_cfg(guidance)
-        if cfg and not neg:
-            raise UserError(f"CFG scale {guidance} needs the negative prompt's conditioning: "
-                            f"encode prompts with {type(self).__name__}.encode_prompts")
         embeds, mask = trim_text(pos["prompt_embeds"], pos["prompt_embeds_mask"])
         kwargs = {}
         if cfg:
@@ -350,41 +281,5 @@ class QwenImageModel(FlowModel):
             max_sequence_length=self.max_sequence_length, output_type="pt", **kwargs,
         ).images
         return images.float()
-
-
-# ---- folder checks -------------------------------------------------------------------------
-def check_pipeline_folder(path, need_transformer: bool = True) -> Path:
-    """A local QwenImagePipeline folder with every component folder present (not one of the edit,
-    inpaint or layered Qwen-Image pipelines: their transformers are trained on image conditions)."""
-    from .base import read_class_name
-
-    root = _check_folder(path, "qwen_image", "QwenImage", COMPONENTS, need_transformer=need_transformer)
-    name = read_class_name(root / "model_index.json", "pipeline folder")
-    if name != "QwenImagePipeline":
-        raise UserError(f"{root} holds a {name} pipeline, not QwenImagePipeline: the 'qwen_image' model is "
-                        f"text-to-image and needs a QwenImagePipeline folder (Qwen-Image, Qwen-Image-2512)")
-    return root
-
-
-def _count_text_encoder(config: dict) -> int:
-    """Parameters of a Qwen2_5_VLForConditionalGeneration from its config.json (meta device)."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    cfg = Qwen2_5_VLConfig.from_dict({k: v for k, v in config.items() if not k.startswith("_")})
-    with torch.device("meta"):
-        return sum(p.numel() for p in Qwen2_5_VLForConditionalGeneration(cfg).parameters())
-
-
-def _plan(name, transformer, vae, text_params: int, max_len: int, height: int, width: int) -> PlanParts:
-    vc = vae.config
-    n = 2 ** len(vc.temperal_downsample) * 2
-    return PlanParts(
-        name=name, transformer=transformer, vae=vae,
-        vae_config={"block_out_channels": tuple(vc.base_dim * m for m in vc.dim_mult),
-                    "layers_per_block": vc.num_res_blocks, "latent_channels": vc.z_dim},
-        text_encoders=int(text_params), text_tokens=int(max_len),  # at most: the batch's longest prompt
-        image_tokens=(height // n) * (width // n),
-        vae_checkpointing=False,  # AutoencoderKLQwenImage keeps a causal cache: no decoder checkpointing
-    )
 
 

@@ -5,24 +5,19 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-import torch
-
 from ..errors import UserError
-from . import MODELS
-from .base import PlanParts, TinyTwin
+from .base import MODELS
 from .qwen_image import (NEGATIVE_PROMPT, PROMPT_TEMPLATE, PROMPT_TEMPLATE_START_IDX, QWEN_IMAGE_SCHEDULER,
-                         QwenImageModel, _plan)
+                         QwenImageModel)
 from .tiny_text import byte_bpe, vocab_and_merges
-
+from .twin import TinyTwin, seeded
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
-_COLORS = "red blue green yellow black white orange purple pink brown gray golden silver dark bright".split()
-_THINGS = ("circle square triangle cube ball cat dog house tree car bird flower lighthouse mountain river boat "
-           "apple chair table cup book lamp clock horse fish sign city road window door castle bridge").split()
-_PLACES = ("on a table|in a garden|at sunset|on a white background|in the grass|by the sea|in a forest|"
-           "on a street|under the stars|in a room|at dusk|in the snow|near a lake|with a sky").split("|")
-_LEADS = "a photo of|a painting of|a drawing of|a close up of|a small|a large|two|three|an old|a|the".split("|")
+_COLORS = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple", "pink", "brown", "gray", "golden", "silver", "dark", "bright"]
+_THINGS = ["circle", "square", "triangle", "cube", "ball", "cat", "dog", "house", "tree", "car", "bird", "flower", "lighthouse", "mountain", "river", "boat", "apple", "chair", "table", "cup", "book", "lamp", "clock", "horse", "fish", "sign", "city", "road", "window", "door", "castle", "bridge"]
+_PLACES = ["on a table", "in a garden", "at sunset", "on a white background", "in the grass", "by the sea", "in a forest", "on a street", "under the stars", "in a room", "at dusk", "in the snow", "near a lake", "with a sky"]
+_LEADS = ["a photo of", "a painting of", "a drawing of", "a close up of", "a small", "a large", "two", "three", "an old", "a", "the"]
 
 
 @lru_cache(maxsize=1)
@@ -100,42 +95,27 @@ def _build_tiny(cls, seed: int = 0, max_sequence_length: int = 64, negative_prom
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     tokenizer = tiny_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        modules = _tiny_modules(**sizes)
+    m = seeded(seed, _tiny_modules, **sizes)
     scheduler = FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER)  # Qwen-Image's own
-    return cls(modules["transformer"], modules["vae"], modules["text_encoder"], tokenizer, scheduler,
+    return cls(m["transformer"], m["vae"], m["text_encoder"], tokenizer, scheduler,
                max_sequence_length=max_sequence_length, negative_prompt=negative_prompt, shift=shift,
                quantize_timesteps=quantize_timesteps)
 
 
-def build_tiny_qwen_image(seed: int = 0, **sizes) -> QwenImageModel:
-    """A random-weight Qwen-Image (deterministic in ``seed``; the global RNG is left untouched).
+@MODELS.register("tiny_qwen_image")
+class TinyQwenImageModel(TinyTwin, QwenImageModel):
+    """A tiny random Qwen-Image built in code (for tests and the lab); takes no path.
 
     The VAE downsamples by ``2 ** len(vae_temporal_downsample)`` (4 by default, so 32x48 pixels are
     8x12 latents, 4x6 packed tokens; sizes must be multiples of 8); ``text_dim`` is the Qwen2.5-VL
     width and the transformer's joint attention width. Also takes ``max_sequence_length`` (64),
-    ``negative_prompt`` (" "), ``shift`` (a fixed-shift override) and ``quantize_timesteps``.
-    """
-    return _build_tiny(QwenImageModel, seed, **sizes)
-
-
-def save_tiny_qwen_image(path, seed: int = 0, **sizes) -> QwenImageModel:
-    """Write a tiny Qwen-Image as a full QwenImagePipeline folder (safetensors) and return it;
-    ``QwenImageModel.load(path, max_sequence_length=model.max_sequence_length)`` and
-    ``QwenImagePipeline.from_pretrained(path)`` both load it offline."""
-    return build_tiny_qwen_image(seed, **sizes).save_pipeline(path)
-
-
-@MODELS.register("tiny_qwen_image")
-class TinyQwenImageModel(TinyTwin, QwenImageModel):
-    """A tiny random Qwen-Image built in code (for tests and the lab); takes no path."""
+    ``negative_prompt`` (" "), ``shift`` (a fixed-shift override) and ``quantize_timesteps``."""
 
     family = "tiny_qwen_image"
     folder_family = "qwen_image"
     build = staticmethod(_build_tiny)
+    tiny_modules = staticmethod(_tiny_modules)
 
-    @classmethod
-    def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:
-        modules, max_len, text = cls.tiny_plan_modules(path, options, lambda n, o: _tiny_modules(**o), 64)
-        return _plan("tiny Qwen-Image", modules["transformer"], modules["vae"], text, max_len, height, width)
+
+build_tiny_qwen_image = TinyQwenImageModel.random  # a random-weight QwenImageModel (deterministic in seed)
+save_tiny_qwen_image = TinyQwenImageModel.save_random  # ... written as a full QwenImagePipeline folder

@@ -7,8 +7,8 @@ latents go in as they are. Conditioning follows ``StableDiffusion3Pipeline.encod
 stacked before the T5 sequence; pooled = both CLIP projections), plus the negative prompt's
 conditioning under ``negative_*`` keys for CFG (``srpo.models.base.velocity`` applies it).
 
-The file also holds ``tiny_sd3``: random-weight SD3 models built in code from the real classes, for
-tests and the lab. As for tiny FLUX, no T5 sentencepiece model exists offline, so all three
+Its twin ``tiny_sd3`` (``sd3_tiny.py``) is random-weight SD3 models built in code from the real
+classes, for tests and the lab. As for tiny FLUX, no T5 sentencepiece model exists offline, so all three
 tokenizers are the CLIP BPE of :func:`srpo.tokenizer.clip_tokenizer` and the T5 vocabulary is sized
 to it; ``StableDiffusion3Pipeline`` runs on it unchanged.
 """
@@ -22,15 +22,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import UserError
-from . import MODELS
-from .base import (Cond, FlowModel, PlanParts, broadcast_cond, frozen, resolve_dtype, scheduler_sigmas,
-                   split_cond)
-from .base import check_options, read_config, read_model_index
-from .base import check_pipeline_folder as _check_folder
+from .base import (MODELS, Cond, FlowModel, PlanParts, check_fit, check_image_size, encoder_params, folder_configs,
+                   meta_module, scheduler_sigmas, vae_sizes)
+from .folders import read_model_index
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 OPTIONAL = ("text_encoder_3", "tokenizer_3")  # may be null in model_index.json (SD3 without T5)
-OPTIONS = ("max_sequence_length", "negative_prompt", "quantize_timesteps")
 CLIP_VOCAB = 49408
 
 # stabilityai/stable-diffusion-3.5-large transformer/config.json (8.06e9 parameters)
@@ -51,6 +48,8 @@ SD3_VAE = dict(
 # ViT-bigG/14 (text_encoder_2), and T5EncoderModel of google/t5-v1_1-xxl (text_encoder_3).
 TEXT_ENCODER_PARAMS = {"text_encoder": 123_650_304, "text_encoder_2": 694_659_840,
                        "text_encoder_3": 4_762_310_656}
+ENCODER_CLASSES = {"text_encoder": "CLIPTextModelWithProjection", "text_encoder_2": "CLIPTextModelWithProjection",
+                   "text_encoder_3": "T5EncoderModel"}
 CLIP_TOKENS = 77
 
 
@@ -60,26 +59,27 @@ class SD3Model(FlowModel):
 
     family = "sd3"
     pipeline_class = "StableDiffusion3Pipeline"
+    title = "Stable Diffusion 3.5"
+    flagship = "stable-diffusion-3.5-large"
+    source = "stabilityai/stable-diffusion-3.5-large (or -medium)"
+    components = COMPONENTS
+    recipe = "sd3"
+    tiny_twin = "tiny_sd3"
+    tiny_config = "tiny-sd3"
     transformer_class = "SD3Transformer2DModel"
+    options = ("max_sequence_length", "negative_prompt", "quantize_timesteps")
     # diffusers' examples/dreambooth/train_dreambooth_lora_sd3.py default targets
     lora_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
                     "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
-    export_formats = ("diffusers",)
     guidance_mode = "cfg"
     default_guidance = 3.5  # the stable-diffusion-3.5-large model card (28 steps); the pipeline's default is 7.0
 
     def __init__(self, transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
                  text_encoder_3, tokenizer_3, scheduler, max_sequence_length: int = 256,
                  negative_prompt: str = "", shift: float | None = None, quantize_timesteps: bool | None = None):
-        self.transformer = transformer
-        self.vae = frozen(vae)
-        self.text_encoder = frozen(text_encoder)
-        self.text_encoder_2 = frozen(text_encoder_2)
-        self.text_encoder_3 = frozen(text_encoder_3) if text_encoder_3 is not None else None
-        self.tokenizer = tokenizer
-        self.tokenizer_2 = tokenizer_2
-        self.tokenizer_3 = tokenizer_3
-        self.scheduler = scheduler
+        self.hold(transformer, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                  text_encoder_3=text_encoder_3, tokenizer=tokenizer, tokenizer_2=tokenizer_2, tokenizer_3=tokenizer_3,
+                  scheduler=scheduler)
         if not 1 <= int(max_sequence_length) <= 512:
             raise UserError(f"max_sequence_length {max_sequence_length} is out of range: "
                             f"StableDiffusion3Pipeline accepts 1 to 512 T5 tokens")
@@ -89,7 +89,6 @@ class SD3Model(FlowModel):
         # off by default: StableDiffusion3Pipeline feeds the unquantised scheduler timestep 1000 sigma
         self.quantize_timesteps = bool(quantize_timesteps)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self._negative: dict[tuple, tuple[Tensor, Tensor]] = {}
         self._check_compatible()
 
     def _check_compatible(self) -> None:
@@ -101,60 +100,53 @@ class SD3Model(FlowModel):
         if self.text_encoder_3 is not None:
             pairs.append(("transformer joint_attention_dim", tc.joint_attention_dim, "text_encoder_3 d_model",
                           self.text_encoder_3.config.d_model))
-        for name, got, other, want in pairs:
-            if got != want:
-                raise UserError(f"transformer does not fit this SD3 model: {name} = {got} but {other} = "
-                                f"{want}; use a transformer trained for this base model")
+        check_fit("SD3", pairs)
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod
-    def load(cls, path=None, transformer_path=None, device="cpu", dtype=torch.float32, shift=None,
-             max_sequence_length: int = 256, negative_prompt: str = "", quantize_timesteps: bool | None = None,
-             **unknown) -> "SD3Model":
-        """A local StableDiffusion3Pipeline folder (SD3 / SD3.5), offline and from safetensors;
-        ``transformer_path`` replaces ``transformer/`` with a folder written by :meth:`save_transformer`."""
-        check_options(cls.family, unknown, OPTIONS)
-        if not path:
-            raise UserError(f"model '{cls.family}' needs a path: set model.path to a local diffusers "
-                            f"StableDiffusion3Pipeline folder")
-        root = check_pipeline_folder(path, need_transformer=not transformer_path)
-        dtype = resolve_dtype(dtype)
+    def check_folder(cls, path, need_transformer: bool = True) -> Path:
+        """A local StableDiffusion3Pipeline folder with every component folder present
+        (``text_encoder_3`` / ``tokenizer_3`` only where model_index.json does not list them as null)."""
+        root = super().check_folder(path, need_transformer)
         index = read_model_index(root)
-        # diffusers saves a missing T5 as null but will not load the folder unless told so again
-        extra = {c: None for c in OPTIONAL if _is_null(index.get(c, ""))}
-        pipe = cls.pipeline_from_folder(root, transformer_path, dtype, **extra)
-        model = cls.from_pipeline(pipe, max_sequence_length=max_sequence_length, negative_prompt=negative_prompt,
-                                  shift=shift, quantize_timesteps=quantize_timesteps)
-        return model.to(device)
+        missing = [c + "/" for c in OPTIONAL if not _is_null(index.get(c, "")) and not (root / c).is_dir()]
+        if missing:
+            raise UserError(f"{root} lacks {', '.join(missing)}: an sd3 folder needs "
+                            f"{', '.join(COMPONENTS + OPTIONAL)} ({', '.join(OPTIONAL)} may be listed as null "
+                            f"in model_index.json)")
+        return root
 
     @classmethod
-    def from_pipeline(cls, pipe, **kwargs) -> "SD3Model":
-        """Wrap the components of an existing ``StableDiffusion3Pipeline``."""
-        return cls(pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.text_encoder_2,
-                   pipe.tokenizer_2, pipe.text_encoder_3, pipe.tokenizer_3, pipe.scheduler, **kwargs)
+    def pipeline_from_folder(cls, root, transformer_path, dtype: torch.dtype, **components):
+        """The base class's, told again which of ``text_encoder_3`` / ``tokenizer_3`` are null
+        (diffusers saves a missing T5 as null but will not load the folder unless told so)."""
+        index = read_model_index(root)
+        components.update({c: None for c in OPTIONAL if _is_null(index.get(c, ""))})
+        return super().pipeline_from_folder(root, transformer_path, dtype, **components)
 
     @classmethod
     def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:
         """Meta-device transformer and VAE from the folder's configs (SD3.5 Large without a path)."""
         from diffusers import AutoencoderKL, SD3Transformer2DModel
 
-        options = dict(options or {})
-        max_len = int(options.pop("max_sequence_length", 256))
-        options.pop("negative_prompt", None)
-        options.pop("quantize_timesteps", None)
-        check_options(cls.family, options, OPTIONS)
+        max_len, _ = cls.plan_options(options, 256)
         root = Path(path) if path else None
-        t_cfg = read_config(root / "transformer") if root else None
-        v_cfg = read_config(root / "vae") if root else None
-        with torch.device("meta"):
-            transformer = (SD3Transformer2DModel.from_config(t_cfg) if t_cfg
-                           else SD3Transformer2DModel(**SD35_LARGE_TRANSFORMER))
-            vae = AutoencoderKL.from_config(v_cfg) if v_cfg else AutoencoderKL(**SD3_VAE)
-        encoders = dict(TEXT_ENCODER_PARAMS)
+        t_cfg, v_cfg = folder_configs(root, "transformer", "vae")
+        transformer = meta_module(SD3Transformer2DModel, t_cfg, SD35_LARGE_TRANSFORMER)
+        encoders = {c: encoder_params(e, ENCODER_CLASSES[c], TEXT_ENCODER_PARAMS[c])
+                    for c, e in zip(ENCODER_CLASSES, folder_configs(root, *ENCODER_CLASSES))}
         if root and _is_null(read_model_index(root).get("text_encoder_3", "")):
             encoders.pop("text_encoder_3")
         name = f"SD3 ({root.name})" if t_cfg else "SD3.5 Large"
-        return _plan(name, transformer, vae, sum(encoders.values()), max_len, height, width)
+        return cls.plan_of(name, transformer, meta_module(AutoencoderKL, v_cfg, SD3_VAE), sum(encoders.values()),
+                           max_len, height, width)
+
+    @classmethod
+    def plan_of(cls, name, transformer, vae, text_params: int, max_len: int, height: int, width: int) -> PlanParts:
+        n = 2 ** (len(vae.config.block_out_channels) - 1) * transformer.config.patch_size
+        return PlanParts(name=name, transformer=transformer, vae=vae, vae_config=vae_sizes(vae),
+                         text_encoders=int(text_params), text_tokens=CLIP_TOKENS + int(max_len),
+                         image_tokens=(height // n) * (width // n))
 
     # ---- FlowModel hooks ------------------------------------------------------------------
     @torch.no_grad()
@@ -163,21 +155,9 @@ class SD3Model(FlowModel):
         ``self.negative_prompt`` (cached per batch size) for CFG."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         embeds, pooled = self._encode(prompts)
-        neg, neg_pooled = self._negative_cond(len(prompts))
+        neg, neg_pooled = self.negative_cond(len(prompts))
         return {"prompt_embeds": embeds.to(self.device), "pooled_prompt_embeds": pooled.to(self.device),
                 "negative_prompt_embeds": neg, "negative_pooled_prompt_embeds": neg_pooled}
-
-    def _negative_cond(self, batch: int) -> tuple[Tensor, Tensor]:
-        """The negative prompt's embeddings for ``batch`` rows, encoded once per batch size and
-        cached. (Encoded as a batch of ``batch`` copies, like the pipeline, rather than once and
-        expanded: the text encoders' matmuls round differently at other batch sizes, ~4e-7 in
-        the pooled CLIP projection, and ``encode_prompt`` parity is meant to be exact.)"""
-        key = (self.negative_prompt, self.max_sequence_length, batch)
-        if key not in self._negative:
-            if len(self._negative) >= 4:
-                self._negative.pop(next(iter(self._negative)))
-            self._negative[key] = self._encode([self.negative_prompt] * batch)
-        return tuple(t.to(self.device) for t in self._negative[key])
 
     def _clip(self, tokenizer, encoder, prompts: list[str]) -> tuple[Tensor, Tensor]:
         ids = tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
@@ -206,9 +186,7 @@ class SD3Model(FlowModel):
         """One SD3Transformer2DModel call; the timestep is ``1000 sigma`` (float32), as the
         pipeline feeds its scheduler's timesteps (floored to an integer when ``quantize_timesteps``)."""
         dtype, device = self.dtype, self.device
-        t = sigma.to(device=device, dtype=torch.float32) * 1000
-        if self.quantize_timesteps:
-            t = torch.floor(sigma.to(device=device, dtype=torch.float64) * 1000 + 1e-6).float()
+        t = self.scheduler_timestep(sigma)
         return self.transformer(
             hidden_states=latents.to(device, dtype),
             timestep=t,
@@ -222,26 +200,10 @@ class SD3Model(FlowModel):
         seq_len = (height // self.vae_scale_factor // p) * (width // self.vae_scale_factor // p)
         return scheduler_sigmas(self.scheduler, steps, seq_len, self.shift)
 
-    def decode(self, latents: Tensor) -> Tensor:
-        """Normalised latents -> pixels in [0, 1]; differentiable with respect to ``latents``."""
-        cfg = self.vae.config
-        z = latents / cfg.scaling_factor + (cfg.shift_factor or 0.0)
-        x = self.vae.decode(z.to(self.vae.device, self.vae.dtype), return_dict=False)[0]
-        return ((x + 1) / 2).clamp(0, 1).to(latents.dtype)
-
-    @torch.no_grad()
-    def encode(self, pixels: Tensor) -> Tensor:
-        """Pixels in [0, 1] -> normalised latents (the posterior mode)."""
-        cfg = self.vae.config
-        z = self.vae.encode((pixels * 2 - 1).to(self.vae.device, self.vae.dtype)).latent_dist.mode()
-        return ((z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor).to(pixels.dtype)
-
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
         tc = self.transformer.config
         m = self.vae_scale_factor * tc.patch_size
-        if height % m or width % m or height <= 0 or width <= 0:
-            raise UserError(f"image size {height}x{width} is not supported: height and width must be "
-                            f"positive multiples of {m} for this model")
+        check_image_size(height, width, m)
         limit = (tc.pos_embed_max_size or 10**9) * m
         if height > limit or width > limit:
             raise UserError(f"image size {height}x{width} is too large for this transformer: at most "
@@ -249,27 +211,8 @@ class SD3Model(FlowModel):
         return (batch, self.vae.config.latent_channels, height // self.vae_scale_factor,
                 width // self.vae_scale_factor)
 
-    def pipeline(self):
-        """A ``StableDiffusion3Pipeline`` sharing this model's modules (a fresh scheduler from the
-        model's config, with ``shift`` applied when it was overridden)."""
-        from diffusers import StableDiffusion3Pipeline
-
-        config = dict(self.scheduler.config)
-        if self.shift is not None:
-            config.update(shift=self.shift, use_dynamic_shifting=False)
-        pipe = StableDiffusion3Pipeline(
-            transformer=self.transformer, scheduler=type(self.scheduler).from_config(config), vae=self.vae,
-            text_encoder=self.text_encoder, tokenizer=self.tokenizer, text_encoder_2=self.text_encoder_2,
-            tokenizer_2=self.tokenizer_2, text_encoder_3=self.text_encoder_3, tokenizer_3=self.tokenizer_3)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
     def pipeline_images(self, cond: Cond, noise: Tensor, steps: int, guidance: float) -> Tensor:
-        b = noise.shape[0]
-        pos, neg = (broadcast_cond(c, b) for c in split_cond(cond))
-        if self.uses_cfg(guidance) and not neg:
-            raise UserError(f"CFG scale {guidance} needs the negative prompt's conditioning: "
-                            f"encode prompts with {type(self).__name__}.encode_prompts")
+        pos, neg = self.guided_cond(cond, noise.shape[0], guidance)
         height, width = self.pixel_size(noise)
         images = self.pipeline()(
             prompt_embeds=pos["prompt_embeds"], pooled_prompt_embeds=pos["pooled_prompt_embeds"],
@@ -284,29 +227,3 @@ class SD3Model(FlowModel):
 # ---- folder checks -------------------------------------------------------------------------
 def _is_null(entry) -> bool:
     return entry is None or (isinstance(entry, (list, tuple)) and all(e is None for e in entry))
-
-
-def check_pipeline_folder(path, need_transformer: bool = True) -> Path:
-    """A local StableDiffusion3Pipeline folder with every component folder present
-    (``text_encoder_3`` / ``tokenizer_3`` only where model_index.json does not list them as null)."""
-    root = _check_folder(path, "sd3", "StableDiffusion3", COMPONENTS, need_transformer=need_transformer)
-    index = read_model_index(root)
-    missing = [c + "/" for c in OPTIONAL if not _is_null(index.get(c, "")) and not (root / c).is_dir()]
-    if missing:
-        raise UserError(f"{root} lacks {', '.join(missing)}: an sd3 folder needs {', '.join(COMPONENTS + OPTIONAL)} "
-                        f"({', '.join(OPTIONAL)} may be listed as null in model_index.json)")
-    return root
-
-
-def _plan(name, transformer, vae, text_params: int, max_len: int, height: int, width: int) -> PlanParts:
-    vc = vae.config
-    n = 2 ** (len(vc.block_out_channels) - 1) * transformer.config.patch_size
-    return PlanParts(
-        name=name, transformer=transformer, vae=vae,
-        vae_config={"block_out_channels": tuple(vc.block_out_channels), "layers_per_block": vc.layers_per_block,
-                    "latent_channels": vc.latent_channels},
-        text_encoders=int(text_params), text_tokens=CLIP_TOKENS + int(max_len),
-        image_tokens=(height // n) * (width // n),
-    )
-
-

@@ -3,12 +3,10 @@ the tests, the tiny configs and the benchmarks; nothing is downloaded."""
 
 from __future__ import annotations
 
-import torch
-
 from ..errors import UserError
-from . import MODELS
-from .base import PlanParts, TinyTwin
-from .sd3 import CLIP_TOKENS, CLIP_VOCAB, SD3Model, _plan
+from .base import MODELS
+from .sd3 import CLIP_TOKENS, CLIP_VOCAB, SD3Model
+from .twin import TinyTwin, seeded, tiny_vae
 
 
 def _tiny_modules(*, latent_channels: int = 4, vae_channels: tuple[int, ...] = (8, 16), vae_groups: int = 8,
@@ -18,8 +16,13 @@ def _tiny_modules(*, latent_channels: int = 4, vae_channels: tuple[int, ...] = (
                   clip_dim: int = 16, clip_projection_dim: int = 32, text_dim: int = 32, text_layers: int = 2,
                   text_heads: int = 2, scaling_factor: float = 1.5035, shift_factor: float = 0.0609) -> dict:
     """The tiny modules (random init under the caller's RNG / device context)."""
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from diffusers import SD3Transformer2DModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        T5Config,
+        T5EncoderModel,
+    )
 
     if 2 * clip_dim > text_dim:
         raise UserError(f"tiny SD3 text_dim {text_dim} must be at least twice clip_dim {clip_dim} (the "
@@ -31,13 +34,7 @@ def _tiny_modules(*, latent_channels: int = 4, vae_channels: tuple[int, ...] = (
         joint_attention_dim=text_dim, caption_projection_dim=inner, pooled_projection_dim=2 * clip_projection_dim,
         pos_embed_max_size=pos_embed_max_size, qk_norm=qk_norm, dual_attention_layers=tuple(dual_attention_layers),
     )
-    n = len(vae_channels)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(vae_channels), layers_per_block=1,
-        latent_channels=latent_channels, norm_num_groups=vae_groups, sample_size=32,
-        scaling_factor=scaling_factor, shift_factor=shift_factor, use_quant_conv=False, use_post_quant_conv=False,
-    )
+    vae = tiny_vae(vae_channels, latent_channels, vae_groups, scaling_factor=scaling_factor, shift_factor=shift_factor)
 
     def clip():
         return CLIPTextModelWithProjection(CLIPTextConfig(
@@ -61,46 +58,30 @@ def _build_tiny(cls, seed: int = 0, max_sequence_length: int = 64, negative_prom
 
     from ..tokenizer import clip_tokenizer
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        modules = _tiny_modules(**sizes)
+    m = seeded(seed, _tiny_modules, **sizes)
     tokenizer = clip_tokenizer()
     # SD3.5's scheduler config: shift 3.0, no dynamic shifting
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False)
-    return cls(modules["transformer"], modules["vae"], modules["text_encoder"], tokenizer, modules["text_encoder_2"],
-               tokenizer, modules["text_encoder_3"], tokenizer, scheduler,
-               max_sequence_length=max_sequence_length, negative_prompt=negative_prompt, shift=shift,
-               quantize_timesteps=quantize_timesteps)
+    return cls(m["transformer"], m["vae"], m["text_encoder"], tokenizer, m["text_encoder_2"], tokenizer,
+               m["text_encoder_3"], tokenizer, scheduler, max_sequence_length=max_sequence_length,
+               negative_prompt=negative_prompt, shift=shift, quantize_timesteps=quantize_timesteps)
 
 
-def build_tiny_sd3(seed: int = 0, **sizes) -> SD3Model:
-    """A random-weight SD3 (deterministic in ``seed``; the global RNG is left untouched).
+@MODELS.register("tiny_sd3")
+class TinySD3Model(TinyTwin, SD3Model):
+    """A tiny random SD3 built in code (for tests and the lab); takes no path.
 
     The VAE downsamples by ``2 ** (len(vae_channels) - 1)`` (2 by default, so 32x48 pixels are 16x24
     latents, 8x12 patches); ``text_dim`` is the T5 ``d_model`` and the joint attention width, the
     two CLIPs have ``clip_dim`` hidden and ``clip_projection_dim`` pooled features. Also takes
     ``max_sequence_length`` (64), ``negative_prompt``, ``shift`` (a schedule override) and
-    ``quantize_timesteps``.
-    """
-    return _build_tiny(SD3Model, seed, **sizes)
-
-
-def save_tiny_sd3(path, seed: int = 0, **sizes) -> SD3Model:
-    """Write a tiny SD3 as a full StableDiffusion3Pipeline folder (safetensors) and return it;
-    ``SD3Model.load(path, max_sequence_length=model.max_sequence_length)`` and
-    ``StableDiffusion3Pipeline.from_pretrained(path)`` both load it offline."""
-    return build_tiny_sd3(seed, **sizes).save_pipeline(path)
-
-
-@MODELS.register("tiny_sd3")
-class TinySD3Model(TinyTwin, SD3Model):
-    """A tiny random SD3 built in code (for tests and the lab); takes no path."""
+    ``quantize_timesteps``."""
 
     family = "tiny_sd3"
     folder_family = "sd3"
     build = staticmethod(_build_tiny)
+    tiny_modules = staticmethod(_tiny_modules)
 
-    @classmethod
-    def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:
-        modules, max_len, text = cls.tiny_plan_modules(path, options, lambda n, o: _tiny_modules(**o), 64)
-        return _plan("tiny SD3", modules["transformer"], modules["vae"], text, max_len, height, width)
+
+build_tiny_sd3 = TinySD3Model.random  # a random-weight SD3Model (deterministic in seed)
+save_tiny_sd3 = TinySD3Model.save_random  # ... written as a full StableDiffusion3Pipeline folder

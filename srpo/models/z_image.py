@@ -40,28 +40,21 @@ What the pipeline does, and this file reproduces:
 LoRA: ``ZImagePipeline`` has ``ZImageLoraLoaderMixin`` in 0.42, so :meth:`FlowModel.save_lora`
 (``ZImagePipeline.save_lora_weights``) writes the file ``load_lora_weights`` reads.
 
-The file also holds ``tiny_z_image``: random-weight models built in code from the real classes,
+Its twin ``tiny_z_image`` (``z_image_tiny.py``): random-weight models built in code from the real classes,
 with a small byte-level BPE tokenizer in ``Qwen2Tokenizer`` (Qwen's class and pre-tokenizer, the
 chat-template tokens) trained on synthetic sentences, since no Qwen tokenizer exists offline.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 from torch import Tensor
 
 from ..errors import UserError
-from . import MODELS
-from .base import Cond, FlowModel, PlanParts, broadcast_cond, frozen, resolve_dtype, split_cond
-from .base import check_options, read_config
-from .base import check_pipeline_folder as _check_folder
+from .base import (MODELS, Cond, FlowModel, PlanParts, check_fit, check_image_size, encoder_params, folder_configs,
+                   meta_module, vae_sizes)
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-OPTIONS = ("variant", "max_sequence_length", "negative_prompt", "cfg_normalization", "cfg_truncation",
-           "quantize_timesteps")
 VARIANTS = ("turbo", "base")
 SEQ_MULTI_OF = 32  # the transformer pads captions and image tokens to multiples of 32
 
@@ -106,10 +99,18 @@ class ZImageModel(FlowModel):
 
     family = "z_image"
     pipeline_class = "ZImagePipeline"
+    title = "Z-Image-Turbo"
+    flagship = "Z-Image-Turbo"
+    source = "Tongyi-MAI/Z-Image-Turbo"
+    components = COMPONENTS
+    recipe = "z_image"
+    tiny_twin = "tiny_z_image"
+    tiny_config = "tiny-z-image"
     transformer_class = "ZImageTransformer2DModel"
+    options = ("variant", "max_sequence_length", "negative_prompt", "cfg_normalization", "cfg_truncation",
+               "quantize_timesteps")
     # diffusers' examples/dreambooth/train_dreambooth_lora_z_image.py default targets
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
-    export_formats = ("diffusers",)
     guidance_mode = "none"  # the default variant, turbo; an instance of the base variant says "cfg"
     default_guidance = 1.0
     cfg_batched = True  # the pipeline runs [positive, negative] as one transformer call
@@ -117,11 +118,7 @@ class ZImageModel(FlowModel):
     def __init__(self, transformer, vae, text_encoder, tokenizer, scheduler, variant: str = "turbo",
                  max_sequence_length: int = 512, negative_prompt: str = "", cfg_normalization: float = 0.0,
                  cfg_truncation: float = 1.0, shift: float | None = None, quantize_timesteps: bool | None = None):
-        self.transformer = transformer
-        self.vae = frozen(vae)
-        self.text_encoder = frozen(text_encoder)
-        self.tokenizer = tokenizer
-        self.scheduler = scheduler
+        self.hold(transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
         self.variant = _check_variant(variant, self.family)
         # per instance: the turbo variant is distilled (no CFG), the base one uses true CFG
         self.guidance_mode = "none" if self.variant == "turbo" else "cfg"
@@ -142,18 +139,14 @@ class ZImageModel(FlowModel):
         # off by default: ZImagePipeline feeds the unquantised (1000 - t) / 1000
         self.quantize_timesteps = bool(quantize_timesteps)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self._negative: dict[tuple, tuple[Tensor, Tensor]] = {}
         self._check_compatible()
 
     def _check_compatible(self) -> None:
         tc = self.transformer.config
-        pairs = [("transformer in_channels", tc.in_channels, "vae latent_channels", self.vae.config.latent_channels),
-                 ("transformer cap_feat_dim", tc.cap_feat_dim, "text_encoder hidden_size",
-                  self.text_encoder.config.hidden_size)]
-        for name, got, other, want in pairs:
-            if got != want:
-                raise UserError(f"transformer does not fit this Z-Image model: {name} = {got} but {other} = "
-                                f"{want}; use a transformer trained for this base model")
+        check_fit("Z-Image", [("transformer in_channels", tc.in_channels, "vae latent_channels",
+                               self.vae.config.latent_channels),
+                              ("transformer cap_feat_dim", tc.cap_feat_dim, "text_encoder hidden_size",
+                               self.text_encoder.config.hidden_size)])
         text = -(-self.max_sequence_length // SEQ_MULTI_OF) * SEQ_MULTI_OF
         if text + 2 > tc.axes_lens[0]:
             most = (tc.axes_lens[0] - 2) // SEQ_MULTI_OF * SEQ_MULTI_OF
@@ -167,29 +160,11 @@ class ZImageModel(FlowModel):
     # ---- construction ---------------------------------------------------------------------
     @classmethod
     def load(cls, path=None, transformer_path=None, device="cpu", dtype=torch.float32, shift=None,
-             variant: str = "turbo", max_sequence_length: int = 512, negative_prompt: str = "",
-             cfg_normalization: float = 0.0, cfg_truncation: float = 1.0, quantize_timesteps: bool | None = None,
-             **unknown) -> "ZImageModel":
-        """A local ZImagePipeline folder (Z-Image-Turbo with ``variant: turbo``, the default;
-        Z-Image with ``variant: base``), offline and from safetensors; ``transformer_path``
-        replaces ``transformer/`` with a folder written by :meth:`save_transformer`."""
-        check_options(cls.family, unknown, OPTIONS)
-        _check_variant(variant, cls.family)
-        if not path:
-            raise UserError(f"model '{cls.family}' needs a path: set model.path to a local diffusers "
-                            f"ZImagePipeline folder (Z-Image-Turbo or Z-Image)")
-        root = check_pipeline_folder(path, need_transformer=not transformer_path)
-        dtype = resolve_dtype(dtype)
-        pipe = cls.pipeline_from_folder(root, transformer_path, dtype)
-        model = cls.from_pipeline(pipe, variant=variant, max_sequence_length=max_sequence_length,
-                                  negative_prompt=negative_prompt, cfg_normalization=cfg_normalization,
-                                  cfg_truncation=cfg_truncation, shift=shift, quantize_timesteps=quantize_timesteps)
-        return model.to(device)
-
-    @classmethod
-    def from_pipeline(cls, pipe, **kwargs) -> "ZImageModel":
-        """Wrap the components of an existing ``ZImagePipeline``."""
-        return cls(pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, **kwargs)
+             **options) -> ZImageModel:
+        """A local ZImagePipeline folder: Z-Image-Turbo with ``variant: turbo`` (the default),
+        Z-Image with ``variant: base`` (checked before any weight is read)."""
+        _check_variant(options.get("variant", "turbo"), cls.family)
+        return super().load(path, transformer_path, device, dtype, shift, **options)
 
     @classmethod
     def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:
@@ -198,27 +173,26 @@ class ZImageModel(FlowModel):
         Tongyi-MAI/Z-Image-Turbo's transformer/, vae/ and text_encoder/ folders)."""
         from diffusers import AutoencoderKL, ZImageTransformer2DModel
 
-        options = dict(options or {})
-        max_len = int(options.pop("max_sequence_length", 512))
-        variant = _check_variant(options.pop("variant", "turbo"), cls.family)
-        for k in ("negative_prompt", "cfg_normalization", "cfg_truncation", "quantize_timesteps"):
-            options.pop(k, None)
-        check_options(cls.family, options, OPTIONS)
-        root = Path(path) if path else None
-        if root:
-            check_pipeline_folder(root)
-        t_cfg = read_config(root / "transformer") if root else None
-        v_cfg = read_config(root / "vae") if root else None
-        e_cfg = read_config(root / "text_encoder") if root else None
-        with torch.device("meta"):
-            transformer = (ZImageTransformer2DModel.from_config(t_cfg) if t_cfg
-                           else ZImageTransformer2DModel(**Z_IMAGE_TRANSFORMER))
-            vae = AutoencoderKL.from_config(v_cfg) if v_cfg else AutoencoderKL(**Z_IMAGE_VAE)
-            text_params = _qwen3_params(e_cfg) if e_cfg else QWEN3_4B_PARAMS
+        max_len, rest = cls.plan_options(options, 512)
+        variant = _check_variant(rest.get("variant", "turbo"), cls.family)
+        root = cls.check_folder(path) if path else None
+        t_cfg, v_cfg, e_cfg = folder_configs(root, "transformer", "vae", "text_encoder")
         # Z-Image (base) and Z-Image-Turbo share the architecture
         name = f"Z-Image ({root.name})" if t_cfg else ("Z-Image-Turbo" if variant == "turbo" else "Z-Image")
-        return _plan(name, transformer, vae, text_params, max_len, height, width,
-                     guidance_mode="cfg" if variant == "base" else "none")
+        text = encoder_params(e_cfg, "Qwen3Model", QWEN3_4B_PARAMS)
+        return cls.plan_of(name, meta_module(ZImageTransformer2DModel, t_cfg, Z_IMAGE_TRANSFORMER),
+                           meta_module(AutoencoderKL, v_cfg, Z_IMAGE_VAE), text, max_len, height, width,
+                           guidance_mode="cfg" if variant == "base" else "none")
+
+    @classmethod
+    def plan_of(cls, name, transformer, vae, text_params: int, max_len: int, height: int, width: int,
+                guidance_mode: str | None = None) -> PlanParts:
+        tc = transformer.config
+        n = 2 ** (len(vae.config.block_out_channels) - 1) * tc.all_patch_size[0]
+        return PlanParts(
+            name=name, transformer=transformer, vae=vae, vae_config=vae_sizes(vae), text_encoders=int(text_params),
+            text_tokens=-(-int(max_len) // SEQ_MULTI_OF) * SEQ_MULTI_OF, image_tokens=(height // n) * (width // n),
+            hidden=int(tc.dim), guidance_mode=guidance_mode)
 
     # ---- FlowModel hooks ------------------------------------------------------------------
     @torch.no_grad()
@@ -230,19 +204,9 @@ class ZImageModel(FlowModel):
         embeds, mask = self._encode(prompts)
         cond = {"prompt_embeds": embeds.to(self.device), "prompt_mask": mask.to(self.device)}
         if self.guidance_mode == "cfg":
-            neg, neg_mask = self._negative_cond(len(prompts))
+            neg, neg_mask = self.negative_cond(len(prompts))
             cond.update(negative_prompt_embeds=neg, negative_prompt_mask=neg_mask)
         return cond
-
-    def _negative_cond(self, batch: int) -> tuple[Tensor, Tensor]:
-        """The negative prompt's conditioning for ``batch`` rows, encoded once per batch size
-        (as a batch of copies, like the pipeline, so ``encode_prompt`` parity is exact)."""
-        key = (self.negative_prompt, self.max_sequence_length, batch)
-        if key not in self._negative:
-            if len(self._negative) >= 4:
-                self._negative.pop(next(iter(self._negative)))
-            self._negative[key] = self._encode([self.negative_prompt] * batch)
-        return tuple(t.to(self.device) for t in self._negative[key])
 
     def _encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """``ZImagePipeline._encode_prompt``: chat template, padding to ``max_sequence_length``,
@@ -268,9 +232,7 @@ class ZImageModel(FlowModel):
         floored to an integer when ``quantize_timesteps``); the output is negated, as the
         pipeline does, into the velocity ``eps - x0``."""
         dtype, device = self.dtype, self.device
-        t = sigma.to(device=device, dtype=torch.float32) * 1000
-        if self.quantize_timesteps:
-            t = torch.floor(sigma.to(device=device, dtype=torch.float64) * 1000 + 1e-6).float()
+        t = self.scheduler_timestep(sigma)
         t = (1000 - t) / 1000
         x = list(latents.to(device, dtype).unsqueeze(2).unbind(0))  # [C, F=1, h, w] per sample
         caps = self._unpad({"prompt_embeds": cond["prompt_embeds"].to(device, dtype),
@@ -309,19 +271,16 @@ class ZImageModel(FlowModel):
             v = torch.where(late.reshape(-1, *([1] * (v.ndim - 1))), v_1, v)
         return v
 
-    def _scheduler_config(self) -> dict:
-        config = dict(self.scheduler.config)
-        if self.shift is not None:
-            config.update(shift=self.shift, use_dynamic_shifting=False)
-        return config
-
     def schedule(self, steps: int, height: int, width: int) -> Tensor:
         """The pipeline's sigmas: ``linspace(1, 1/N, N)`` through the scheduler's shift (or its
         dynamic shift at the pipeline's ``mu``), then 0."""
         from diffusers import FlowMatchEulerDiscreteScheduler
-        from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas
+        from diffusers.pipelines.z_image.pipeline_z_image import (
+            calculate_shift,
+            get_default_z_image_sigmas,
+        )
 
-        config = self._scheduler_config()
+        config = self.scheduler_config()
         m = self.vae_scale_factor * 2
         seq_len = (2 * (height // m) // 2) * (2 * (width // m) // 2)  # as __call__ computes image_seq_len
         mu = calculate_shift(seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
@@ -330,52 +289,22 @@ class ZImageModel(FlowModel):
         sched.set_timesteps(steps, device="cpu", sigmas=get_default_z_image_sigmas(steps), mu=mu)
         return sched.sigmas.to(torch.float64)
 
-    def decode(self, latents: Tensor) -> Tensor:
-        """Normalised latents -> pixels in [0, 1]; differentiable with respect to ``latents``."""
-        cfg = self.vae.config
-        z = latents / cfg.scaling_factor + (cfg.shift_factor or 0.0)
-        x = self.vae.decode(z.to(self.vae.device, self.vae.dtype), return_dict=False)[0]
-        return ((x + 1) / 2).clamp(0, 1).to(latents.dtype)
-
-    @torch.no_grad()
-    def encode(self, pixels: Tensor) -> Tensor:
-        """Pixels in [0, 1] -> normalised latents (the posterior mode)."""
-        cfg = self.vae.config
-        z = self.vae.encode((pixels * 2 - 1).to(self.vae.device, self.vae.dtype)).latent_dist.mode()
-        return ((z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor).to(pixels.dtype)
-
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
         tc = self.transformer.config
         m = self.vae_scale_factor * 2  # VAE downsampling x the transformer's 2x2 patches
-        if height % m or width % m or height <= 0 or width <= 0:
-            raise UserError(f"image size {height}x{width} is not supported: height and width must be "
-                            f"positive multiples of {m} for this model")
+        check_image_size(height, width, m)
         if height // m > tc.axes_lens[1] or width // m > tc.axes_lens[2]:
             raise UserError(f"image size {height}x{width} is too large for this transformer: at most "
                             f"{tc.axes_lens[1] * m}x{tc.axes_lens[2] * m} pixels (axes_lens {list(tc.axes_lens)})")
         return (batch, self.vae.config.latent_channels, height // self.vae_scale_factor,
                 width // self.vae_scale_factor)
 
-    def pipeline(self):
-        """A ``ZImagePipeline`` sharing this model's modules (a fresh scheduler from the model's
-        config, with ``shift`` applied when it was overridden)."""
-        from diffusers import ZImagePipeline
-
-        pipe = ZImagePipeline(transformer=self.transformer, scheduler=type(self.scheduler).from_config(
-            self._scheduler_config()), vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
     def pipeline_images(self, cond: Cond, noise: Tensor, steps: int, guidance: float) -> Tensor:
         """``ZImagePipeline.__call__`` with this conditioning (as its per-prompt lists) and noise;
         guidance goes in as its ``guidance_scale = guidance - 1`` (0, no CFG, for turbo or
         guidance <= 1), with this model's ``cfg_normalization`` and ``cfg_truncation``."""
-        b = noise.shape[0]
-        pos, neg = (broadcast_cond(c, b) for c in split_cond(cond))
+        pos, neg = self.guided_cond(cond, noise.shape[0], guidance)
         cfg = self.uses_cfg(guidance)
-        if cfg and not neg:
-            raise UserError(f"CFG scale {guidance} needs the negative prompt's conditioning: "
-                            f"encode prompts with {type(self).__name__}.encode_prompts")
         height, width = self.pixel_size(noise)
         images = self.pipeline()(
             prompt_embeds=self._unpad(pos), negative_prompt_embeds=self._unpad(neg) if cfg else None,
@@ -386,42 +315,11 @@ class ZImageModel(FlowModel):
         return images.float()
 
 
-# ---- folder checks -------------------------------------------------------------------------
+# ---- options -------------------------------------------------------------------------
 def _check_variant(variant, family: str) -> str:
     if variant not in VARIANTS:
         raise UserError(f"unknown variant '{variant}' for model '{family}': use turbo (Z-Image-Turbo, "
                         f"distilled, no CFG) or base (Z-Image, true CFG)")
     return variant
-
-
-def check_pipeline_folder(path, need_transformer: bool = True) -> Path:
-    """A local ZImagePipeline folder with every component folder present."""
-    root = _check_folder(path, "z_image", "ZImage", COMPONENTS, need_transformer=need_transformer)
-    name = json.loads((root / "model_index.json").read_text()).get("_class_name", "")
-    if name != ZImageModel.pipeline_class:
-        raise UserError(f"{root} holds a {name} pipeline, not ZImagePipeline: the 'z_image' model needs a "
-                        f"text-to-image ZImagePipeline folder")
-    return root
-
-
-def _qwen3_params(config: dict) -> int:
-    from transformers import Qwen3Config, Qwen3Model
-
-    with torch.device("meta"):
-        model = Qwen3Model(Qwen3Config.from_dict(config))
-    return sum(p.numel() for p in model.parameters())
-
-
-def _plan(name, transformer, vae, text_params: int, max_len: int, height: int, width: int,
-          guidance_mode: str | None = None) -> PlanParts:
-    tc, vc = transformer.config, vae.config
-    n = 2 ** (len(vc.block_out_channels) - 1) * tc.all_patch_size[0]
-    return PlanParts(
-        name=name, transformer=transformer, vae=vae,
-        vae_config={"block_out_channels": tuple(vc.block_out_channels), "layers_per_block": vc.layers_per_block,
-                    "latent_channels": vc.latent_channels},
-        text_encoders=int(text_params), text_tokens=-(-int(max_len) // SEQ_MULTI_OF) * SEQ_MULTI_OF,
-        image_tokens=(height // n) * (width // n), hidden=int(tc.dim), guidance_mode=guidance_mode,
-    )
 
 

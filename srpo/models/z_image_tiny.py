@@ -3,25 +3,19 @@ the tests, the tiny configs and the benchmarks; nothing is downloaded."""
 
 from __future__ import annotations
 
-from functools import lru_cache
-
-import torch
+from functools import cache
 
 from ..errors import UserError
-from . import MODELS
-from .base import PlanParts, TinyTwin
+from .base import MODELS
 from .tiny_text import byte_bpe, vocab_and_merges
-from .z_image import CHAT_TEMPLATE, SPECIAL_TOKENS, ZImageModel, _check_variant, _plan
-
+from .twin import TinyTwin, seeded, tiny_vae
+from .z_image import CHAT_TEMPLATE, SPECIAL_TOKENS, ZImageModel, _check_variant
 
 _WORDS = {
-    "colour": "red blue green yellow purple orange white black pink brown grey golden silver".split(),
-    "thing": ("cube ball circle square triangle star cat dog bird horse tree flower house car boat robot "
-              "lighthouse mountain river city portrait apple cup chair lamp").split(),
-    "place": ("on a table|in the grass|at sunset|over the sea|in a garden|on a white background|at night|"
-              "in the rain|under a bridge|in a forest|on the moon|in a small room").split("|"),
-    "style": ("a photo of|a painting of|a drawing of|concept art of|a detailed render of|an anime picture of|"
-              "a realistic picture of|natural lighting,").split("|"),
+    "colour": ["red", "blue", "green", "yellow", "purple", "orange", "white", "black", "pink", "brown", "grey", "golden", "silver"],
+    "thing": ["cube", "ball", "circle", "square", "triangle", "star", "cat", "dog", "bird", "horse", "tree", "flower", "house", "car", "boat", "robot", "lighthouse", "mountain", "river", "city", "portrait", "apple", "cup", "chair", "lamp"],
+    "place": ["on a table", "in the grass", "at sunset", "over the sea", "in a garden", "on a white background", "at night", "in the rain", "under a bridge", "in a forest", "on the moon", "in a small room"],
+    "style": ["a photo of", "a painting of", "a drawing of", "concept art of", "a detailed render of", "an anime picture of", "a realistic picture of", "natural lighting,"],
 }
 
 
@@ -34,7 +28,7 @@ def _sentences() -> list[str]:
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def tiny_qwen_tokenizer(vocab_size: int = 640):
     """A small ``Qwen2Tokenizer``: a byte-level BPE with Qwen2's pre-tokenizer, trained on
     synthetic prompts (deterministic), the chat-template special tokens and the chat template."""
@@ -59,7 +53,7 @@ def _tiny_modules(*, vocab_size: int, latent_channels: int = 4, vae_channels: tu
                   text_heads: int = 2, text_kv_heads: int = 1, text_positions: int = 128,
                   scaling_factor: float = 0.3611, shift_factor: float = 0.1159) -> dict:
     """The tiny modules (random init under the caller's RNG / device context)."""
-    from diffusers import AutoencoderKL, ZImageTransformer2DModel
+    from diffusers import ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
     if dim % n_heads or sum(axes_dims) != dim // n_heads:
@@ -71,13 +65,7 @@ def _tiny_modules(*, vocab_size: int, latent_channels: int = 4, vae_channels: tu
         cap_feat_dim=text_dim, rope_theta=256.0, t_scale=1000.0, axes_dims=list(axes_dims),
         axes_lens=list(axes_lens),
     )
-    n = len(vae_channels)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(vae_channels), layers_per_block=1,
-        latent_channels=latent_channels, norm_num_groups=vae_groups, sample_size=32,
-        scaling_factor=scaling_factor, shift_factor=shift_factor, use_quant_conv=False, use_post_quant_conv=False,
-    )
+    vae = tiny_vae(vae_channels, latent_channels, vae_groups, scaling_factor=scaling_factor, shift_factor=shift_factor)
     text_encoder = Qwen3Model(Qwen3Config(
         vocab_size=vocab_size, hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=text_layers,
         num_attention_heads=text_heads, num_key_value_heads=text_kv_heads, head_dim=text_dim // text_heads,
@@ -94,52 +82,40 @@ def _build_tiny(cls, seed: int = 0, variant: str = "turbo", max_sequence_length:
     _check_variant(variant, "tiny_z_image")
     tokenizer = tiny_qwen_tokenizer()
     sizes.setdefault("text_positions", max(128, int(max_sequence_length)))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        modules = _tiny_modules(vocab_size=len(tokenizer), **sizes)
+    m = seeded(seed, _tiny_modules, vocab_size=len(tokenizer), **sizes)
     # Z-Image-Turbo's scheduler config: shift 3.0, no dynamic shifting
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
-    return cls(modules["transformer"], modules["vae"], modules["text_encoder"], tokenizer, scheduler,
-               variant=variant, max_sequence_length=max_sequence_length, negative_prompt=negative_prompt,
+    return cls(m["transformer"], m["vae"], m["text_encoder"], tokenizer, scheduler, variant=variant,
+               max_sequence_length=max_sequence_length, negative_prompt=negative_prompt,
                cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation, shift=shift,
                quantize_timesteps=quantize_timesteps)
 
 
-def build_tiny_z_image(seed: int = 0, **sizes) -> ZImageModel:
-    """A random-weight Z-Image (deterministic in ``seed``; the global RNG is left untouched).
+@MODELS.register("tiny_z_image")
+class TinyZImageModel(TinyTwin, ZImageModel):
+    """A tiny random Z-Image built in code (for tests and the lab); takes no path.
 
     The VAE downsamples by ``2 ** (len(vae_channels) - 1)`` (2 by default, so 32x48 pixels are
     16x24 latents, 8x12 patches); ``dim`` / ``n_heads`` is the transformer's head width, which
     ``axes_dims`` must sum to; ``text_dim`` is the Qwen3 hidden size and ``cap_feat_dim``. Also
     takes the load options ``variant`` (turbo), ``max_sequence_length`` (64), ``negative_prompt``,
-    ``cfg_normalization``, ``cfg_truncation``, ``shift`` and ``quantize_timesteps``.
-    """
-    return _build_tiny(ZImageModel, seed, **sizes)
-
-
-def save_tiny_z_image(path, seed: int = 0, **sizes) -> ZImageModel:
-    """Write a tiny Z-Image as a full ZImagePipeline folder (safetensors) and return it;
-    ``ZImageModel.load(path, max_sequence_length=model.max_sequence_length)`` and
-    ``ZImagePipeline.from_pretrained(path)`` both load it offline."""
-    return build_tiny_z_image(seed, **sizes).save_pipeline(path)
-
-
-@MODELS.register("tiny_z_image")
-class TinyZImageModel(TinyTwin, ZImageModel):
-    """A tiny random Z-Image built in code (for tests and the lab); takes no path."""
+    ``cfg_normalization``, ``cfg_truncation``, ``shift`` and ``quantize_timesteps``."""
 
     family = "tiny_z_image"
     folder_family = "z_image"
     build = staticmethod(_build_tiny)
+    plan_ignore = ("variant", "cfg_normalization", "cfg_truncation")
 
     @classmethod
-    def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:
+    def plan_modules(cls, max_len: int, sizes: dict) -> dict:
+        sizes.setdefault("text_positions", max(128, max_len))
+        return _tiny_modules(vocab_size=len(tiny_qwen_tokenizer()), **sizes)
+
+    @classmethod
+    def plan_parts(cls, path, options: dict, height: int, width: int):
         _check_variant((options or {}).get("variant", "turbo"), cls.family)
+        return super().plan_parts(path, options, height, width)
 
-        def make(max_len, o):
-            o.setdefault("text_positions", max(128, max_len))
-            return _tiny_modules(vocab_size=len(tiny_qwen_tokenizer()), **o)
 
-        modules, max_len, text = cls.tiny_plan_modules(path, options, make, 64,
-                                                       ignore=("variant", "cfg_normalization", "cfg_truncation"))
-        return _plan("tiny Z-Image", modules["transformer"], modules["vae"], text, max_len, height, width)
+build_tiny_z_image = TinyZImageModel.random  # a random-weight ZImageModel (deterministic in seed)
+save_tiny_z_image = TinyZImageModel.save_random  # ... written as a full ZImagePipeline folder
