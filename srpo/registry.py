@@ -13,8 +13,12 @@ def _where(obj) -> str:
 
 
 class Registry:
-    def __init__(self, kind: str):
+    """``kind`` names what it holds in messages; ``name_attr``: a registered class that does not set
+    this attribute itself gets its registered name there (a family's ``family``)."""
+
+    def __init__(self, kind: str, name_attr: str | None = None):
         self.kind = kind
+        self.name_attr = name_attr
         self._items: dict[str, Callable] = {}
 
     def register(self, name: str):
@@ -23,6 +27,8 @@ class Registry:
                 raise UserError(f"{self.kind} '{name}' is registered already (by {_where(self._items[name])}); "
                                 f"register {_where(obj)} under another name, or name it by its dotted path")
             self._items[name] = obj
+            if self.name_attr and isinstance(obj, type) and self.name_attr not in vars(obj):
+                setattr(obj, self.name_attr, name)
             return obj
 
         return deco

@@ -7,9 +7,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from torch import nn
 
+from srpo.errors import UserError
 from srpo.models import MODELS, family
 from srpo.models.base import split_cond
 
@@ -115,3 +117,22 @@ def noise_and_cond(model, prompts, height: int, width: int):
     """Seeded noise for a batch of ``prompts`` and the model's encoding of them."""
     noise = torch.randn(model.latent_shape(len(prompts), height, width), generator=torch.Generator().manual_seed(1))
     return noise, model.encode_prompts(prompts)
+
+
+def check_one_line_errors(cases) -> None:
+    """Each ``(call, message)``: ``call()`` raises a one-line UserError containing ``message``."""
+    for call, message in cases:
+        with pytest.raises(UserError) as e:
+            call()
+        assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def twin_fixture(save, **options):
+    """The module fixture ``saved``: ``(folder, model)`` of ``save``'s twin at seed 0 written as a pipeline folder."""
+    return pytest.fixture(scope="module", name="saved")(
+        lambda tmp_path_factory: saved_twin(tmp_path_factory.mktemp("twin"), save, **options))
+
+
+def inputs_fixture(prompts, height: int, width: int):
+    """The module fixture ``inputs``: :func:`noise_and_cond` of the ``saved`` fixture's model."""
+    return pytest.fixture(scope="module", name="inputs")(lambda saved: noise_and_cond(saved[1], prompts, height, width))

@@ -20,7 +20,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from family_runs import (check_cfg_gradient, families, lora_modules, matched_linears, srpo)
+from family_runs import check_cfg_gradient, check_one_line_errors, families, lora_modules, matched_linears, srpo
+from srpo.commands.init import family_recipe_path
 from srpo.config import load_config
 from srpo.errors import UserError
 from srpo.models import MODELS, family, family_of_folder
@@ -231,6 +232,23 @@ def test_latent_shape_round_trips_the_pixel_size_and_rejects_odd_sizes(tiny):
     assert "\n" not in str(e.value)
 
 
+def test_the_default_encode_is_the_vae_mode_normalised(tiny):
+    """Families on FlowModel's decode / encode: encode is the VAE posterior's mode of 2x - 1, shifted
+    and scaled as the folder's VAE config says (a family with its own, e.g. per-channel, checks it
+    in its file)."""
+    m = tiny.model
+    if type(m).encode is not FlowModel.encode:
+        pytest.skip(f"{tiny.name} normalises its latents its own way")
+    with torch.no_grad():
+        pixels = m.decode(tiny.noise)
+    z = m.encode(pixels)
+    assert z.shape == tiny.noise.shape and not z.requires_grad
+    cfg = m.vae.config
+    assert cfg.shift_factor != 0 and cfg.scaling_factor != 1  # not the identity
+    raw = m.vae.encode(pixels * 2 - 1).latent_dist.mode()
+    assert torch.allclose(z, (raw - cfg.shift_factor) * cfg.scaling_factor, atol=1e-6)
+
+
 # ---- round trips -----------------------------------------------------------------------------
 def test_transformer_round_trip(tiny, tmp_path):
     t = tiny
@@ -280,8 +298,7 @@ def test_family_facts_agree_with_diffusers_and_the_saved_folder(tiny):
     for name, blocks in flagship.named_children():
         if isinstance(blocks, torch.nn.ModuleList):
             assert all(any(n.startswith(f"{name}.{i}.") for n in adapted) for i in range(len(blocks))), name
-    recipe = t.cls.recipe or "default"
-    assert recipe.endswith(".yaml") or (ROOT / "srpo" / "configs" / "recipes" / f"{recipe}.yaml").is_file()
+    assert family_recipe_path(t.cls).is_file()  # srpo init's starting recipe
     if t.cls.tiny_config:
         assert load_config(t.cls.tiny_config).model.name == t.cls.tiny_twin  # the config trains this twin
 
@@ -373,10 +390,7 @@ def test_folder_errors_are_one_line_and_name_the_problem(tiny, tmp_path):
         if pipe != cls.pipeline_class:
             cases.append((lambda o=other, p=pipe: cls.load(fake("of_" + o, class_name=p)),
                           f"holds a {pipe} pipeline, not {cls.pipeline_class}: use model '{other}'"))
-    for call, message in cases:
-        with pytest.raises(UserError) as e:
-            call()
-        assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    check_one_line_errors(cases)
 
 
 # ---- the twin --------------------------------------------------------------------------------

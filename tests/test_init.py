@@ -204,12 +204,13 @@ def test_reference_recipes_match_the_example_configs(tmp_path, family, reward, m
 
 # ---- errors: one line, exit 2, nothing written
 
-def test_unknown_family_lists_the_families(tmp_path, capsys):
-    for bad in ("nope", "tiny_flux"):
-        rc, out = _init(tmp_path, bad)
-        assert rc == 2 and not out.exists()
-        line = _one_line_error(capsys)
-        assert f"'{bad}'" in line and all(f in line for f in NAMED)
+@pytest.mark.parametrize("bad", ["nope", "tiny_flux", "os.path.join", "no_such_module_xyz.Family"])
+def test_what_is_no_family_is_refused_with_the_families_listed(tmp_path, capsys, bad):
+    """An unknown name, a tiny twin, a dotted path to no FlowModel or to no module."""
+    rc, out = _init(tmp_path, bad)
+    assert rc == 2 and not out.exists()
+    line = _one_line_error(capsys)
+    assert f"'{bad}'" in line and all(f in line for f in NAMED)
 
 
 def test_unknown_reward_lists_the_rewards(tmp_path, capsys):
@@ -268,8 +269,7 @@ def test_every_family_recipe_exists_and_names_real_config_keys():
 
     for name in FAMILIES:
         cls = MODELS.get(name)
-        assert cls.recipe == name  # srpo/configs/recipes/<family>.yaml
-        path = init_cmd.family_recipe_path(cls)
+        path = init_cmd.family_recipe_path(cls)  # srpo/configs/recipes/<family>.yaml
         assert path == init_cmd.RECIPES / f"{name}.yaml"
         recipe = init_cmd.load_recipe(path)
         assert recipe.files[0] == path.resolve() and recipe.files[-1].name == "default.yaml"
@@ -392,10 +392,3 @@ def test_a_bad_recipe_file_is_a_one_line_error(tmp_path, monkeypatch, capsys, re
     for word in words:
         assert word in line, line
 
-
-def test_dotted_path_that_is_no_family_is_refused(tmp_path, capsys):
-    for bad in ("os.path.join", "no_such_module_xyz.Family"):
-        rc, out = _init(tmp_path, bad)
-        assert rc == 2 and not out.exists()
-        line = _one_line_error(capsys)
-        assert f"'{bad}'" in line and all(f in line for f in NAMED)

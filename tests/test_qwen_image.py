@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 
-from family_runs import noise_and_cond, saved_twin
+from family_runs import check_one_line_errors, inputs_fixture, twin_fixture
 from srpo.errors import UserError
 from srpo.models.base import split_cond
 from srpo.models.qwen_image import (PROMPT_TEMPLATE, PROMPT_TEMPLATE_START_IDX, TEXT_ENCODER_PARAMS, QwenImageModel,
@@ -20,14 +20,9 @@ PROMPTS = ["a red cube on a table", "a small blue ball in the grass near a lake 
 H, W = 32, 48
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    return saved_twin(tmp_path_factory.mktemp("qwen_image"), save_tiny_qwen_image)
+saved = twin_fixture(save_tiny_qwen_image)
 
-
-@pytest.fixture(scope="module")
-def inputs(saved):
-    return noise_and_cond(saved[1], PROMPTS, H, W)
+inputs = inputs_fixture(PROMPTS, H, W)
 
 
 def test_the_prompt_template_and_vae_factor_are_the_pipelines(saved):
@@ -200,10 +195,7 @@ def test_load_errors_particular_to_qwen_image(saved, tmp_path):
          "holds a QwenImageEditPipeline pipeline, not QwenImagePipeline"),
         (lambda: QwenImageModel.load(path, max_sequence_length=0), "max_sequence_length 0 is out of range"),
     ]
-    for call, message in cases:
-        with pytest.raises(UserError) as e:
-            call()
-        assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    check_one_line_errors(cases)
 
 
 def test_plan_parts_sizes(saved, tmp_path):

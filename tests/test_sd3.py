@@ -10,7 +10,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
 
-from family_runs import noise_and_cond, saved_twin
+from family_runs import inputs_fixture, twin_fixture
 from srpo.errors import UserError
 from srpo.models.sd3 import SD3Model
 from srpo.models.sd3_tiny import TinySD3Model, save_tiny_sd3
@@ -20,14 +20,9 @@ H, W = 32, 48
 NAMES = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    return saved_twin(tmp_path_factory.mktemp("sd3"), save_tiny_sd3)
+saved = twin_fixture(save_tiny_sd3)
 
-
-@pytest.fixture(scope="module")
-def inputs(saved):
-    return noise_and_cond(saved[1], PROMPTS, H, W)
+inputs = inputs_fixture(PROMPTS, H, W)
 
 
 def test_encode_prompts_equal_pipeline_encode_prompt(saved, inputs):
@@ -77,19 +72,6 @@ def test_schedule_dynamic_shifting_uses_the_pipelines_image_seq_len(saved):
     retrieve_timesteps(pipe.scheduler, 4, "cpu", mu=mu)
     assert torch.allclose(model.schedule(4, H, W), pipe.scheduler.sigmas.double(), atol=1e-6)
     assert (model.schedule(4, H, W) - m.schedule(4, H, W)).abs().max() > 1e-2  # not the fixed shift
-
-
-def test_encode_inverts_the_normalisation(saved, inputs):
-    _, model = saved
-    noise, _ = inputs
-    with torch.no_grad():
-        pixels = model.decode(noise)
-    z = model.encode(pixels)
-    assert z.shape == noise.shape and not z.requires_grad
-    cfg = model.vae.config
-    assert cfg.shift_factor != 0 and cfg.scaling_factor != 1  # not the identity
-    raw = model.vae.encode(pixels * 2 - 1).latent_dist.mode()
-    assert torch.allclose(z, (raw - cfg.shift_factor) * cfg.scaling_factor)
 
 
 def test_latent_size_is_capped_by_the_position_embedding(saved):

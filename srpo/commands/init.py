@@ -255,8 +255,13 @@ def recipe_path(ref: str, where: Path | None = None) -> Path:
 
 
 def family_recipe_path(cls) -> Path:
-    """The recipe file a family class names (its ``recipe`` attribute; "": the generic one)."""
-    ref = getattr(cls, "recipe", "") or DEFAULT_RECIPE
+    """The recipe file a family class names (its ``recipe`` attribute), else ``recipes/<family>.yaml``
+    of the nearest class in its lineage that has one (a tiny twin or a user's subclass starts from its
+    family's), else the generic one."""
+    ref = getattr(cls, "recipe", "")
+    if not ref:
+        own = (vars(k).get("family") for k in getattr(cls, "__mro__", (cls,)))
+        ref = next((f for f in own if f and (RECIPES / f"{f}.yaml").is_file()), DEFAULT_RECIPE)
     try:
         where = Path(inspect.getfile(cls)).parent
     except (TypeError, OSError):

@@ -39,7 +39,7 @@ from ..precision import AUTOCAST, autocast
 from ..registry import Registry
 from .folders import check_options, check_transformer_folder, load_error, read_class_name, read_config
 
-MODELS = Registry("model")  # family name -> FlowModel subclass (each family file registers its classes)
+MODELS = Registry("model", name_attr="family")  # family name -> FlowModel subclass (sets its .family)
 Cond = dict[str, Tensor]  # prompt conditioning, batched on dim 0; opaque outside the family
 NEGATIVE = "negative_"  # cond keys of the unconditional (negative-prompt) branch under true CFG
 GUIDANCE_MODES = ("embedded", "cfg", "none")
@@ -164,11 +164,27 @@ class PlanParts:
     vae_checkpointing: bool = True  # the decoder supports activation checkpointing
 
 
+class PipelineComponents:
+    """``FlowModel.components`` unless a family sets its own: the component folders its
+    ``pipeline_class`` requires (its ``__init__`` arguments less diffusers' optional components)."""
+
+    def __get__(self, obj, owner) -> tuple[str, ...]:
+        if not owner.pipeline_class:
+            return ()
+        import diffusers
+
+        pipe = getattr(diffusers, owner.pipeline_class)
+        expected, _ = pipe._get_signature_keys(pipe)
+        kinds = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")  # the order messages list them in
+        rank = lambda c: next((i for i, k in enumerate(kinds) if c.startswith(k)), len(kinds))  # noqa: E731
+        return tuple(sorted((c for c in expected if c not in pipe._optional_components), key=lambda c: (rank(c), c)))
+
+
 class FlowModel:
     """Base class of the model adapters; only ``transformer`` trains."""
 
     # ---- family facts (class attributes) ----------------------------------------------------
-    family = "base"  # registry name, for messages
+    family = "base"  # registry name, for messages (set by MODELS.register)
     pipeline_class = ""  # the diffusers pipeline this family corresponds to
     pipeline_aliases: tuple[str, ...] = ()  # other pipeline classes whose folders this family loads
     transformer_class = ""  # the diffusers transformer class final/ loads with
@@ -182,8 +198,9 @@ class FlowModel:
     title = ""  # the flagship model as people call it ("FLUX.1-dev")
     flagship = ""  # the flagship's folder name (srpo init's placeholder path)
     source = ""  # where users get the flagship folder (a hub repository, in words)
-    components: tuple[str, ...] = ()  # the pipeline folder's component folders
-    recipe = ""  # srpo init's starting recipe: srpo/configs/recipes/<recipe>.yaml ("": the generic one)
+    components = PipelineComponents()  # the pipeline folder's component folders (default: the pipeline's own)
+    recipe = ""  # srpo init's starting recipe (a name or .yaml path; "": recipes/<family>.yaml of the
+    # nearest class in the family's lineage that has one, else the generic one)
     tiny_twin = ""  # registry name of the family's tiny random-weight twin
     tiny_config = ""  # the built-in config that trains the twin (srpo train <tiny_config>)
 

@@ -20,7 +20,6 @@ from ..method import time_shift
 from .base import (MODELS, Cond, FlowModel, PlanParts, check_fit, check_image_size, encoder_params, folder_configs,
                    meta_module, pack, unpack, vae_sizes)
 
-COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 REFERENCE_SHIFT = 3.0  # the reference FLUX trainer's fixed time shift
 # LoRA targets: attention and MLP projections of the double and single blocks
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
@@ -75,13 +74,10 @@ def _text_ids(n: int, device, dtype) -> Tensor:
 class FluxModel(FlowModel):
     """A FLUX pipeline's parts behind the FlowModel contract; only ``transformer`` trains."""
 
-    family = "flux"
     pipeline_class = "FluxPipeline"
     title = "FLUX.1-dev"
     flagship = "FLUX.1-dev"
     source = "black-forest-labs/FLUX.1-dev"
-    components = COMPONENTS
-    recipe = "flux"
     tiny_twin = "tiny_flux"
     tiny_config = "tiny"
     transformer_class = "FluxTransformer2DModel"

@@ -41,7 +41,6 @@ from ..errors import UserError
 from .base import MODELS, Cond, FlowModel, PlanParts, check_fit, check_image_size, vae_sizes
 from .folders import read_config, read_model_index
 
-COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 MAX_SEQUENCE_LENGTH = 512  # both pipelines' default
 
 # ---- real dimensions (for srpo plan without a folder) ------------------------------------------
@@ -133,7 +132,6 @@ class Flux2Base(FlowModel):
     ``transformer`` trains. Subclasses add the text encoder and guidance."""
 
     family = "flux2_base"
-    components = COMPONENTS
     transformer_class = "Flux2Transformer2DModel"
     options = ("max_sequence_length", "text_encoder_out_layers", "quantize_timesteps")
     default_layers: tuple[int, ...] = ()  # the pipeline's text_encoder_out_layers
@@ -300,12 +298,10 @@ class Flux2Base(FlowModel):
 class Flux2Model(Flux2Base):
     """A Flux2Pipeline's parts (FLUX.2 [dev]) behind the FlowModel contract."""
 
-    family = "flux2"
     pipeline_class = "Flux2Pipeline"
     title = "FLUX.2 [dev]"
     flagship = "FLUX.2-dev"
     source = "black-forest-labs/FLUX.2-dev"
-    recipe = "flux2"
     tiny_twin = "tiny_flux2"
     tiny_config = "tiny-flux2"
     lora_targets = lora_targets_for(FLUX2_DEV_TRANSFORMER["num_single_layers"])

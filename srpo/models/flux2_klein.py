@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .base import MODELS, Cond
-from .flux2 import COMPONENTS, FLUX2_DEV_TRANSFORMER, Flux2Base, lora_targets_for
+from .flux2 import FLUX2_DEV_TRANSFORMER, Flux2Base, lora_targets_for
 
 # diffusers' scripts/convert_flux2_to_diffusers.py, "klein-4b" (black-forest-labs/FLUX.2-klein-4B and
 # -base-4B; no guidance embedding)
@@ -31,13 +31,10 @@ QWEN3_4B_PARAMS = 4_022_468_096  # counted from it on the meta device (flux2.cou
 class Flux2KleinModel(Flux2Base):
     """A Flux2KleinPipeline's parts (FLUX.2 [klein]) behind the FlowModel contract."""
 
-    family = "flux2_klein"
     pipeline_class = "Flux2KleinPipeline"
     title = "FLUX.2 [klein]"
     flagship = "FLUX.2-klein-base-4B"
     source = "black-forest-labs/FLUX.2-klein-base-4B (or -9B; a distilled klein ignores guidance)"
-    components = COMPONENTS
-    recipe = "flux2_klein"
     tiny_twin = "tiny_flux2_klein"
     lora_targets = lora_targets_for(24)  # klein 9B's single blocks (4B has 20)
     guidance_mode = "cfg"

@@ -210,7 +210,6 @@ class _TinyFlux2(TinyTwin):
 class TinyFlux2Model(_TinyFlux2, Flux2Model):
     """A tiny random FLUX.2 [dev] built in code (for tests and the lab); takes no path."""
 
-    family = "tiny_flux2"
     folder_family = "flux2"
 
 
@@ -220,7 +219,6 @@ class TinyFlux2KleinModel(_TinyFlux2, Flux2KleinModel):
     for the step-distilled variant without CFG), for tests and the lab; sizes as ``tiny_flux2``,
     plus ``negative_prompt``; takes no path."""
 
-    family = "tiny_flux2_klein"
     folder_family = "flux2_klein"
 
 

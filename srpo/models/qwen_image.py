@@ -42,7 +42,6 @@ from ..errors import UserError
 from .base import (MODELS, Cond, FlowModel, PlanParts, check_fit, check_image_size, encoder_params, folder_configs,
                    meta_module, pack, unpack)
 
-COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 # QwenImagePipeline.__init__ (diffusers 0.42): the template, the tokens it drops, the tokenizer limit
 PROMPT_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, "
                    "text, spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}"
@@ -87,13 +86,10 @@ def calculate_shift(image_seq_len, base_seq_len=256, max_seq_len=4096, base_shif
 class QwenImageModel(FlowModel):
     """A QwenImagePipeline's parts behind the FlowModel contract; only ``transformer`` trains."""
 
-    family = "qwen_image"
     pipeline_class = "QwenImagePipeline"
     title = "Qwen-Image"
     flagship = "Qwen-Image"
     source = "Qwen/Qwen-Image (or Qwen/Qwen-Image-2512)"
-    components = COMPONENTS
-    recipe = "qwen_image"
     tiny_twin = "tiny_qwen_image"
     tiny_config = "tiny-qwen-image"
     transformer_class = "QwenImageTransformer2DModel"

@@ -57,13 +57,11 @@ CLIP_TOKENS = 77
 class SD3Model(FlowModel):
     """A StableDiffusion3Pipeline's parts behind the FlowModel contract; only ``transformer`` trains."""
 
-    family = "sd3"
     pipeline_class = "StableDiffusion3Pipeline"
     title = "Stable Diffusion 3.5"
     flagship = "stable-diffusion-3.5-large"
     source = "stabilityai/stable-diffusion-3.5-large (or -medium)"
     components = COMPONENTS
-    recipe = "sd3"
     tiny_twin = "tiny_sd3"
     tiny_config = "tiny-sd3"
     transformer_class = "SD3Transformer2DModel"

@@ -54,7 +54,6 @@ from ..errors import UserError
 from .base import (MODELS, Cond, FlowModel, PlanParts, check_fit, check_image_size, encoder_params, folder_configs,
                    meta_module, vae_sizes)
 
-COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 VARIANTS = ("turbo", "base")
 SEQ_MULTI_OF = 32  # the transformer pads captions and image tokens to multiples of 32
 
@@ -97,13 +96,10 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</t
 class ZImageModel(FlowModel):
     """A ZImagePipeline's parts behind the FlowModel contract; only ``transformer`` trains."""
 
-    family = "z_image"
     pipeline_class = "ZImagePipeline"
     title = "Z-Image-Turbo"
     flagship = "Z-Image-Turbo"
     source = "Tongyi-MAI/Z-Image-Turbo"
-    components = COMPONENTS
-    recipe = "z_image"
     tiny_twin = "tiny_z_image"
     tiny_config = "tiny-z-image"
     transformer_class = "ZImageTransformer2DModel"
