@@ -45,9 +45,10 @@ def test_every_family_and_reward_is_covered():
     assert init_cmd.families() == sorted(FAMILIES)  # the tiny twins are not offered
     for name in FAMILIES:  # what srpo init says of a family is the class's
         cls = MODELS.get(name)
-        assert cls.title and cls.flagship and cls.source and cls.pipeline_class, name
+        book = init_cmd.load_recipe(init_cmd.family_recipe_path(cls))
+        assert book.files[0].name == f"{name}.yaml", name  # its own recipe file
+        assert cls.title and cls.pipeline_class and set(book.flagship) == {"folder", "source"}, name
         assert "transformer" in cls.components and "vae" in cls.components, name
-        assert init_cmd.family_recipe_path(cls).is_file(), name
     family_help = next(a.help for a in _init_parser()._actions if a.dest == "family")
     assert "dotted path" in family_help and "registered" in family_help
 
@@ -61,7 +62,8 @@ def test_init_module_names_no_family():
     words = set()
     for name in FAMILIES:
         cls = MODELS.get(name)
-        words |= {name, cls.title, cls.flagship, cls.pipeline_class, cls.__name__}
+        flagship = init_cmd.load_recipe(init_cmd.family_recipe_path(cls)).flagship["folder"]
+        words |= {name, cls.title, flagship, cls.pipeline_class, cls.__name__}
     words |= {"FLUX", "Qwen", "SD3", "Z-Image"}
     for word in sorted(words):
         assert not re.search(rf"(?<![\w.-]){re.escape(word)}(?![\w-])", source, re.IGNORECASE), word
@@ -318,7 +320,6 @@ from srpo.models import MODELS
 
 class MyFamily(MODELS.get("sd3")):
     title = "My SD3 fine-tune"
-    flagship = "my-sd3-folder"
 {extra}
 """
 
@@ -329,7 +330,7 @@ def test_dotted_path_family_uses_the_class_and_its_inherited_recipe(tmp_path, mo
     rc, out = _init(tmp_path, dotted, "tiny_clip", "--lora", name="x.yaml")
     assert rc == 0, capsys.readouterr().err
     cfg = load_config(out)
-    assert cfg.model.name == dotted and cfg.model.path == "/path/to/my-sd3-folder"
+    assert cfg.model.name == dotted and cfg.model.path == "/path/to/stable-diffusion-3.5-large"  # sd3.yaml's
     text = out.read_text()
     assert f"srpo init {dotted} --reward tiny_clip" in text and "My SD3 fine-tune" in text
     # the rest is the sd3 recipe: the same tree as srpo init sd3
@@ -346,6 +347,7 @@ def test_dotted_path_family_uses_the_class_and_its_inherited_recipe(tmp_path, mo
 def test_dotted_path_family_with_its_own_recipe_file(tmp_path, monkeypatch, capsys):
     (tmp_path / "my_recipe.yaml").write_text(
         "extends: sd3\n"
+        "flagship: {folder: my-sd3-folder}\n"
         "sections:\n"
         "  rollout:\n"
         "    lines:\n"
@@ -366,7 +368,10 @@ def test_dotted_path_family_with_its_own_recipe_file(tmp_path, monkeypatch, caps
         cfg = load_config(out)
         assert cfg.rollout.steps == 30 and cfg.data.eval_steps == 28  # sd3.yaml's eval_steps stays
         assert cfg.train.lr == lr  # our case first, then sd3.yaml's and default.yaml's
-    assert "steps: 30" in out.read_text() and "# reference (the trainer's --sampling_steps 30)" in out.read_text()
+        assert cfg.model.path == "/path/to/my-sd3-folder"  # our flagship folder, sd3.yaml's source
+    text = out.read_text()
+    assert "steps: 30" in text and "# reference (the trainer's --sampling_steps 30)" in text
+    assert "e.g. stabilityai/stable-diffusion-3.5-large" in text
 
 
 @pytest.mark.parametrize("recipe,words", [
@@ -380,6 +385,7 @@ def test_dotted_path_family_with_its_own_recipe_file(tmp_path, monkeypatch, caps
     ("extends: no_such_recipe\n", ["no_such_recipe", "default"]),
     ("sections:\n  train:\n    lines:\n      lr: {value: 1.0, why: '${nope}'}\n", ["${nope}"]),
     ("sections: [\n", ["cannot read recipe"]),
+    ("flagship: {name: my-folder}\n", ["flagship", "unknown field 'name'", "folder, source"]),
 ])
 def test_a_bad_recipe_file_is_a_one_line_error(tmp_path, monkeypatch, capsys, recipe, words):
     (tmp_path / "bad.yaml").write_text(recipe)

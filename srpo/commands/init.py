@@ -3,20 +3,22 @@ starter config.
 
 FAMILY is a registered family or a dotted path to a :class:`~srpo.models.base.FlowModel`
 subclass. Everything srpo init knows of a family is the family's own: its class attributes
-(``title``, ``flagship``, ``source``, ``components``, ``pipeline_class``, ``guidance_mode``,
-``default_guidance``, the defaults of its load options) and its starting recipe, the file
-``srpo/configs/recipes/<recipe>.yaml`` that the class's ``recipe`` attribute names (``""``: the
-generic ``default.yaml``; a name ending in ``.yaml`` is a path, relative to the folder of the
-family's module). This module only interprets the recipe and writes the text, one template per
+(``title``, ``components``, ``pipeline_class``, ``guidance_mode``, ``default_guidance``, the
+defaults of its load options) and its starting recipe: the file the class's ``recipe`` attribute
+names (a name in ``srpo/configs/recipes/``, or a path ending in ``.yaml``, relative to the folder
+of the family's module), else ``recipes/<family>.yaml`` of the nearest class in its lineage that
+has one, else the generic ``default.yaml``. The recipe also names the flagship's folder and where
+users get it (``flagship:``). This module only interprets the recipe and writes the text, one template per
 section so every line carries its comment. Before anything is written the text is parsed back
 and validated with :func:`srpo.config.load_config`.
 
 The recipe format
 -----------------
 
-A recipe file is YAML with up to three keys::
+A recipe file is YAML with up to four keys::
 
     extends: default          # optional: a recipe merged under this one (a name, or a .yaml path)
+    flagship: {folder: NAME, source: TEXT}   # optional: the placeholder path's folder, where to get it
     legend: [line, ...]       # optional: the header lines that explain the provenance words
     sections:                 # in the order the file writes them
       <section>:              # a config section, or top-level for the keys outside any section
@@ -185,10 +187,11 @@ def family_class(name: str):
 
 @dataclass(frozen=True)
 class FamilyFacts:
-    """What the starter config says of a family, from its class attributes."""
+    """What the starter config says of a family: its class attributes and its recipe's ``flagship``."""
 
     name: str
     cls: type
+    book: "Recipe"
 
     @property
     def title(self) -> str:
@@ -196,11 +199,11 @@ class FamilyFacts:
 
     @property
     def flagship(self) -> str:
-        return self.cls.flagship or f"{self.cls.pipeline_class or self.name}-folder"
+        return self.book.flagship.get("folder") or f"{self.cls.pipeline_class or self.name}-folder"
 
     @property
     def source(self) -> str:
-        return self.cls.source or "docs/models.md"
+        return self.book.flagship.get("source") or "docs/models.md"
 
     @property
     def layout(self) -> str:
@@ -230,6 +233,7 @@ class RecipeSection:
 @dataclass
 class Recipe:
     files: list = field(default_factory=list)  # the files read, the family's first
+    flagship: dict = field(default_factory=dict)  # folder (srpo init's placeholder path), source (where to get it)
     legend: list = field(default_factory=list)
     sections: list = field(default_factory=list)  # RecipeSection
 
@@ -280,7 +284,7 @@ def load_recipe(path: Path, _seen: tuple = ()) -> Recipe:
         raise UserError(f"cannot read recipe {path}: {' '.join(str(e).split())}") from None
     spec = {} if spec is None else spec
     where = path.name if path.parent == RECIPES else str(path)  # a built-in one, or the user's file
-    _fields(spec, ("extends", "legend", "sections"), where)
+    _fields(spec, ("extends", "flagship", "legend", "sections"), where)
     base = Recipe()
     if spec.get("extends"):
         try:
@@ -289,6 +293,9 @@ def load_recipe(path: Path, _seen: tuple = ()) -> Recipe:
             raise UserError(f"recipe {where}: extends: {e}") from None
         base = load_recipe(parent, _seen + (path,))
     base.files.insert(0, path)
+    flagship = spec.get("flagship") or {}
+    _fields(flagship, ("folder", "source"), f"{where}: flagship")
+    base.flagship.update({k: str(v) for k, v in flagship.items()})
     legend = spec.get("legend")
     if legend is not None:
         if not isinstance(legend, list) or not all(isinstance(x, str) for x in legend):
@@ -514,9 +521,9 @@ def recipe(family: str, reward: str, lora: bool, cls=None, book: Recipe | None =
     from .. import config as C
 
     cls = cls or family_class(family)
-    fam = FamilyFacts(family, cls)
-    rew = reward_info(reward)
     book = book or load_recipe(family_recipe_path(cls))
+    fam = FamilyFacts(family, cls, book)
+    rew = reward_info(reward)
     facts = {"reward": reward, "lora": bool(lora), "guidance": cls.guidance_mode,
              "text_conditioned": rew.text_conditioned}
     fields = _Fields({"family": family, "title": fam.title, "cls": cls.__name__, "families": ", ".join(families()),
@@ -649,7 +656,7 @@ def build(family: str, reward: str, lora: bool, output: str = "config.yaml") -> 
     launch = (f"srpo train {output} --output runs/{Path(output).stem}" if lora else
               f"torchrun --nproc_per_node N -m srpo train {output} --output runs/{Path(output).stem}")
     header = [
-        f"srpo starter config: {FamilyFacts(family, cls).title} "
+        f"srpo starter config: {FamilyFacts(family, cls, book).title} "
         f"({family}) + {reward_info(reward).title} ({reward}), {mode}.",
         f"Written by: srpo init {family} --reward {reward} {'--lora' if lora else '--full'} --output {output}",
         "",

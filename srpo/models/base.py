@@ -26,6 +26,7 @@ tokens, position ids and pooled projections are details of a family's file. The 
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,20 +165,61 @@ class PlanParts:
     vae_checkpointing: bool = True  # the decoder supports activation checkpointing
 
 
-class PipelineComponents:
-    """``FlowModel.components`` unless a family sets its own: the component folders its
-    ``pipeline_class`` requires (its ``__init__`` arguments less diffusers' optional components)."""
+class derived:
+    """A class attribute computed from the class (a family that assigns the name overrides it)."""
 
-    def __get__(self, obj, owner) -> tuple[str, ...]:
-        if not owner.pipeline_class:
-            return ()
-        import diffusers
+    def __init__(self, fn):
+        self.fn, self.__doc__ = fn, fn.__doc__
 
-        pipe = getattr(diffusers, owner.pipeline_class)
-        expected, _ = pipe._get_signature_keys(pipe)
-        kinds = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")  # the order messages list them in
-        rank = lambda c: next((i for i, k in enumerate(kinds) if c.startswith(k)), len(kinds))  # noqa: E731
-        return tuple(sorted((c for c in expected if c not in pipe._optional_components), key=lambda c: (rank(c), c)))
+    def __get__(self, obj, owner):
+        return self.fn(owner)
+
+
+def _pipeline(cls):
+    import diffusers
+
+    return getattr(diffusers, cls.pipeline_class) if cls.pipeline_class else None
+
+
+def _components(cls) -> tuple[str, ...]:
+    """The component folders ``pipeline_class`` requires (its ``__init__`` arguments less
+    diffusers' optional components), in the order messages list them."""
+    pipe = _pipeline(cls)
+    if pipe is None:
+        return ()
+    expected, _ = pipe._get_signature_keys(pipe)
+    kinds = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+    rank = lambda c: next((i for i, k in enumerate(kinds) if c.startswith(k)), len(kinds))  # noqa: E731
+    return tuple(sorted((c for c in expected if c not in pipe._optional_components), key=lambda c: (rank(c), c)))
+
+
+def _transformer_class(cls) -> str:
+    """The transformer class ``pipeline_class`` takes (its ``transformer`` argument's annotation)."""
+    pipe = _pipeline(cls)
+    arg = inspect.signature(pipe.__init__).parameters.get("transformer") if pipe is not None else None
+    return getattr(arg.annotation, "__name__", "") if arg is not None else ""
+
+
+def _tiny_twin(cls) -> str:
+    """The registered twin whose folder family is the nearest class of ``cls``'s lineage."""
+    twins = {MODELS.get(n).folder_family: n for n in MODELS.names() if MODELS.get(n).is_twin()}
+    return next((twins[f] for k in cls.__mro__ if (f := vars(k).get("family")) in twins), "")
+
+
+def _tiny_config(cls) -> str:
+    """The built-in config (``srpo/configs/<name>.yaml``) whose ``model.name`` is the family's twin."""
+    return _configs_training().get(cls.tiny_twin, "") if cls.tiny_twin else ""
+
+
+@functools.lru_cache(maxsize=1)
+def _configs_training() -> dict[str, str]:
+    import yaml
+
+    out = {}
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+        name = ((yaml.safe_load(path.read_text()) or {}).get("model") or {}).get("name")
+        out.setdefault(name, path.stem)
+    return out
 
 
 class FlowModel:
@@ -187,7 +229,7 @@ class FlowModel:
     family = "base"  # registry name, for messages (set by MODELS.register)
     pipeline_class = ""  # the diffusers pipeline this family corresponds to
     pipeline_aliases: tuple[str, ...] = ()  # other pipeline classes whose folders this family loads
-    transformer_class = ""  # the diffusers transformer class final/ loads with
+    transformer_class = derived(_transformer_class)  # the diffusers transformer class final/ loads with
     options: tuple[str, ...] = ()  # the load options (model.options) the family's constructor takes
     lora_targets: tuple[str, ...] = ()  # default LoRA target modules (Linear names or suffixes)
     export_formats: tuple[str, ...] = ("diffusers",)
@@ -195,14 +237,13 @@ class FlowModel:
     default_guidance = 1.0  # the family's usual sampling guidance (srpo sample's default)
     cfg_batched = True  # CFG: one call on [negative, positive] (False: two calls, e.g. ragged text lengths)
     # what `srpo init`, `srpo bench` and the benchmarks know of a family, read from here only
-    title = ""  # the flagship model as people call it ("FLUX.1-dev")
-    flagship = ""  # the flagship's folder name (srpo init's placeholder path)
-    source = ""  # where users get the flagship folder (a hub repository, in words)
-    components = PipelineComponents()  # the pipeline folder's component folders (default: the pipeline's own)
+    title = ""  # the flagship model as people call it ("FLUX.1-dev"); its folder name and where to get it
+    # are data, in the family's recipe file (flagship:)
+    components = derived(_components)  # the pipeline folder's component folders (default: the pipeline's own)
     recipe = ""  # srpo init's starting recipe (a name or .yaml path; "": recipes/<family>.yaml of the
     # nearest class in the family's lineage that has one, else the generic one)
-    tiny_twin = ""  # registry name of the family's tiny random-weight twin
-    tiny_config = ""  # the built-in config that trains the twin (srpo train <tiny_config>)
+    tiny_twin = derived(_tiny_twin)  # registry name of the family's tiny random-weight twin
+    tiny_config = derived(_tiny_config)  # the built-in config that trains the twin (srpo train <tiny_config>)
 
     transformer: nn.Module
     vae: nn.Module

@@ -76,11 +76,6 @@ class FluxModel(FlowModel):
 
     pipeline_class = "FluxPipeline"
     title = "FLUX.1-dev"
-    flagship = "FLUX.1-dev"
-    source = "black-forest-labs/FLUX.1-dev"
-    tiny_twin = "tiny_flux"
-    tiny_config = "tiny"
-    transformer_class = "FluxTransformer2DModel"
     options = ("max_sequence_length", "quantize_timesteps")
     lora_targets = LORA_TARGETS
     export_formats = ("diffusers", "single-file")

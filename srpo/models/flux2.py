@@ -132,7 +132,6 @@ class Flux2Base(FlowModel):
     ``transformer`` trains. Subclasses add the text encoder and guidance."""
 
     family = "flux2_base"
-    transformer_class = "Flux2Transformer2DModel"
     options = ("max_sequence_length", "text_encoder_out_layers", "quantize_timesteps")
     default_layers: tuple[int, ...] = ()  # the pipeline's text_encoder_out_layers
     text_encoder_classes = ("", "")  # the transformers config and model classes of text_encoder/
@@ -300,10 +299,6 @@ class Flux2Model(Flux2Base):
 
     pipeline_class = "Flux2Pipeline"
     title = "FLUX.2 [dev]"
-    flagship = "FLUX.2-dev"
-    source = "black-forest-labs/FLUX.2-dev"
-    tiny_twin = "tiny_flux2"
-    tiny_config = "tiny-flux2"
     lora_targets = lora_targets_for(FLUX2_DEV_TRANSFORMER["num_single_layers"])
     guidance_mode = "embedded"
     default_guidance = 4.0  # Flux2Pipeline's default guidance_scale

@@ -33,9 +33,6 @@ class Flux2KleinModel(Flux2Base):
 
     pipeline_class = "Flux2KleinPipeline"
     title = "FLUX.2 [klein]"
-    flagship = "FLUX.2-klein-base-4B"
-    source = "black-forest-labs/FLUX.2-klein-base-4B (or -9B; a distilled klein ignores guidance)"
-    tiny_twin = "tiny_flux2_klein"
     lora_targets = lora_targets_for(24)  # klein 9B's single blocks (4B has 20)
     guidance_mode = "cfg"
     default_guidance = 4.0  # Flux2KleinPipeline's default (base models); 1.0 for the distilled ones

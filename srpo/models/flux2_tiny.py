@@ -210,7 +210,6 @@ class _TinyFlux2(TinyTwin):
 class TinyFlux2Model(_TinyFlux2, Flux2Model):
     """A tiny random FLUX.2 [dev] built in code (for tests and the lab); takes no path."""
 
-    folder_family = "flux2"
 
 
 @MODELS.register("tiny_flux2_klein")
@@ -219,7 +218,6 @@ class TinyFlux2KleinModel(_TinyFlux2, Flux2KleinModel):
     for the step-distilled variant without CFG), for tests and the lab; sizes as ``tiny_flux2``,
     plus ``negative_prompt``; takes no path."""
 
-    folder_family = "flux2_klein"
 
 
 build_tiny_flux2 = TinyFlux2Model.random  # a random-weight Flux2Model (deterministic in seed)

@@ -88,11 +88,6 @@ class QwenImageModel(FlowModel):
 
     pipeline_class = "QwenImagePipeline"
     title = "Qwen-Image"
-    flagship = "Qwen-Image"
-    source = "Qwen/Qwen-Image (or Qwen/Qwen-Image-2512)"
-    tiny_twin = "tiny_qwen_image"
-    tiny_config = "tiny-qwen-image"
-    transformer_class = "QwenImageTransformer2DModel"
     options = ("max_sequence_length", "negative_prompt", "quantize_timesteps")
     # diffusers' examples/dreambooth/train_dreambooth_lora_qwen_image.py default (--lora_layers unset):
     # the image stream's attention projections of every block

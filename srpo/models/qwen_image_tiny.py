@@ -111,7 +111,6 @@ class TinyQwenImageModel(TinyTwin, QwenImageModel):
     width and the transformer's joint attention width. Also takes ``max_sequence_length`` (64),
     ``negative_prompt`` (" "), ``shift`` (a fixed-shift override) and ``quantize_timesteps``."""
 
-    folder_family = "qwen_image"
     build = staticmethod(_build_tiny)
     tiny_modules = staticmethod(_tiny_modules)
 

@@ -59,12 +59,7 @@ class SD3Model(FlowModel):
 
     pipeline_class = "StableDiffusion3Pipeline"
     title = "Stable Diffusion 3.5"
-    flagship = "stable-diffusion-3.5-large"
-    source = "stabilityai/stable-diffusion-3.5-large (or -medium)"
     components = COMPONENTS
-    tiny_twin = "tiny_sd3"
-    tiny_config = "tiny-sd3"
-    transformer_class = "SD3Transformer2DModel"
     options = ("max_sequence_length", "negative_prompt", "quantize_timesteps")
     # diffusers' examples/dreambooth/train_dreambooth_lora_sd3.py default targets
     lora_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",

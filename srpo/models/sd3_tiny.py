@@ -77,7 +77,6 @@ class TinySD3Model(TinyTwin, SD3Model):
     ``max_sequence_length`` (64), ``negative_prompt``, ``shift`` (a schedule override) and
     ``quantize_timesteps``."""
 
-    folder_family = "sd3"
     build = staticmethod(_build_tiny)
     tiny_modules = staticmethod(_tiny_modules)
 

@@ -67,7 +67,6 @@ class TinyFlux(TinyTwin, FluxModel):
     ``quantize_timesteps``. A ``transformer_path`` (from ``save_transformer``) replaces the
     random transformer."""
 
-    folder_family = "flux"
     build = staticmethod(_build_tiny)
     tiny_modules = staticmethod(_tiny_modules)
 

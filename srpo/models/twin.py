@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .base import MODELS, resolve_dtype
+from .base import MODELS, FlowModel, derived, resolve_dtype
 from .folders import check_transformer_folder
 
 
@@ -52,13 +52,14 @@ def made_in(device, dtype: torch.dtype):
 class TinyTwin:
     """Mixed in before its family's class: ``load`` builds the model in code (no path) with
     ``build(cls, seed, shift=..., **sizes)``; ``transformer_path`` replaces its transformer; a saved
-    folder of it loads with the family named ``folder_family``. ``plan_parts`` counts the twin's
+    folder of it loads with the family named ``folder_family`` (the family it is mixed into). ``plan_parts`` counts the twin's
     modules on the meta device (``tiny_modules(**sizes)``, or ``plan_modules``) with the family's
     ``plan_of``."""
 
     build = None  # staticmethod(the twin's builder)
     tiny_modules = None  # staticmethod(the twin's modules from its size keywords)
-    folder_family = ""
+    folder_family = derived(lambda cls: next(k.family for k in cls.__mro__ if issubclass(k, FlowModel)
+                                             and not issubclass(k, TinyTwin)))
     plan_length = 64  # the twin's default max_sequence_length
     plan_ignore: tuple[str, ...] = ()  # load options of the twin that do not change sizes
 

@@ -98,11 +98,6 @@ class ZImageModel(FlowModel):
 
     pipeline_class = "ZImagePipeline"
     title = "Z-Image-Turbo"
-    flagship = "Z-Image-Turbo"
-    source = "Tongyi-MAI/Z-Image-Turbo"
-    tiny_twin = "tiny_z_image"
-    tiny_config = "tiny-z-image"
-    transformer_class = "ZImageTransformer2DModel"
     options = ("variant", "max_sequence_length", "negative_prompt", "cfg_normalization", "cfg_truncation",
                "quantize_timesteps")
     # diffusers' examples/dreambooth/train_dreambooth_lora_z_image.py default targets

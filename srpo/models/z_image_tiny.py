@@ -101,7 +101,6 @@ class TinyZImageModel(TinyTwin, ZImageModel):
     takes the load options ``variant`` (turbo), ``max_sequence_length`` (64), ``negative_prompt``,
     ``cfg_normalization``, ``cfg_truncation``, ``shift`` and ``quantize_timesteps``."""
 
-    folder_family = "z_image"
     build = staticmethod(_build_tiny)
     plan_ignore = ("variant", "cfg_normalization", "cfg_truncation")
 
