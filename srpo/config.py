@@ -153,6 +153,7 @@ class DataConfig(Section):
 class ParallelConfig(Section):
     strategy: Literal["none", "ddp", "fsdp"] = Field("none", description="none: one process; ddp: whole model per rank, gradients averaged; fsdp: FSDP2 (fully_shard per transformer block, then the root) shards weights, gradients and optimizer state. Launch several ranks with torchrun.")
     reshard_after_forward: bool = Field(True, description="FSDP: free each block's gathered weights after its forward (less memory, one more all-gather in backward).")
+    grad_sync: Literal["auto", "update", "backward"] = Field("auto", description="When gradients are reduced over ranks. update: once per update, in the last backward (SRPO's branches and the micro-batches accumulate locally first; under FSDP the trainable parameters' gradients stay unsharded until then); backward: in every backward (one reduction per branch and micro-batch). auto: update, except FSDP full fine-tuning, where holding the whole unsharded gradient on every rank would cost more memory than the extra reductions cost time.")
     find_unused_parameters: bool = Field(False, description="DDP: allow trainable parameters that get no gradient in an update (slower).")
     sharded_checkpoints: bool = Field(True, description="FSDP: every rank writes its own shards of the weights and optimizer state with torch.distributed.checkpoint (no rank gathers the full state; resumable on any number of processes; the run folder must be one every node sees). false: rank 0 gathers and writes the full state.")
 

@@ -6,7 +6,8 @@ strategy and everything else (metric means, gradient clipping, full state dicts 
 goes through the small helpers below, so model, algorithm and trainer code never see a rank.
 
 - ``none``: one process.
-- ``ddp``: every rank holds the whole model; gradients are averaged after each backward.
+- ``ddp``: every rank holds the whole model; gradients are averaged over ranks once per update
+  (:class:`GradSync`).
 - ``fsdp``: FSDP2 (``fully_shard``) on every transformer block, then on the root: parameters,
   gradients and optimizer state are sharded over ranks.
 """
@@ -202,6 +203,37 @@ def apply(model, cfg, ctx: Context) -> None:
         fully_shard(tr, reshard_after_forward=False, mp_policy=mp)  # the root's gather is reused by backward
     else:
         raise UserError(f"unknown parallel.strategy '{ctx.strategy}': use one of {', '.join(STRATEGIES)}")
+
+
+def grad_sync_mode(mode: str, strategy: str, lora: bool) -> str:
+    """``parallel.grad_sync`` resolved: ``update`` (one reduction per update) or ``backward``."""
+    if mode == "auto":
+        return "backward" if strategy == "fsdp" and not lora else "update"
+    return mode
+
+
+class GradSync:
+    """One gradient reduction per update (``parallel.grad_sync: update``): the update's passes
+    with gradient (SRPO's branches, every micro-batch) accumulate locally and the last one's
+    backward reduces the sum. ``sync(on)`` comes before each pass's forward (DDP reads
+    ``require_backward_grad_sync`` at forward, FSDP2 its ``set_requires_gradient_sync`` in
+    backward); ``on`` is the state the last pass ran with. One process, or ``backward``: every
+    backward reduces, as the wrappers do by default."""
+
+    def __init__(self, module: nn.Module, ctx: Context, cfg):
+        mode = grad_sync_mode(cfg.parallel.grad_sync, ctx.strategy, cfg.lora.enabled)
+        once = ctx.distributed and ctx.world > 1 and mode == "update"
+        self.module = module if once else None
+        self.on = True
+
+    def __call__(self, on: bool) -> None:
+        if self.module is None or on == self.on:
+            return
+        self.on = on
+        if isinstance(self.module, nn.parallel.DistributedDataParallel):
+            self.module.require_backward_grad_sync = on
+        else:  # an FSDP2 root
+            self.module.set_requires_gradient_sync(on)
 
 
 def unwrap(module: nn.Module) -> nn.Module:

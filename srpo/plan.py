@@ -15,6 +15,8 @@ from pathlib import Path
 
 from torch import nn
 
+from .parallel import grad_sync_mode
+
 GiB = 1024**3
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -177,7 +179,7 @@ def vae_activations(s: Sizes, batch: int, height: int, width: int, act_bytes: in
 def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, height: int, width: int,
              model_bytes: int, reward_bytes: int = 4, act_bytes: int = 2, checkpointing: bool = True,
              offload_text: bool = False, release_text: bool = False, device: str = "cuda",
-             optimizer: str = "adamw") -> dict[str, float]:
+             optimizer: str = "adamw", sync_once: bool = False) -> dict[str, float]:
     """Expected peak bytes per device by component (and ``total``); ``device``: ``cuda`` (a
     CUDA context, foreach AdamW, the caching allocator) or ``cpu`` (process memory).
 
@@ -187,7 +189,8 @@ def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, heig
     one decoder block recomputed) and the transformer's backward. The text encoders, when
     released (or offloaded), count where they are resident: at the start, before any gradient or
     optimizer state (under FSDP: beside the model as loaded, whole in ``model.dtype``, or as
-    sharded, whichever is larger), or between updates."""
+    sharded, whichever is larger), or between updates. ``sync_once``: gradients are reduced once
+    per update (``parallel.grad_sync``), so under FSDP they stay unsharded until then."""
     shard = gpus if strategy == "fsdp" else 1
     trainable = s.lora_params if lora else s.transformer
     adamw = optimizer == "adamw"
@@ -201,6 +204,8 @@ def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, heig
     else:  # one tensor at a time on the CPU
         temporaries = 4 * (s.largest_lora if lora else s.largest_weight) if adamw else 0
     out["optimizer-step temporaries"] = temporaries
+    if strategy == "fsdp" and sync_once:  # accumulated unsharded until the update's one reduce-scatter
+        out["unsharded gradients until the update's reduction"] = 4 * trainable * (1 - 1 / shard)
     if lora:
         out["frozen transformer base"] = model_bytes * s.transformer / shard
     if strategy == "fsdp":  # under autocast FSDP gathers in the compute dtype (parallel.apply's MixedPrecisionPolicy)
@@ -270,4 +275,5 @@ def estimate_for(cfg, s: Sizes, gpus: int, strategy: str | None = None, lora: bo
                     act_bytes=2 if cfg.train.autocast != "none" else 4,
                     checkpointing=cfg.train.gradient_checkpointing,
                     offload_text=cfg.memory.offload_frozen, release_text=cfg.memory.release_text_encoders,
-                    device=device, optimizer=optimizer)
+                    device=device, optimizer=optimizer,
+                    sync_once=grad_sync_mode(cfg.parallel.grad_sync, strategy, lora) == "update")

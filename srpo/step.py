@@ -1,6 +1,7 @@
 """One training update, the single definition the trainer, ``srpo bench`` and
 ``benchmarks/gpu_update.py`` all run: micro-batches (prompts -> noise -> rollout) -> the
-algorithm's backward -> gradient clipping -> finite check -> optimizer step. Building and
+algorithm's backward (gradients reduced over ranks once, in the update's last backward:
+:class:`srpo.parallel.GradSync`) -> gradient clipping -> finite check -> optimizer step. Building and
 preparing a run before its first update is :mod:`srpo.setup`'s.
 
 :class:`Batches` turns (update, micro-step) into a :class:`~srpo.algorithms.base.Batch` from the
@@ -86,14 +87,19 @@ def update(model, algorithm, optimizer, params, batches: Batches, cfg, ctx, step
     optimizer.zero_grad(set_to_none=True)
     pos, neg = control_words(cfg, step)
     stats, rollout_s, grad_s = [], 0.0, 0.0
+    sync = parallel.GradSync(model.transformer, ctx, cfg)  # one reduction, in the last backward
     for micro in range(cfg.train.grad_accum):
         t1 = time.perf_counter()
         batch = batches(step, micro, pos, neg)
+        batch.final, batch.sync = micro == cfg.train.grad_accum - 1, sync
         _sync(model.device)
         t2 = time.perf_counter()
         stats.append(algorithm.backward(model, batch))
         _sync(model.device)
         rollout_s, grad_s = rollout_s + t2 - t1, grad_s + time.perf_counter() - t2
+    if not sync.on:
+        raise RuntimeError(f"algorithm '{algorithm.name}' ended an update on a pass that does not reduce gradients: "
+                           "its last pass must call batch.begin_pass(last=True)")
     t3 = time.perf_counter()
     grad_norm = parallel.clip_grad_norm(params, cfg.train.grad_clip, ctx)
     row = {k: sum(s[k] for s in stats if k in s) / len(stats) for k in stats[0]}

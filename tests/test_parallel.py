@@ -121,6 +121,45 @@ def test_setup_refuses_several_processes_without_a_strategy(monkeypatch):
         parallel.setup(load_config(CONFIG))
 
 
+def test_one_gradient_reduction_per_update_and_the_same_weights(tmp_path):
+    """benchmarks/grad_sync.py under torchrun, 2 gloo ranks: each update is 2 micro-batches x
+    SRPO's 2 branches = 4 backward passes. ``parallel.grad_sync: update`` reduces once (DDP: the
+    tiny model's gradients fill one bucket; FSDP2: one reduce-scatter per fully_shard unit),
+    ``backward`` 4 times, and both land on the same weights after 2 AdamW updates (measured
+    1.2e-7 apart: only the order of the sums differs; a pass that never reduced would leave rank
+    0 with its own gradient and move its weights by ~lr)."""
+    out, weights = tmp_path / "sync.json", tmp_path / "weights"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "benchmarks" / "grad_sync.py"), "--out", str(out), "--weights", str(weights)]
+    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    runs = {x["run"]: x for x in json.loads(out.read_text())["runs"]}
+    for strategy in ("ddp", "fsdp"):
+        for mode in ("lora", "full"):
+            every, once = runs[f"{strategy}-{mode}-backward"], runs[f"{strategy}-{mode}-update"]
+            groups = once["fsdp_units"] if strategy == "fsdp" else 1
+            assert strategy == "ddp" or groups >= 3  # the blocks and the root
+            assert every["backward_passes"] == once["backward_passes"] == 4
+            assert (every["gradient_reductions"], once["gradient_reductions"]) == (4 * groups, groups), once
+            a, b = (load_file(str(weights / f"{strategy}-{mode}-{s}.safetensors")) for s in ("backward", "update"))
+            assert set(a) == set(b) and max((a[k] - b[k]).abs().max().item() for k in a) < 2e-6
+    assert runs["fsdp-full-update"]["resolved"] == "update" and parallel.grad_sync_mode("auto", "fsdp", False) == "backward"
+
+
+def test_auto_grad_sync_reduces_once_except_fsdp_full_and_the_plan_counts_it():
+    assert [parallel.grad_sync_mode("auto", s, lora) for s, lora in
+            (("ddp", False), ("ddp", True), ("fsdp", True), ("fsdp", False))] == ["update", "update", "update", "backward"]
+    cfg = load_config(FLUX_DEV_CFG)
+    sizes = plan.model_sizes(cfg)
+    row = "unsharded gradients until the update's reduction"
+    lora = plan.estimate_for(cfg, sizes, 8, "fsdp", True)
+    assert lora[row] == 4 * sizes.lora_params * (1 - 1 / 8)  # LoRA's gradients, whole on every rank until then
+    assert row not in plan.estimate_for(cfg, sizes, 8, "fsdp", False)  # auto: full FSDP reduces every backward
+    once = load_config(FLUX_DEV_CFG | {"parallel": {"strategy": "fsdp", "grad_sync": "update"}})
+    assert plan.estimate_for(once, sizes, 8, "fsdp", False)[row] == 4 * sizes.transformer * (1 - 1 / 8)
+    assert row not in plan.estimate_for(cfg, sizes, 1, "none", True)
+
+
 # ---------------------------------------------------------------------- the plan
 
 FLUX_DEV_CFG = {"model": {"name": "flux", "dtype": "bfloat16"}, "reward": {"name": "hps"},

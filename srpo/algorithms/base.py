@@ -3,13 +3,17 @@
 
 An algorithm turns one micro-batch (prompts, their conditioning, the rollout's clean latents and
 the noise they came from) into a loss, calls ``backward`` on it (possibly several times, e.g. one
-per branch, so activations are freed between them) and returns scalar metrics. It never steps
+per branch, so activations are freed between them) and returns scalar metrics. Before the forward
+of each pass with gradient it calls ``batch.begin_pass(last)`` (``last``: its last pass on this
+micro-batch), so the update reduces gradients over ranks once, in the last backward; an algorithm
+that does not call it reduces in every backward, as it would without it. It never steps
 the optimizer and knows nothing about ranks or model families: noise levels come from the
 model's own schedule, precision from the model's ``velocity``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +35,15 @@ class Batch:
     neg_word: str = ""
     loss_scale: float = 1.0  # 1 / (samples this process contributes to the update)
     extras: dict = field(default_factory=dict)
+    final: bool = True  # the update's last micro-batch
+    sync: Callable[[bool], None] | None = None  # the update's parallel.GradSync (set by step.update)
+
+    def begin_pass(self, last: bool) -> None:
+        """Before the forward of a pass with gradient: its backward reduces gradients over ranks
+        only when it is the last pass (``last``) of the update's last micro-batch; the passes before
+        accumulate locally."""
+        if self.sync is not None:
+            self.sync(last and self.final)
 
 
 def levels(values, like: Tensor) -> Tensor:

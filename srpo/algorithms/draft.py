@@ -44,6 +44,7 @@ class DRaFT(Algorithm):
         grid = model.schedule_for(x, cfg.rollout.steps).tolist()
         if start > 0:
             x = denoise_to(model, batch.cond, x, grid, [start] * x.shape[0], cfg.rollout.guidance)
+        batch.begin_pass(True)
         x0 = unrolled_steps(model, x.detach(), batch.cond, grid, start, cfg.train.guidance, cfg.draft.checkpoint)
         r = self.reward_fn.baseline(cfg.draft.reward, model.decode(x0), batch)
         loss = -r.sum() * batch.loss_scale

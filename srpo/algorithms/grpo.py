@@ -109,12 +109,14 @@ class GRPO(Algorithm):
             steps = self.train_steps(batch, index)
             per_elem = 1.0 / math.prod(traj.shape[2:]) if g.log_prob == "mean" else 1.0
             chunk = g.chunk or g.group_size
+            starts = range(0, g.group_size, chunk)
             for j in steps:
                 a, b = grid[j], grid[j + 1]
-                for s in range(0, g.group_size, chunk):
+                for s in starts:
                     sl = slice(s, s + chunk)
                     x_a, x_b = traj[sl, j], traj[sl, j + 1]
                     c = {k: v[sl] for k, v in cond.items()}
+                    batch.begin_pass(i == len(batch.indices) - 1 and j == steps[-1] and s == starts[-1])
                     v = model.velocity(x_a, levels([a] * x_a.shape[0], x_a), c, cfg.rollout.guidance)
                     mean, std = sde.sde_mean_std(x_a, v, a, b, g.eta, cap)
                     new_lp = sde.gaussian_log_prob(x_b, mean, std)

@@ -60,6 +60,7 @@ class ReFL(Algorithm):
         grid = model.schedule_for(batch.eps, cfg.rollout.steps).tolist()
         x = denoise_to(model, batch.cond, batch.eps.float(), grid, js, cfg.rollout.guidance)
         t = levels([grid[j] for j in js], x)
+        batch.begin_pass(True)
         v = model.velocity(x, t, batch.cond, cfg.train.guidance)
         images = model.decode(M.one_step_x0(x, v, t))
         r = self.reward_fn.baseline(cfg.refl.reward, images, batch)

@@ -50,8 +50,11 @@ class SRPO(Algorithm):
             return M.hinge_loss(r, self.cfg.method.hinge_threshold)
         return -r
 
-    def branch(self, model, batch: Batch, lv, ks, swap: bool, passes: int, weights=None) -> dict[str, float]:
-        """One Direct-Align micro-step with gradient; backward inside, returns metrics."""
+    def branch(self, model, batch: Batch, lv, ks, swap: bool, passes: int, last: bool,
+               weights=None) -> dict[str, float]:
+        """One Direct-Align micro-step with gradient (``last``: the micro-batch's last); backward
+        inside, returns metrics."""
+        batch.begin_pass(last)
         x0, eps = batch.x0.float(), batch.eps.float()
         a, b = levels([v[0] for v in lv], x0), levels([v[1] for v in lv], x0)
         x0_hat = M.direct_align_x0(x0, eps, lambda x_a: model.velocity(x_a, a, batch.cond, self.cfg.train.guidance), a, b)
@@ -71,15 +74,16 @@ class SRPO(Algorithm):
         all_levels = [M.branch_levels(grid, ts, self.cfg.method.max_step_cells) for ts in self.draw_ts(batch)]
         out: dict[str, float] = {"loss": 0.0, "ts": sum(lv.ts for lv in all_levels) / len(all_levels)}
         rewards = []
-        for name in self.branches:
+        for i, name in enumerate(self.branches):
+            last = i == len(self.branches) - 1
             if name == "denoise":
                 lv = [x.denoise for x in all_levels]
                 ks = [float(self.k_pos[x.ts]) for x in all_levels]
-                m = self.branch(model, batch, lv, ks, False, len(self.branches))
+                m = self.branch(model, batch, lv, ks, False, len(self.branches), last)
             else:
                 lv = [x.inversion for x in all_levels]
                 ks = [float(self.k_inv[x.ts2]) for x in all_levels]
-                m = self.branch(model, batch, lv, ks, True, len(self.branches))
+                m = self.branch(model, batch, lv, ks, True, len(self.branches), last)
             out["loss"] += m.pop("loss")
             rewards.append(m["reward"])
             out.update({f"{name}/{key}": val for key, val in m.items()})
@@ -98,7 +102,8 @@ class SRPO(Algorithm):
             lvs = [M.branch_levels(grid, ts, cap) for ts, cap in zip(self.draw_ts(batch, p), caps)]
             caps = [lv.k for lv in lvs]
             weights = [float(self.discount[lv.ts]) for lv in lvs]
-            r = self.branch(model, batch, [lv.denoise for lv in lvs], [0.0] * len(lvs), False, m.passes, weights)
+            r = self.branch(model, batch, [lv.denoise for lv in lvs], [0.0] * len(lvs), False, m.passes,
+                            p == m.passes - 1, weights)
             out["loss"] += r.pop("loss")
             rewards.append(r["reward"])
             tss += [lv.ts for lv in lvs]
