@@ -164,7 +164,7 @@ class LoRAConfig(Section):
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
     target_modules: list[str] | None = Field(None, min_length=1, description="Names (or name suffixes) of the transformer's Linear layers that get adapters; null: the family's defaults (docs/models.md).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch input.")
-    init: Literal["zeros", "gaussian"] = Field("zeros", description="zeros: B = 0, training starts exactly at the base model; gaussian: small random B and A.")
+    init: Literal["zeros", "gaussian"] = Field("zeros", description="zeros: B = 0 and A Kaiming-uniform (peft's default), training starts exactly at the base model; gaussian: B = 0 and A normal with std 1 / rank. The values depend on train.seed and each adapter's name only (the same on every rank and layout).")
     save_merged: bool = Field(True, description="Also write final/ as full transformer weights with the adapters merged (srpo sample reads it); the adapters alone go to lora/.")
 
 

@@ -35,10 +35,32 @@ def peft_config(cfg, target_modules: list[str]):
                       lora_dropout=cfg.dropout, init_lora_weights=True if cfg.init == "zeros" else "gaussian")
 
 
+def initial_values(cfg, seed: int):
+    """``initial(name, shape)``: an adapter parameter's initial value, a function of (seed, its
+    name) alone, so every rank, layout and sharded start makes the same one. ``lora_B``: zeros;
+    ``lora_A``: peft's initialisations (``zeros``: Kaiming-uniform with a = sqrt(5); ``gaussian``:
+    normal with std 1 / rank), drawn from the parameter's own generator."""
+    import math
+    import zlib
+
+    from . import seeding
+
+    def initial(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if ".lora_A." not in name:
+            return torch.zeros(shape)
+        gen = seeding.generator(seed, 0, zlib.crc32(name.encode()), "lora_init")
+        if cfg.init == "gaussian":
+            return torch.randn(shape, generator=gen) / cfg.rank
+        bound = 1 / math.sqrt(shape[1])  # kaiming_uniform_(a=sqrt(5)) on a [rank, in] weight
+        return torch.rand(shape, generator=gen) * (2 * bound) - bound
+
+    return initial
+
+
 def apply(model, cfg, seed: int = 0) -> int:
     """Inject adapters into ``model.transformer`` when ``cfg.enabled``; returns the number of
-    trainable parameters. The adapters' initial values depend only on ``seed`` (the same on
-    every rank)."""
+    trainable parameters. The adapters' initial values are :func:`initial_values` (on a
+    skeleton's meta parameters, the sharded start fills them)."""
     transformer = model.transformer
     if not cfg.enabled:
         return sum(p.numel() for p in transformer.parameters() if p.requires_grad)
@@ -52,10 +74,10 @@ def apply(model, cfg, seed: int = 0) -> int:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer.add_adapter(peft_config(cfg, names), adapter_name=ADAPTER)
-    n = 0
-    for p in transformer.parameters():
+    initial, n = initial_values(cfg, seed), 0
+    for name, p in transformer.named_parameters():
         if p.requires_grad:
-            p.data = p.data.float()  # fp32 master weights for the adapters
+            p.data = p.data.float() if p.is_meta else initial(name, tuple(p.shape)).to(p.device)  # fp32 masters
             n += p.numel()
     return n
 

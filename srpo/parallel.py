@@ -185,7 +185,9 @@ def apply(model, cfg, ctx: Context) -> None:
     elif ctx.strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        from .lora import initial_values
         from .memory import master_weights
+        from .shards import fill, is_skeleton
 
         parts = blocks(tr)
         if not parts:
@@ -201,8 +203,20 @@ def apply(model, cfg, ctx: Context) -> None:
             fully_shard(b, reshard_after_forward=cfg.parallel.reshard_after_forward, mp_policy=mp)
         master_weights(tr)  # the root's own weights (embedders, final layer)
         fully_shard(tr, reshard_after_forward=False, mp_policy=mp)  # the root's gather is reused by backward
+        if is_skeleton(tr):  # the sharded start: this rank's rows of every weight, from the files
+            folder = tr.weights_folder
+            held, whole = fill(tr, ctx.device, initial_values(cfg.lora, cfg.train.seed))
+            if ctx.is_main:
+                print(f"sharded start: each of {ctx.world} ranks read its shards of {folder} "
+                      f"(rank 0 holds {held / 2**20:.1f} of {whole / 2**20:.1f} MiB of transformer weights)", flush=True)
     else:
         raise UserError(f"unknown parallel.strategy '{ctx.strategy}': use one of {', '.join(STRATEGIES)}")
+
+
+def sharded_start(cfg, ctx: Context) -> bool:
+    """FSDP over several processes from a model folder: the transformer starts as a skeleton and
+    each rank reads only its own shards (one process keeps the plain load)."""
+    return ctx.strategy == "fsdp" and ctx.distributed and ctx.world > 1 and bool(cfg.model.path)
 
 
 def grad_sync_mode(mode: str, strategy: str, lora: bool) -> str:

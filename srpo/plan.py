@@ -188,8 +188,9 @@ def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, heig
     reward (transformer and VAE held, the ViT's tensors), the VAE decoder's backward (both held,
     one decoder block recomputed) and the transformer's backward. The text encoders, when
     released (or offloaded), count where they are resident: at the start, before any gradient or
-    optimizer state (under FSDP: beside the model as loaded, whole in ``model.dtype``, or as
-    sharded, whichever is larger), or between updates. ``sync_once``: gradients are reduced once
+    optimizer state (under FSDP on several GPUs: beside this rank's shards, which the sharded
+    start reads from the files; on one: beside the model as loaded, whole in ``model.dtype``, or
+    as sharded, whichever is larger), or between updates. ``sync_once``: gradients are reduced once
     per update (``parallel.grad_sync``), so under FSDP they stay unsharded until then."""
     shard = gpus if strategy == "fsdp" else 1
     trainable = s.lora_params if lora else s.transformer
@@ -241,9 +242,11 @@ def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, heig
     start = None
     if release_text:  # encoded at the start, before any gradient or optimizer state
         others = model_bytes * s.vae + reward_bytes * s.reward + text + (OVERHEAD if device == "cuda" else 0)
-        if strategy == "fsdp":  # loaded whole in model.dtype, cast and sharded block by block, then encoded
+        sharded = ((4 * trainable + model_bytes * s.transformer) if lora else 4 * s.transformer) / shard
+        if strategy == "fsdp" and shard > 1:  # the sharded start (srpo.shards): a skeleton, sharded, each
+            start = sharded + model_bytes * s.largest_weight / shard + others  # rank reads its rows of each weight
+        elif strategy == "fsdp":  # one process: loaded whole in model.dtype, cast and sharded block by block
             loaded = model_bytes * s.transformer + (0 if lora else 4 * s.largest_block)
-            sharded = ((4 * trainable + model_bytes * s.transformer) if lora else 4 * s.transformer) / shard
             start = max(loaded, sharded) + others
         else:
             start = ((4 * trainable + model_bytes * s.transformer) if lora else 4 * s.transformer) + others

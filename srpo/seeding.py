@@ -19,6 +19,7 @@ STREAMS = {
     "offline_noise": 5,   # offline mode: fresh noise for real-image latents
     "offline_order": 6,   # offline mode: which image a sample gets
     "eval_noise": 7,      # held-out evaluation and sample grids
+    "lora_init": 8,       # a LoRA adapter's initial A (its index: crc32 of the parameter's name)
     "grpo_group": 100,    # GRPO: member m of a group draws stream 100 + m
 }
 

@@ -20,9 +20,13 @@ def objective(cfg, reward):
     return reward_fn, ALGORITHMS.get(cfg.algorithm)(cfg, reward_fn)
 
 
-def build(cfg, device: torch.device):
-    """Model, reward function (with SRP when enabled) and algorithm named by the config."""
-    model = load_model(cfg.model, device)
+def build(cfg, device: torch.device, ctx=None):
+    """Model, reward function (with SRP when enabled) and algorithm named by the config. Under
+    FSDP over several processes (``ctx``) a folder's transformer is built as a skeleton, which
+    :func:`prepare` shards and fills shard by shard (:mod:`srpo.shards`)."""
+    from .parallel import sharded_start
+
+    model = load_model(cfg.model, device, skeleton=ctx is not None and sharded_start(cfg, ctx))
     reward = build_reward(cfg.reward, device=device, training=True).frozen()
     return (model, *objective(cfg, reward))
 

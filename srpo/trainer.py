@@ -48,7 +48,7 @@ def train(cfg: Config, output: str | Path, resume: bool = False) -> dict:
     eval_prompts = load_prompts(cfg.data.eval_prompts, "eval prompts", cfg.data.prompt_column)
     if cfg.log.wandb is not None:
         import_wandb()  # a missing wandb fails here, before a model is loaded or a file written
-    model, reward_fn, algorithm = setup.build(cfg, ctx.device)
+    model, reward_fn, algorithm = setup.build(cfg, ctx.device, ctx)
     log = RunLog(output, enabled=ctx.is_main, tensorboard=cfg.log.tensorboard, resume=resume,
                  wandb=cfg.log.wandb, config=cfg.model_dump(mode="json"))
     if ctx.is_main:

@@ -18,13 +18,16 @@ def family(name: str):
     return cls
 
 
-def load_model(m, device, transformer_path: str | None = None):
-    """The model a ``model:`` config section names; ``transformer_path`` overrides its own."""
+def load_model(m, device, transformer_path: str | None = None, skeleton: bool = False):
+    """The model a ``model:`` config section names; ``transformer_path`` overrides its own;
+    ``skeleton``: its transformer's parameters on the meta device (the sharded start)."""
     from .base import resolve_dtype
 
     options = dict(m.options)
     if m.quantize_timesteps is not None:
         options["quantize_timesteps"] = m.quantize_timesteps
+    if skeleton:
+        options["skeleton"] = True
     return family(m.name).load(path=m.path, transformer_path=transformer_path or m.transformer_path,
                                device=device, dtype=resolve_dtype(m.dtype), shift=m.shift, **options)
 

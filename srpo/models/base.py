@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from ..errors import UserError
 from ..precision import AUTOCAST, autocast
 from ..registry import Registry
+from ..shards import is_skeleton
 from .folders import check_options, check_transformer_folder, load_error, read_class_name, read_config
 
 MODELS = Registry("model", name_attr="family")  # family name -> FlowModel subclass (sets its .family)
@@ -260,16 +261,29 @@ class FlowModel:
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def load(cls, path=None, transformer_path=None, device="cpu", dtype=torch.float32, shift=None,
-             **options) -> FlowModel:
+             skeleton: bool = False, **options) -> FlowModel:
         """The model from a local diffusers folder of the family's pipeline, offline and from
         safetensors; ``options`` (the family's :attr:`options`) go to its constructor and
-        ``transformer_path`` replaces ``transformer/`` with a folder written by :meth:`save_transformer`."""
+        ``transformer_path`` replaces ``transformer/`` with a folder written by :meth:`save_transformer`.
+        ``skeleton``: the transformer's parameters stay on the meta device, for the sharded start
+        (:mod:`srpo.shards`: each rank reads its own shards once the model is sharded)."""
         check_options(cls.family, set(options) - set(cls.options), cls.options)
         if not path:
             raise UserError(f"model '{cls.family}' needs a path: set model.path to a local diffusers "
                             f"{cls.pipeline_class} folder")
         root = cls.check_folder(path, need_transformer=not transformer_path)
-        pipe = cls.pipeline_from_folder(root, transformer_path, resolve_dtype(dtype))
+        components = {}
+        if skeleton:
+            import diffusers
+
+            from ..shards import skeleton as build_skeleton
+
+            folder = Path(transformer_path) if transformer_path else root / "transformer"
+            check_transformer_folder(folder, cls.transformer_class)
+            components["transformer"] = build_skeleton(getattr(diffusers, cls.transformer_class), folder,
+                                                       resolve_dtype(dtype))
+            transformer_path = None
+        pipe = cls.pipeline_from_folder(root, transformer_path, resolve_dtype(dtype), **components)
         return cls.from_pipeline(pipe, shift=shift, **options).to(device)
 
     @classmethod
@@ -466,7 +480,8 @@ class FlowModel:
 
     def to(self, device) -> FlowModel:
         for m in (self.transformer, *self.frozen_modules().values()):
-            m.to(device)
+            if not is_skeleton(m):  # a skeleton is materialised where it is sharded
+                m.to(device)
         return self
 
     def set_precision(self, autocast: str = "none", cfg_gradient: str = "both") -> None:

@@ -1,0 +1,141 @@
+"""The sharded start (FSDP2 over several processes): the transformer is built as a skeleton
+(its parameters on the meta device; buffers, which are small, as usual), sharded with
+``fully_shard`` like any model, and then each rank fills only its own shards, read as slices
+straight from the folder's safetensors files. No rank, rank 0 included, ever holds the whole
+transformer: the largest tensor a rank reads is its shard of the largest weight.
+
+Every rank checks the files against the skeleton before anything is sharded (each weight
+present, of the skeleton's shape; every file readable), so a missing, truncated or mismatched
+file stops every rank with the same one-line error and no rank waits on another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+
+@contextlib.contextmanager
+def meta_parameters():
+    """Parameters registered inside are moved to the meta device as they are registered (one
+    at a time, so at most one weight is ever allocated); buffers are made as usual."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def is_skeleton(module: nn.Module) -> bool:
+    return getattr(module, "weights_folder", None) is not None
+
+
+def weight_files(folder: Path) -> dict[str, Path]:
+    """Weight name -> the safetensors file of ``folder`` that holds it (every file opened, so an
+    unreadable or truncated one is a one-line error here)."""
+    from safetensors import SafetensorError, safe_open
+
+    index = folder / INDEX
+    if index.is_file():
+        try:
+            files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{index}: not a readable safetensors index ({e}): copy the transformer folder again") from None
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{folder} holds no .safetensors weights: the sharded start reads the transformer from them")
+    where: dict[str, Path] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), "pt") as h:
+                where.update((k, f) for k in h.keys())
+        except (OSError, SafetensorError) as e:
+            raise UserError(f"{f}: cannot read its weights ({' '.join(str(e).split())}): the file is missing, "
+                            f"truncated or not safetensors; copy it again") from None
+    return where
+
+
+def skeleton(transformer_class: type, folder, dtype: torch.dtype) -> nn.Module:
+    """The transformer of ``folder`` (a diffusers model folder: config.json + safetensors) with
+    its parameters on the meta device, checked against the files' weights."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    with meta_parameters():
+        module = transformer_class.from_config(transformer_class.load_config(str(folder), local_files_only=True))
+    module = module.to(dtype).eval()
+    where = weight_files(folder)
+    for name, p in module.named_parameters():
+        if name not in where:
+            raise UserError(f"{folder}: no weight '{name}' in its safetensors files: they do not match its "
+                            f"config.json ({transformer_class.__name__})")
+        with safe_open(str(where[name]), "pt") as h:
+            shape = tuple(h.get_slice(name).get_shape())
+        if shape != tuple(p.shape):
+            raise UserError(f"{where[name]}: weight '{name}' is {list(shape)}, but config.json makes it "
+                            f"{list(p.shape)}: the file and the config are of different models")
+    module.weights_folder = folder
+    return module
+
+
+def _rows(p) -> tuple[torch.Tensor, int]:
+    """A parameter's local tensor and the first row of the full weight it holds (FSDP2 shards
+    dim 0 as ``torch.chunk`` does)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(p, DTensor):
+        return p.data, 0
+    local = p.to_local()
+    n, world, rank = p.shape[0], p.device_mesh.size(), p.device_mesh.get_local_rank()
+    start = min(rank * math.ceil(n / world), n)
+    return local, start
+
+
+@torch.no_grad()
+def fill(module: nn.Module, device, initial=None) -> tuple[int, int]:
+    """Materialise a (sharded) skeleton on ``device``: each rank's own rows of every weight from
+    the folder's files; parameters the files lack (LoRA adapters) from ``initial(name, shape)``,
+    the same full value on every rank, of which each keeps its rows. Returns (bytes of weights
+    this rank holds, bytes of the whole transformer)."""
+    from safetensors import safe_open
+
+    folder = module.weights_folder
+    where = weight_files(folder)
+    buffers = dict(module.named_buffers())
+    module.to_empty(device=device)
+    for name, b in module.named_buffers():
+        b.copy_(buffers[name])
+    held = whole = 0
+    with contextlib.ExitStack() as stack:
+        handles = {f: stack.enter_context(safe_open(str(f), "pt")) for f in set(where.values())}
+        for name, p in module.named_parameters():
+            local, start = _rows(p)
+            rows = slice(start, start + local.shape[0])
+            key = name.replace(".base_layer.", ".")  # peft's wrapped Linear keeps the file's name
+            if key in where:
+                local.copy_(handles[where[key]].get_slice(key)[rows])
+            elif initial is not None:
+                local.copy_(initial(name, tuple(p.shape))[rows])
+            else:
+                raise UserError(f"{folder}: no weight '{key}' in its safetensors files")
+            held += local.numel() * local.element_size()
+            whole += p.numel() * local.element_size()
+    module.weights_folder = None
+    return held, whole
