@@ -3,7 +3,13 @@
 ``srpo.train(config, output, **overrides)`` and ``srpo.load_run(folder)`` are the Python API
 (:mod:`srpo.api`); the ``srpo`` command is :mod:`srpo.cli`."""
 
+import logging
+
 __version__ = "0.1.0"
+
+# torchao (model.quantize), which diffusers imports whenever it is installed, registers enums with
+# torch's pytree at import and torch logs a deprecation line for each on every command: not ours to act on
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 def train(config, output, resume: bool = False, **overrides) -> dict:

@@ -33,6 +33,7 @@ class ModelConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Storage dtype of the frozen parts (text encoders, VAE); trainable weights stay float32.")
     shift: float | None = Field(None, gt=0, description="Time shift m of the sampling schedule, m t / (1 + (m - 1) t); null: the family's rule (docs/models.md: the reference trainer's fixed 3 for its family, the pipeline's own scheduler config, dynamic where it asks for it, for the others).")
     quantize_timesteps: bool | None = Field(None, description="Floor the transformer's timestep input to multiples of 1/1000 as the reference FLUX trainer feeds it (noise levels themselves stay exact); null: the family's default (docs/models.md: on for the reference trainer's family, off where the pipeline feeds it unquantised).")
+    quantize: Literal["none", "int8", "fp8", "nf4"] = Field("none", description="Store the frozen transformer base quantized (torchao, weight-only; LoRA on one smaller GPU): every frozen Linear weight in int8, fp8 or NF4 (NF4: weights that hold whole 64 x 256 blocks), read and quantized one layer at a time. Adapters, gradients and the optimizer stay float32; lora/ loads on the unquantized base, final/ merges into the dequantized one. Needs lora.enabled and parallel.strategy none.")
     options: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments of the family's load() (max_sequence_length, negative_prompt, a variant, ...; tiny_*: seed and sizes): each family's options are in docs/models.md, and an unknown one is a one-line error that lists the valid ones.")
 
 
@@ -270,6 +271,16 @@ class Config(Section):
     refl: ReFLConfig = Field(default_factory=ReFLConfig, description="ReFL baseline (algorithm: refl).")
     draft: DRaFTConfig = Field(default_factory=DRaFTConfig, description="DRaFT-K baseline (algorithm: draft).")
     grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="GRPO baseline, DanceGRPO / Flow-GRPO style (algorithm: grpo).")
+
+    @model_validator(mode="after")
+    def _quantized_base(self):
+        if self.model.quantize != "none" and not self.lora.enabled:
+            raise ValueError(f"model.quantize {self.model.quantize} needs lora.enabled: true (a quantized base is frozen; "
+                             f"full fine-tuning trains every weight)")
+        if self.model.quantize != "none" and self.parallel.strategy != "none":
+            raise ValueError(f"model.quantize {self.model.quantize} is for one GPU (parallel.strategy none); on several, "
+                             f"FSDP shards the bf16 base instead")
+        return self
 
 
 # ------------------------------------------------------------------ loading

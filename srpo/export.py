@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import lora, parallel
+from . import lora, parallel, quantize
 from .errors import UserError
 
 WEIGHTS_PATTERN = "diffusion_pytorch_model{suffix}.safetensors"
@@ -63,6 +63,7 @@ def save_final(model, run_dir: str | Path, cfg, ctx, name: str = "final") -> Non
     if not ctx.is_main:
         return parallel.barrier(ctx)
     if cfg.lora.enabled:
+        state = {k: quantize.plain(v) for k, v in state.items()}  # a quantized base: dequantized
         lora.save(run_dir / adapters, state, cfg.lora, model)
         state = lora.merge(state, lora.scale_of(cfg.lora)) if cfg.lora.save_merged else None
     if state is not None:

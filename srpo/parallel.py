@@ -174,10 +174,17 @@ def blocks(module: nn.Module) -> list[nn.Module]:
 
 
 def apply(model, cfg, ctx: Context) -> None:
-    """Wrap ``model.transformer`` for the configured strategy, in place."""
+    """Wrap ``model.transformer`` for the configured strategy, in place; a skeleton is
+    materialised here (whole, or under FSDP each rank's shards once it is sharded)."""
+    from .lora import initial_values
+    from .quantize import linear
+    from .shards import fill, is_skeleton
+
+    tr = model.transformer
+    if is_skeleton(tr) and ctx.strategy != "fsdp":  # whole, one module at a time (each quantized as read)
+        fill(tr, ctx.device, initial_values(cfg.lora, cfg.train.seed), each=lambda m: linear(m, cfg.model.quantize))
     if ctx.strategy == "none":
         return
-    tr = model.transformer
     if ctx.strategy == "ddp":
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         model.transformer = _DDP(tr, device_ids=ids, forward_sync_buffers=False,
@@ -185,9 +192,7 @@ def apply(model, cfg, ctx: Context) -> None:
     elif ctx.strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        from .lora import initial_values
         from .memory import master_weights
-        from .shards import fill, is_skeleton
 
         parts = blocks(tr)
         if not parts:
@@ -213,10 +218,13 @@ def apply(model, cfg, ctx: Context) -> None:
         raise UserError(f"unknown parallel.strategy '{ctx.strategy}': use one of {', '.join(STRATEGIES)}")
 
 
-def sharded_start(cfg, ctx: Context) -> bool:
-    """FSDP over several processes from a model folder: the transformer starts as a skeleton and
-    each rank reads only its own shards (one process keeps the plain load)."""
-    return ctx.strategy == "fsdp" and ctx.distributed and ctx.world > 1 and bool(cfg.model.path)
+def skeleton_start(cfg, ctx: Context) -> bool:
+    """A run from a model folder starts its transformer as a skeleton (:mod:`srpo.shards`) when
+    it shards it over several processes (each rank then reads only its own shards) or when the
+    text encoders are released after the start (the prompts are encoded before the transformer
+    is read, so the two are never resident together)."""
+    sharded = ctx.strategy == "fsdp" and ctx.distributed and ctx.world > 1
+    return bool(cfg.model.path) and (sharded or cfg.memory.release_text_encoders)
 
 
 def grad_sync_mode(mode: str, strategy: str, lora: bool) -> str:

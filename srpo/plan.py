@@ -16,6 +16,7 @@ from pathlib import Path
 from torch import nn
 
 from .parallel import grad_sync_mode
+from .quantize import BYTES as QUANT_BYTES
 
 GiB = 1024**3
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -179,7 +180,7 @@ def vae_activations(s: Sizes, batch: int, height: int, width: int, act_bytes: in
 def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, height: int, width: int,
              model_bytes: int, reward_bytes: int = 4, act_bytes: int = 2, checkpointing: bool = True,
              offload_text: bool = False, release_text: bool = False, device: str = "cuda",
-             optimizer: str = "adamw", sync_once: bool = False) -> dict[str, float]:
+             optimizer: str = "adamw", sync_once: bool = False, quantize: str = "none") -> dict[str, float]:
     """Expected peak bytes per device by component (and ``total``); ``device``: ``cuda`` (a
     CUDA context, foreach AdamW, the caching allocator) or ``cpu`` (process memory).
 
@@ -187,11 +188,11 @@ def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, heig
     transformer's forward (its held inputs, one block, autocast's copies of the weights), the
     reward (transformer and VAE held, the ViT's tensors), the VAE decoder's backward (both held,
     one decoder block recomputed) and the transformer's backward. The text encoders, when
-    released (or offloaded), count where they are resident: at the start, before any gradient or
-    optimizer state (under FSDP on several GPUs: beside this rank's shards, which the sharded
-    start reads from the files; on one: beside the model as loaded, whole in ``model.dtype``, or
-    as sharded, whichever is larger), or between updates. ``sync_once``: gradients are reduced once
-    per update (``parallel.grad_sync``), so under FSDP they stay unsharded until then."""
+    released (or offloaded), count where they are resident: at the start, beside the VAE and the
+    reward alone (the transformer is a skeleton until the prompts are encoded and the encoders
+    freed; then each rank reads its shards, or one process the whole), or between updates. ``sync_once``: gradients are reduced once
+    per update (``parallel.grad_sync``), so under FSDP they stay unsharded until then.
+    ``quantize``: the frozen LoRA base's storage (``model.quantize``; its bytes per weight)."""
     shard = gpus if strategy == "fsdp" else 1
     trainable = s.lora_params if lora else s.transformer
     adamw = optimizer == "adamw"
@@ -207,7 +208,9 @@ def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, heig
     out["optimizer-step temporaries"] = temporaries
     if strategy == "fsdp" and sync_once:  # accumulated unsharded until the update's one reduce-scatter
         out["unsharded gradients until the update's reduction"] = 4 * trainable * (1 - 1 / shard)
-    if lora:
+    if lora and quantize != "none":  # read and quantized one layer at a time (srpo.shards.fill)
+        out[f"frozen transformer base ({quantize})"] = QUANT_BYTES[quantize] * s.transformer / shard
+    elif lora:
         out["frozen transformer base"] = model_bytes * s.transformer / shard
     if strategy == "fsdp":  # under autocast FSDP gathers in the compute dtype (parallel.apply's MixedPrecisionPolicy)
         block_bytes = min(act_bytes, model_bytes if lora else 4)
@@ -240,16 +243,8 @@ def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, heig
         static += OVERHEAD
     subtotal = sum(out.values())
     start = None
-    if release_text:  # encoded at the start, before any gradient or optimizer state
-        others = model_bytes * s.vae + reward_bytes * s.reward + text + (OVERHEAD if device == "cuda" else 0)
-        sharded = ((4 * trainable + model_bytes * s.transformer) if lora else 4 * s.transformer) / shard
-        if strategy == "fsdp" and shard > 1:  # the sharded start (srpo.shards): a skeleton, sharded, each
-            start = sharded + model_bytes * s.largest_weight / shard + others  # rank reads its rows of each weight
-        elif strategy == "fsdp":  # one process: loaded whole in model.dtype, cast and sharded block by block
-            loaded = model_bytes * s.transformer + (0 if lora else 4 * s.largest_block)
-            start = max(loaded, sharded) + others
-        else:
-            start = ((4 * trainable + model_bytes * s.transformer) if lora else 4 * s.transformer) + others
+    if release_text:  # encoded at the start while the transformer is a skeleton (srpo.shards: read after)
+        start = model_bytes * s.vae + reward_bytes * s.reward + text + (OVERHEAD if device == "cuda" else 0)
     elif offload_text:  # a new prompt brings the encoders over between updates: gradients freed
         start = static - 4 * trainable / shard - temporaries + text
     if start is not None:
@@ -279,4 +274,5 @@ def estimate_for(cfg, s: Sizes, gpus: int, strategy: str | None = None, lora: bo
                     checkpointing=cfg.train.gradient_checkpointing,
                     offload_text=cfg.memory.offload_frozen, release_text=cfg.memory.release_text_encoders,
                     device=device, optimizer=optimizer,
-                    sync_once=grad_sync_mode(cfg.parallel.grad_sync, strategy, lora) == "update")
+                    sync_once=grad_sync_mode(cfg.parallel.grad_sync, strategy, lora) == "update",
+                    quantize=cfg.model.quantize if lora else "none")

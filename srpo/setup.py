@@ -21,12 +21,12 @@ def objective(cfg, reward):
 
 
 def build(cfg, device: torch.device, ctx=None):
-    """Model, reward function (with SRP when enabled) and algorithm named by the config. Under
-    FSDP over several processes (``ctx``) a folder's transformer is built as a skeleton, which
-    :func:`prepare` shards and fills shard by shard (:mod:`srpo.shards`)."""
-    from .parallel import sharded_start
+    """Model, reward function (with SRP when enabled) and algorithm named by the config. With
+    ``ctx`` (the trainer's), a folder's transformer may start as a skeleton
+    (:func:`srpo.parallel.skeleton_start`), which :func:`prepare` fills after the encoding pass."""
+    from .parallel import skeleton_start
 
-    model = load_model(cfg.model, device, skeleton=ctx is not None and sharded_start(cfg, ctx))
+    model = load_model(cfg.model, device, skeleton=ctx is not None and skeleton_start(cfg, ctx))
     reward = build_reward(cfg.reward, device=device, training=True).frozen()
     return (model, *objective(cfg, reward))
 
@@ -34,21 +34,33 @@ def build(cfg, device: torch.device, ctx=None):
 def prepare(model, cfg, ctx, prompts: list[str], cache_dir=None, progress: bool = False, optimizer=None):
     """Everything between building the model and the first update, in this order (the trainer
     and the benchmarks both call it): LoRA adapters, ``memory.prepare`` (precision, fp32 master
-    weights, checkpointing, frozen parts, the text cache), the parallel wrapper (FSDP shards the
-    model first, so no rank holds the whole model beside the text encoders), every prompt
-    encoded once (into ``cache_dir`` on disk when given) and the text encoders released when
-    ``memory.release_text_encoders``, then the optimizer (``optimizer(params)`` when given, else
-    the config's AdamW). Returns (trainable parameters, optimizer, prompts the text encoders
-    encoded)."""
-    from . import lora, memory, parallel
+    weights, checkpointing, frozen parts, the text cache), every prompt encoded once (into
+    ``cache_dir`` on disk when given; there, over several processes, each rank encodes its share
+    and reads the others') and the text encoders released when ``memory.release_text_encoders``,
+    and the parallel wrapper. A skeleton transformer is read (whole, or each rank's FSDP shards)
+    only after the encoding pass, so it is never resident beside the text encoders; a model
+    already whole is wrapped first (FSDP shards it before the encoders run). Then the optimizer
+    (``optimizer(params)`` when given, else the config's AdamW). Returns (trainable parameters,
+    optimizer, prompts this process's text encoders encoded)."""
+    from . import lora, memory, parallel, quantize
+    from .shards import is_skeleton
 
     lora.apply(model, cfg.lora, seed=cfg.train.seed)  # adapters; no-op unless lora.enabled
     memory.prepare(model, cfg, sharded=ctx.strategy == "fsdp")
-    parallel.apply(model, cfg, ctx)
+    skeleton = is_skeleton(model.transformer)
+    if not skeleton:
+        parallel.apply(model, cfg, ctx)
     encoded = 0
     if cfg.memory.text_cache_dir or cfg.memory.release_text_encoders:  # every prompt once, then maybe no encoders
-        encoded = memory.pre_encode(model, list(dict.fromkeys(prompts)), cache_dir, memory.text_cache_key(cfg),
-                                    release=cfg.memory.release_text_encoders, progress=progress)
+        unique, key = list(dict.fromkeys(prompts)), memory.text_cache_key(cfg)
+        if cache_dir is not None and ctx.distributed and ctx.world > 1:  # this rank's share, then the others' from disk
+            encoded = memory.pre_encode(model, unique[ctx.rank::ctx.world], cache_dir, key, progress=progress)
+            parallel.barrier(ctx)
+        encoded += memory.pre_encode(model, unique, cache_dir, key, release=cfg.memory.release_text_encoders,
+                                     progress=progress)
+    if skeleton:
+        parallel.apply(model, cfg, ctx)
+    quantize.apply(model.transformer, cfg.model.quantize)  # a frozen base read whole: now (a skeleton: as read)
     params = [p for p in model.transformer.parameters() if p.requires_grad]
     return params, optimizer(params) if optimizer is not None else make_optimizer(params, cfg), encoded
 

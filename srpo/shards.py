@@ -109,33 +109,44 @@ def _rows(p) -> tuple[torch.Tensor, int]:
 
 
 @torch.no_grad()
-def fill(module: nn.Module, device, initial=None) -> tuple[int, int]:
-    """Materialise a (sharded) skeleton on ``device``: each rank's own rows of every weight from
-    the folder's files; parameters the files lack (LoRA adapters) from ``initial(name, shape)``,
-    the same full value on every rank, of which each keeps its rows. Returns (bytes of weights
-    this rank holds, bytes of the whole transformer)."""
+def fill(module: nn.Module, device, initial=None, each=None) -> tuple[int, int]:
+    """Materialise a skeleton on ``device``: each rank's own rows of every weight from the
+    folder's files (an unsharded skeleton: every row, one module at a time, so ``each(module)``,
+    e.g. quantizing a Linear, runs before the next module is read); parameters the files lack
+    (LoRA adapters) from ``initial(name, shape)``, the same full value on every rank, of which
+    each keeps its rows. Returns (bytes of weights this rank holds, bytes of the whole transformer)."""
     from safetensors import safe_open
+    from torch.distributed.tensor import DTensor
 
     folder = module.weights_folder
     where = weight_files(folder)
-    buffers = dict(module.named_buffers())
-    module.to_empty(device=device)
-    for name, b in module.named_buffers():
-        b.copy_(buffers[name])
+    buffers = {n: b for n, b in module.named_buffers()}
+    sharded = any(isinstance(p, DTensor) for p in module.parameters())
+    if sharded:  # FSDP2 allocates each rank's shards at once
+        module.to_empty(device=device)
     held = whole = 0
     with contextlib.ExitStack() as stack:
         handles = {f: stack.enter_context(safe_open(str(f), "pt")) for f in set(where.values())}
-        for name, p in module.named_parameters():
-            local, start = _rows(p)
-            rows = slice(start, start + local.shape[0])
-            key = name.replace(".base_layer.", ".")  # peft's wrapped Linear keeps the file's name
-            if key in where:
-                local.copy_(handles[where[key]].get_slice(key)[rows])
-            elif initial is not None:
-                local.copy_(initial(name, tuple(p.shape))[rows])
-            else:
-                raise UserError(f"{folder}: no weight '{key}' in its safetensors files")
-            held += local.numel() * local.element_size()
-            whole += p.numel() * local.element_size()
+        for prefix, mod in module.named_modules():
+            if not sharded:
+                mod.to_empty(device=device, recurse=False)
+            dot = f"{prefix}." if prefix else ""
+            for name, b in mod.named_buffers(recurse=False):
+                b.copy_(buffers[dot + name])
+            for short, p in mod.named_parameters(recurse=False):
+                name = dot + short
+                local, start = _rows(p)
+                rows = slice(start, start + local.shape[0])
+                key = name.replace(".base_layer.", ".")  # peft's wrapped Linear keeps the file's name
+                if key in where:
+                    local.copy_(handles[where[key]].get_slice(key)[rows])
+                elif initial is not None:
+                    local.copy_(initial(name, tuple(p.shape))[rows])
+                else:
+                    raise UserError(f"{folder}: no weight '{key}' in its safetensors files")
+                held += local.numel() * local.element_size()
+                whole += p.numel() * local.element_size()
+            if each is not None and not sharded:
+                each(mod)
     module.weights_folder = None
     return held, whole

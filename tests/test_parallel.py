@@ -192,6 +192,19 @@ def test_plan_flux_dev_full_needs_fsdp_on_8_gpus_lora_fits_one():
     assert total(1, "none", True) < 80  # LoRA on one GPU
 
 
+def test_plan_start_is_the_encoders_beside_the_vae_and_reward_alone():
+    """With the text encoders released, the prompts are encoded while the transformer is still a
+    skeleton (srpo/shards.py; tests/test_sharded_start.py checks the order): the start holds the
+    encoders, the VAE, the reward and the CUDA context only, whatever the layout."""
+    cfg = load_config(FLUX_DEV_CFG)
+    s = plan.model_sizes(cfg)
+    start = (2 * s.text_encoders + 2 * s.vae + 4 * s.reward + plan.OVERHEAD) * plan.FRAGMENTATION["cuda"]
+    for gpus, strategy, lora in ((1, "none", True), (8, "fsdp", True), (8, "fsdp", False), (2, "ddp", True)):
+        parts = plan.estimate_for(cfg, s, gpus, strategy, lora)
+        assert parts["  peak while they are resident"] == pytest.approx(start), (gpus, strategy, lora)
+        assert parts["total"] >= start
+
+
 def test_plan_cli_prints_a_breakdown(tmp_path, capsys):
     path = tmp_path / "flux.yaml"
     path.write_text(json.dumps(FLUX_DEV_CFG))  # JSON is YAML

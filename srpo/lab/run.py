@@ -69,8 +69,13 @@ class Evaluator:
         self.base_stats = None
 
     def load(self, weights: dict | None) -> None:
-        """Base transformer weights, updated by ``weights`` (a checkpoint's tensors)."""
+        """Base transformer weights, updated by ``weights`` (a checkpoint's tensors; a LoRA run's
+        adapters are merged into the base, as lora/ loads on it)."""
+        from .. import lora
+
         self.model.transformer.load_state_dict(self.base_state)
+        if weights and lora.is_lora_state(weights):
+            weights = lora.merge_into(self.base_state, weights, lora.scale_of(self.cfg.lora))
         if weights:
             missing = set(weights) - set(self.base_state)
             if missing:

@@ -465,7 +465,8 @@ class FlowModel:
     # ---- shared ------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
+        p = next(self.transformer.parameters())
+        return next(self.vae.parameters()).device if p.is_meta else p.device  # a skeleton: where the rest is
 
     @property
     def dtype(self) -> torch.dtype:
