@@ -46,9 +46,9 @@ def is_skeleton(module: nn.Module) -> bool:
     return getattr(module, "weights_folder", None) is not None
 
 
-def weight_files(folder: Path) -> dict[str, Path]:
+def weight_files(folder: Path, shapes: dict | None = None) -> dict[str, Path]:
     """Weight name -> the safetensors file of ``folder`` that holds it (every file opened, so an
-    unreadable or truncated one is a one-line error here)."""
+    unreadable or truncated one is a one-line error here); ``shapes`` gets each weight's shape."""
     from safetensors import SafetensorError, safe_open
 
     index = folder / INDEX
@@ -65,7 +65,10 @@ def weight_files(folder: Path) -> dict[str, Path]:
     for f in files:
         try:
             with safe_open(str(f), "pt") as h:
-                where.update((k, f) for k in h.keys())
+                for k in h.keys():
+                    where[k] = f
+                    if shapes is not None:
+                        shapes[k] = tuple(h.get_slice(k).get_shape())
         except (OSError, SafetensorError) as e:
             raise UserError(f"{f}: cannot read its weights ({' '.join(str(e).split())}): the file is missing, "
                             f"truncated or not safetensors; copy it again") from None
@@ -75,19 +78,17 @@ def weight_files(folder: Path) -> dict[str, Path]:
 def skeleton(transformer_class: type, folder, dtype: torch.dtype) -> nn.Module:
     """The transformer of ``folder`` (a diffusers model folder: config.json + safetensors) with
     its parameters on the meta device, checked against the files' weights."""
-    from safetensors import safe_open
-
     folder = Path(folder)
     with meta_parameters():
         module = transformer_class.from_config(transformer_class.load_config(str(folder), local_files_only=True))
     module = module.to(dtype).eval()
-    where = weight_files(folder)
+    shapes: dict[str, tuple] = {}
+    where = weight_files(folder, shapes)
     for name, p in module.named_parameters():
         if name not in where:
             raise UserError(f"{folder}: no weight '{name}' in its safetensors files: they do not match its "
                             f"config.json ({transformer_class.__name__})")
-        with safe_open(str(where[name]), "pt") as h:
-            shape = tuple(h.get_slice(name).get_shape())
+        shape = shapes[name]
         if shape != tuple(p.shape):
             raise UserError(f"{where[name]}: weight '{name}' is {list(shape)}, but config.json makes it "
                             f"{list(p.shape)}: the file and the config are of different models")
