@@ -121,6 +121,8 @@ def run_mode(mode: str, args) -> dict:
     from srpo.bench import real_dims as rd
 
     cfg = make_config(args.tiny, mode, args.size, args.rollout_steps, "cpu" if args.tiny else "cuda", args.rank)
+    if mode == "lora":
+        cfg.model.quantize = args.quantize  # the frozen base (srpo.setup.prepare quantizes it; the plan counts it)
     ctx = parallel.setup(cfg)
     device = ctx.device
     dims = (rd.TINY if args.tiny else rd.REAL).blocks(args.double, args.single)
@@ -154,7 +156,7 @@ def run_mode(mode: str, args) -> dict:
     result = {
         "mode": mode, "device": _device_name(device), "size": args.size, "blocks": [dims.double, dims.single],
         "rollout_steps": args.rollout_steps, "lora_rank": args.rank if mode == "lora" else None,
-        "optimizer": type(run.optimizer).__name__, "trainable_params": sum(p.numel() for p in run.params),
+        "optimizer": type(run.optimizer).__name__, "quantize": cfg.model.quantize, "trainable_params": sum(p.numel() for p in run.params),
         "transformer_params": sum(p.numel() for p in model.transformer.parameters()),
         "prompts_encoded": run.encoded, "text_encoders_released": not model.text_encoders(),
         "build_s": build_s, **mean,
@@ -212,6 +214,8 @@ def parse(argv=None):
     p.add_argument("--steps", type=int, default=2, help="timed updates per mode")
     p.add_argument("--warmup", type=int, default=1, help="untimed updates first")
     p.add_argument("--full-optimizer", choices=["sgd", "adamw"], default="sgd")
+    p.add_argument("--quantize", choices=["none", "int8", "fp8", "nf4"], default="none",
+                   help="lora mode: the frozen base quantized (model.quantize; default none: bf16)")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the device (default: by name)")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)

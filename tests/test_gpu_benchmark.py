@@ -79,3 +79,10 @@ def test_benchmark_tiny_dry_run(capsys):
         else:  # LoRA: the formula also counts input gradients of the frozen conditioning path
             assert 1 <= ratio < 1.05
     assert "| lora | AdamW |" in capsys.readouterr().out
+
+
+def test_benchmark_tiny_dry_run_on_an_int8_base():
+    (r,) = gpu_update.main(["--tiny", "--modes", "lora", "--steps", "1", "--warmup", "0", "--rollout-steps", "1",
+                            "--rank", "4", "--quantize", "int8"])
+    assert r["quantize"] == "int8" and math.isfinite(r["loss"]) and r["grad_norm"] > 0
+    assert "frozen transformer base (int8)" in r["plan_parts_gib"]  # the plan counts the int8 base
