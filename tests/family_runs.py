@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,21 @@ FAST = ["--set", "train.max_steps=3", "--set", "log.progress=false", "--set", "l
         "--set", "guard.enabled=false"]
 LORA = ["--set", "lora.enabled=true", "--set", "lora.rank=4", "--set", "lora.alpha=8", "--set", "lora.init=gaussian",
         "--set", "train.lr=0.05"]
+
+
+def set_args(items) -> list[str]:
+    """``--set`` before each ``KEY=VALUE``."""
+    return [a for item in items for a in ("--set", item)]
+
+
+def launcher_env(**extra) -> dict:
+    """The environment of a torchrun launch from a test: one thread a process, offline, this
+    checkout first on the path, and none of a parent launcher's rank variables."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root), HF_HUB_OFFLINE="1", **extra)
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "TORCHELASTIC_RESTART_COUNT"):
+        env.pop(k, None)
+    return env
 
 
 def families() -> list[str]:

@@ -15,7 +15,6 @@ A wrong rank layout, a missing gradient average or a dropped shard changes weigh
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from family_runs import launcher_env, set_args
 from srpo import memory, parallel, plan
 from srpo.cli import main
 from srpo.config import load_config
@@ -38,26 +38,16 @@ QUICK = [f"train.max_steps={STEPS}", "data.eval_prompts=null", "log.sample_every
 TOL = 5e-5
 
 
-def _sets(items):
-    return [a for item in items for a in ("--set", item)]
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
 def _torchrun(args, out: Path, extra_sets, log: Path):
     cmd = [sys.executable, "-m", "torch.distributed.run", *args, "-m", "srpo", "train", str(CONFIG),
-           "--output", str(out), *_sets(QUICK + extra_sets)]
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+           "--output", str(out), *set_args(QUICK + extra_sets)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=launcher_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -131,7 +121,7 @@ def test_one_gradient_reduction_per_update_and_the_same_weights(tmp_path):
     out, weights = tmp_path / "sync.json", tmp_path / "weights"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "benchmarks" / "grad_sync.py"), "--out", str(out), "--weights", str(weights)]
-    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     runs = {x["run"]: x for x in json.loads(out.read_text())["runs"]}
     for strategy in ("ddp", "fsdp"):

@@ -32,6 +32,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from family_runs import launcher_env, set_args
 from srpo import checkpoint
 from srpo.config import load_config
 from srpo.trainer import train
@@ -43,21 +44,10 @@ QUICK = ["data.eval_prompts=null", "log.sample_every=0", "rollout.steps=2", "log
 TOL = 5e-5
 
 
-def _sets(items):
-    return [a for item in items for a in ("--set", item)]
-
-
-def _env(**extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", **extra)
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "TORCHELASTIC_RESTART_COUNT"):
-        env.pop(k, None)
-    return env
-
-
 def _torchrun(launch: list[str], out: Path, sets: list[str], log: Path, resume=False, **env) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", *launch, "-m", "srpo", "train", str(CONFIG),
-           "--output", str(out), *_sets(QUICK + sets)] + (["--resume"] if resume else [])
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env(**env), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+           "--output", str(out), *set_args(QUICK + sets)] + (["--resume"] if resume else [])
+    return subprocess.Popen(cmd, cwd=ROOT, env=launcher_env(**env), stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
 def _final(run: Path) -> dict[str, torch.Tensor]:

@@ -10,7 +10,6 @@ differently on one rank, moves weights by ~lr). Bad folders stop every rank with
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from family_runs import launcher_env, set_args
 from srpo.models.tiny import TinyFlux
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,20 +30,10 @@ LORA = ["lora.enabled=true", "lora.rank=4", "train.lr=3e-3"]
 TOL = 5e-5
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
-def _sets(items):
-    return [a for item in items for a in ("--set", item)]
-
-
 def _train(out: Path, sets: list[str], procs: int):
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)] if procs > 1 else []
-    cmd = [sys.executable, *launcher, "-m", "srpo", "train", str(CONFIG), "--output", str(out), *_sets(QUICK + sets)]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, *launcher, "-m", "srpo", "train", str(CONFIG), "--output", str(out), *set_args(QUICK + sets)]
+    return subprocess.run(cmd, cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=600)
 
 
 def _weights(run: Path, lora: bool) -> dict[str, torch.Tensor]:
