@@ -10,6 +10,9 @@ __version__ = "0.1.0"
 # torchao (model.quantize), which diffusers imports whenever it is installed, registers enums with
 # torch's pytree at import and torch logs a deprecation line for each on every command: not ours to act on
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+# diffusers 0.42's torchao quantizer looks for torchao tensor classes an older torchao had, to load
+# checkpoints serialized with torchao (srpo reads none): a warning line each time, nothing to act on
+logging.getLogger("diffusers.quantizers.torchao.torchao_quantizer").setLevel(logging.ERROR)
 
 
 def train(config, output, resume: bool = False, **overrides) -> dict:

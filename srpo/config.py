@@ -125,6 +125,7 @@ class TrainConfig(Section):
     autocast: Literal["none", "bf16", "fp16"] = Field("none", description="Autocast dtype of every transformer call, rollouts and gradient forwards (bf16 on GPUs; fp32 master weights either way).")
     reward_autocast: Literal["auto", "none", "bf16", "fp16"] = Field("auto", description="Autocast of the reward model's forward; auto: fp16 when train.autocast is on (the reference scores under fp16 autocast), none otherwise.")
     gradient_checkpointing: bool = Field(False, description="Activation checkpointing in the transformer blocks.")
+    compile: Literal["none", "blocks", "model"] = Field("none", description="torch.compile the transformer for the rollout, the gradient forward, evaluation and the guard: blocks, each repeated block compiled on its own (one compile serves every block of a list); model, the whole transformer. The first update pays the compile (tens of seconds on a CPU); later updates reuse it. none until it is measured faster on every family (issue 20). With parallel.strategy none or ddp.")
     device: str = Field("auto", description="auto (cuda if available), cpu or cuda[:N].")
     max_bad_updates: int = Field(3, ge=1, description="Stop after this many consecutive updates skipped for a NaN/Inf loss, reward or gradient.")
 
@@ -271,6 +272,13 @@ class Config(Section):
     refl: ReFLConfig = Field(default_factory=ReFLConfig, description="ReFL baseline (algorithm: refl).")
     draft: DRaFTConfig = Field(default_factory=DRaFTConfig, description="DRaFT-K baseline (algorithm: draft).")
     grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="GRPO baseline, DanceGRPO / Flow-GRPO style (algorithm: grpo).")
+
+    @model_validator(mode="after")
+    def _compiled(self):
+        if self.train.compile != "none" and self.parallel.strategy == "fsdp":
+            raise ValueError(f"train.compile {self.train.compile} does not compose with parallel.strategy fsdp yet: "
+                             f"use train.compile none under FSDP, or ddp")
+        return self
 
     @model_validator(mode="after")
     def _quantized_base(self):

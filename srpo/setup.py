@@ -42,7 +42,7 @@ def prepare(model, cfg, ctx, prompts: list[str], cache_dir=None, progress: bool 
     already whole is wrapped first (FSDP shards it before the encoders run). Then the optimizer
     (``optimizer(params)`` when given, else the config's AdamW). Returns (trainable parameters,
     optimizer, prompts this process's text encoders encoded)."""
-    from . import lora, memory, parallel, quantize
+    from . import compilation, lora, memory, parallel, quantize
     from .shards import is_skeleton
 
     lora.apply(model, cfg.lora, seed=cfg.train.seed)  # adapters; no-op unless lora.enabled
@@ -61,6 +61,7 @@ def prepare(model, cfg, ctx, prompts: list[str], cache_dir=None, progress: bool 
     if skeleton:
         parallel.apply(model, cfg, ctx)
     quantize.apply(model.transformer, cfg.model.quantize)  # a frozen base read whole: now (a skeleton: as read)
+    compilation.apply(model.transformer, cfg.train.compile)  # compiled at the first call, reused after
     params = [p for p in model.transformer.parameters() if p.requires_grad]
     return params, optimizer(params) if optimizer is not None else make_optimizer(params, cfg), encoded
 
