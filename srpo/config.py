@@ -42,6 +42,14 @@ class RewardConfig(Section):
     path: str | None = Field(None, description="Local checkpoint file or folder of the reward model.")
     weight: float = Field(1.0, description="Weight of this term when several rewards are mixed.")
     options: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for the reward factory.")
+    frames: int | list[int] = Field(4, description="Videos (video families, docs/models.md): the image reward scores this many evenly spaced frames of each video, the first and the last always among them (1: the first), or the frames at these indices (negative: from the end), and averages them per video. Images are scored as they are. A list of mixed rewards shares one setting.")
+
+    @field_validator("frames")
+    @classmethod
+    def _frames(cls, v):
+        if isinstance(v, int) and v < 1 or isinstance(v, list) and not v:
+            raise ValueError("give a positive frame count or a non-empty list of frame indices")
+        return v
 
 
 class SRPConfig(Section):
@@ -107,6 +115,7 @@ class RolloutConfig(Section):
     guidance: float = Field(1.0, ge=0, description="Guidance of the rollout, as the family applies it: FLUX's embedded guidance (reference: 1 with HPS, 2 with PickScore), the CFG scale of true-CFG families (<= 1: one conditional pass), ignored by distilled models.")
     height: int = Field(720, ge=8, description="Image height in pixels.")
     width: int = Field(720, ge=8, description="Image width in pixels.")
+    frames: int | None = Field(None, ge=1, description="Video families: frames per video (a count the family's VAE cannot take, e.g. not 4k + 1, is an error naming the nearest valid ones); null: the family's default, its pipeline's (docs/models.md). Image families take none.")
 
 
 class TrainConfig(Section):

@@ -33,8 +33,7 @@ def reward_metrics(reward_fn, images: torch.Tensor, prompts: list[str], pos: str
         img = images[s:s + 16].to(device)
         out.append(reward_fn.absolute(img, prompts[s:s + 16]).cpu())
         if srp is not None:
-            with reward_fn.precision(img):
-                srp_vals.append(srp.relative(img, prompts[s:s + 16], pos, neg, 0.0).relative.float().cpu())
+            srp_vals.append(reward_fn.relative(img, prompts[s:s + 16], pos, neg, 0.0).relative.float().cpu())
     metrics = {"reward": torch.cat(out).mean().item()}
     if srp_vals:
         metrics["srp_reward"] = torch.cat(srp_vals).mean().item()

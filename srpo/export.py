@@ -114,6 +114,8 @@ def run_weights(run_dir: str | Path, which: str = "final"):
         state, scale = lora.read_file(adapters)
         merged = lora.merge_into(model.transformer.state_dict(), state, scale)
         model.transformer.load_state_dict(merged)
+    if cfg.rollout.frames is not None:  # videos of the run's length
+        model.set_frames(cfg.rollout.frames)
     return cfg, model
 
 

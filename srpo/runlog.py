@@ -20,8 +20,10 @@ WANDB_ID_FILE = "wandb_run_id"  # RUN/wandb_run_id: the W&B run a --resume conti
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, labels=None) -> Path:
-    """[N, 3, H, W] in [0, 1] -> one PNG grid."""
+    """[N, 3, H, W] in [0, 1] -> one PNG grid; videos [N, F, 3, H, W]: a row of frames each."""
     images = images.detach().float().clamp(0, 1).cpu()
+    if images.ndim == 5:
+        nrow, images = images.shape[1], images.flatten(0, 1)
     n, _, h, w = images.shape
     nrow = nrow or math.ceil(math.sqrt(n))
     rows = math.ceil(n / nrow)

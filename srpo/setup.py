@@ -27,6 +27,8 @@ def build(cfg, device: torch.device, ctx=None):
     from .parallel import skeleton_start
 
     model = load_model(cfg.model, device, skeleton=ctx is not None and skeleton_start(cfg, ctx))
+    if cfg.rollout.frames is not None:  # a video family's frame count (image families refuse it)
+        model.set_frames(cfg.rollout.frames)
     reward = build_reward(cfg.reward, device=device, training=True).frozen()
     return (model, *objective(cfg, reward))
 

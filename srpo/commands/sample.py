@@ -72,7 +72,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for i, (img, prompt) in enumerate(zip(images, prompts)):
         slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40]
-        to_pil(img).save(out / f"{i:04d}-{slug}.png")
+        to_pil(img if img.ndim == 3 else img[0]).save(out / f"{i:04d}-{slug}.png")  # a video: its first frame
     save_grid(images, out / "grid.png")
     print(f"wrote {len(prompts)} images and grid.png to {out}")
     return 0

@@ -47,7 +47,7 @@ def family_of_folder(path) -> str:
 # the built-in families, one file each, and their tiny random-weight twins (a file not present
 # in this version is skipped)
 BUILTIN = ("flux", "tiny", "sd3", "sd3_tiny", "qwen_image", "qwen_image_tiny", "flux2", "flux2_klein", "flux2_tiny",
-           "z_image", "z_image_tiny")
+           "z_image", "z_image_tiny", "wan", "wan_tiny")
 
 
 def _register_builtin() -> None:

@@ -198,7 +198,10 @@ def _transformer_class(cls) -> str:
     """The transformer class ``pipeline_class`` takes (its ``transformer`` argument's annotation)."""
     pipe = _pipeline(cls)
     arg = inspect.signature(pipe.__init__).parameters.get("transformer") if pipe is not None else None
-    return getattr(arg.annotation, "__name__", "") if arg is not None else ""
+    if arg is None:
+        return ""
+    kinds = [a for a in getattr(arg.annotation, "__args__", (arg.annotation,)) if a is not type(None)]  # X | None
+    return getattr(kinds[0], "__name__", "") if kinds else ""
 
 
 def _tiny_twin(cls) -> str:
@@ -249,6 +252,7 @@ class FlowModel:
     transformer: nn.Module
     vae: nn.Module
     vae_scale_factor: int = 8
+    frames: int | None = None  # video families: frames per sample (rollout.frames); None: images
     autocast_dtype: torch.dtype | None = None  # set by set_precision
     cfg_gradient = "both"  # true CFG in a gradient forward: both passes with gradient, or "cond" only
 
@@ -417,6 +421,12 @@ class FlowModel:
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
         raise NotImplementedError
+
+    def set_frames(self, frames: int) -> None:
+        """Frames per sample of a video family (``rollout.frames``; its :meth:`decode` then gives
+        ``[B, F, 3, H, W]``); image families refuse it with one line."""
+        raise UserError(f"rollout.frames is {frames} but model '{self.family}' makes images: remove rollout.frames "
+                        f"(it sets the frame count of video families)")
 
     def pipeline(self):
         """The family's diffusers pipeline sharing this model's modules (no copies: every

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from ..errors import UserError
 from .base import REWARDS, Reward
 
-SPEC_KEYS = ("name", "path", "weight", "options")
+SPEC_KEYS = ("name", "path", "weight", "options", "frames")  # frames: read by objective.py (videos)
 
 
 def _as_dict(spec) -> dict:

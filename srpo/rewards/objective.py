@@ -4,6 +4,7 @@ trainer, the benchmarks and the lab build it here, one way."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ..errors import UserError
@@ -17,13 +18,35 @@ def reward_autocast(cfg) -> str:
     return ra if ra != "auto" else ("fp16" if cfg.train.autocast != "none" else "none")
 
 
+def reward_frames(spec) -> int | list[int]:
+    """``reward.frames``: one setting for a list of mixed rewards (they score the same frames)."""
+    values = [s.frames for s in spec] if isinstance(spec, list) else [spec.frames]
+    if any(v != values[0] for v in values):
+        raise UserError(f"reward.frames differs between the mixed rewards ({', '.join(map(str, values))}): "
+                        f"give them one setting, they score the same frames")
+    return values[0]
+
+
+def frame_indices(frames: int | list[int], count: int) -> list[int]:
+    """Which of a video's ``count`` frames the reward scores: ``frames`` evenly spaced (first and
+    last included; all when the video has fewer), or the listed indices (negative from the end)."""
+    if isinstance(frames, int):
+        n = min(frames, count)
+        return [0] if n == 1 else [round(i * (count - 1) / (n - 1)) for i in range(n)]
+    bad = [i for i in frames if not -count <= i < count]
+    if bad:
+        raise UserError(f"reward.frames {list(frames)} names frame {bad[0]}, but the videos have {count} frames")
+    return [i % count for i in frames]
+
+
 def reward_function(cfg, reward, srp: bool | None = None, precision: str | None = None) -> "RewardFn":
     """The config's reward function on ``reward``: SRP with the config's control words and
     template when ``srp`` (default ``srp.enabled``), under ``precision`` (default
-    :func:`reward_autocast`)."""
+    :func:`reward_autocast`), scoring ``reward.frames`` of each video."""
     srp = cfg.srp.enabled if srp is None else srp
     helper = SRP(reward, cfg.srp.pos_words, cfg.srp.neg_words, template=cfg.srp.template) if srp else None
-    return RewardFn(reward, helper, reward_autocast(cfg) if precision is None else precision)
+    return RewardFn(reward, helper, reward_autocast(cfg) if precision is None else precision,
+                    frames=reward_frames(cfg.reward))
 
 
 class RewardFn:
@@ -33,22 +56,49 @@ class RewardFn:
     ``swap`` exchanges the roles of the positive and negative words (inversion branch); without
     SRP the absolute reward is negated instead, the same sign flip."""
 
-    def __init__(self, reward, srp=None, autocast: str = "none"):
-        self.reward, self.srp = reward, srp
+    def __init__(self, reward, srp=None, autocast: str = "none", frames: int | list[int] = 4):
+        self.reward, self.srp, self.frames = reward, srp, frames
         self.autocast_dtype = AUTOCAST[autocast]
 
     def absolute_only(self) -> "RewardFn":
-        """The same reward and precision without SRP."""
-        out = RewardFn(self.reward, None)
+        """The same reward, precision and frames without SRP."""
+        out = RewardFn(self.reward, None, frames=self.frames)
         out.autocast_dtype = self.autocast_dtype
         return out
 
     def precision(self, images: Tensor):
         return autocast_context(images.device.type, self.autocast_dtype)
 
+    def as_images(self, images: Tensor, prompts: list[str], *per_sample):
+        """Videos ``[B, F, 3, H, W]`` -> their scored frames as images ``[B n, 3, H, W]`` with each
+        prompt (and each per-sample tensor) repeated n times, and n; images pass as they are (n = 1)."""
+        if images.ndim != 5:
+            return images, prompts, per_sample, 1
+        idx = frame_indices(self.frames, images.shape[1])
+        n = len(idx)
+        frames = images[:, idx].flatten(0, 1)
+        rows = tuple(v.repeat_interleave(n, 0) if torch.is_tensor(v) and v.ndim else v for v in per_sample)
+        return frames, [p for p in prompts for _ in range(n)], rows, n
+
+    @staticmethod
+    def per_video(values: Tensor, n: int) -> Tensor:
+        """Per-frame scores ``[B n]`` -> their mean per video ``[B]``."""
+        return values if n == 1 or not torch.is_tensor(values) else values.reshape(-1, n).mean(1)
+
     def absolute(self, images: Tensor, prompts: list[str]) -> Tensor:
+        images, prompts, _, n = self.as_images(images, prompts)
         with self.precision(images):
-            return self.reward.score(images, prompts).float()
+            return self.per_video(self.reward.score(images, prompts).float(), n)
+
+    def relative(self, images: Tensor, prompts: list[str], pos: str, neg: str, k):
+        """The SRP scores of images or of videos' scored frames (averaged per video)."""
+        images, prompts, (k,), n = self.as_images(images, prompts, k)
+        with self.precision(images):
+            out = self.srp.relative(images, prompts, pos, neg, k)
+        if n == 1:
+            return out
+        return type(out)(*(self.per_video(v, n) for v in (out.relative, out.pos, out.neg)),
+                         {name: self.per_video(v, n) for name, v in out.terms.items()})
 
     def __call__(self, images, prompts, pos, neg, k, swap: bool):
         if self.srp is None:
@@ -56,8 +106,7 @@ class RewardFn:
             return (-r if swap else r), {}
         if swap:
             pos, neg = neg, pos
-        with self.precision(images):
-            out = self.srp.relative(images, prompts, pos, neg, k)
+        out = self.relative(images, prompts, pos, neg, k)
         parts = {"pos": out.pos.mean().item(), "neg": out.neg.mean().item()}
         parts.update({f"term/{name}": v.mean().item() for name, v in out.terms.items()})
         return out.relative.float(), parts

@@ -1,0 +1,263 @@
+"""Wan 2.1 / 2.2 text-to-video as a FlowModel: diffusers' WanTransformer3DModel + AutoencoderKLWan
+(the causal 3-D VAE) + the UMT5-XXL encoder, as ``WanPipeline`` (diffusers 0.42) runs them.
+
+What the pipeline does, and this file reproduces:
+
+- **prompts** are cleaned by the pipeline's own ``prompt_clean`` (ftfy where installed, HTML
+  unescaping, whitespace), tokenized with padding to ``max_sequence_length`` (512, ``__call__``'s
+  default) and encoded by the UMT5 encoder with its attention mask; the last hidden states past
+  each prompt's length are zeroed. The transformer takes the padded ``[B, L, D]`` tensor with no
+  mask (the zeros are what it attends to), so conditionings of separate encodes concatenate.
+- **guidance**: true CFG, ``v_u + g (v_c - v_u)`` against ``negative_prompt`` ("" as the pipeline's
+  default; the Wan model cards recommend a long Chinese one: pass it as an option); the two passes
+  are two transformer calls, as the pipeline makes them (``cfg_batched = False``).
+- **timestep**: the scheduler's ``t = 1000 sigma`` (float32), one per sample; for a folder whose
+  pipeline config sets ``expand_timesteps`` (Wan2.2-TI2V-5B) one per latent patch token.
+- **schedule**: Euler on a FlowMatchEulerDiscreteScheduler at the folder scheduler's flow shift.
+  The Wan folders ship ``UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=...)``; srpo's
+  rollout is the Euler ODE of every family, so :meth:`pipeline_scheduler` hands the pipeline that
+  Euler scheduler with the folder's ``flow_shift`` (what its ``FlowMatchEulerDiscreteScheduler``
+  annotation takes): rollout and reference sample the same grid. The folder's scheduler itself
+  is kept and saved as it was.
+- **latents** are 5-D ``[B, C, F', h, w]``: ``F' = (frames - 1) / 4 + 1`` latent frames of the
+  VAE's ``scale_factor_temporal`` and ``h, w`` its ``scale_factor_spatial`` downsampling, in the
+  VAE's per-channel normalised space ``(z - latents_mean) / latents_std``. The frame count is the
+  model's :attr:`frames` (``rollout.frames``; 81, WanPipeline's default, unless set).
+- **decode** gives videos ``[B, F, 3, H, W]`` in [0, 1], as ``WanPipeline(output_type="pt")``
+  (each video a batch of frames); a reward scores ``reward.frames`` of them
+  (:mod:`srpo.rewards.objective`).
+
+Wan2.2-A14B's two experts (``transformer_2`` and ``boundary_ratio``) are not read yet: such a
+folder is refused with a one-line error.
+
+Its twin ``tiny_wan`` (``wan_tiny.py``): random-weight modules of the real classes built in code,
+with a small sentencepiece-style Unigram ``T5Tokenizer`` trained here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..errors import UserError
+from .base import (MODELS, Cond, FlowModel, PlanParts, check_fit, check_image_size, encoder_params, folder_configs,
+                   meta_module, scheduler_sigmas)
+
+MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s default
+DEFAULT_FRAMES = 81  # WanPipeline.__call__'s num_frames
+
+# Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json (1.419e9 parameters; the 14B has 40
+# heads, ffn_dim 13824 and 40 layers: the class defaults)
+WAN_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                       out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
+                       cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+WAN_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
+UMT5_XXL_PARAMS = 5_680_910_336  # UMT5EncoderModel of google/umt5-xxl (the Wan text_encoder/), on the meta device
+
+
+@MODELS.register("wan")
+class WanModel(FlowModel):
+    """A WanPipeline's parts behind the FlowModel contract; only ``transformer`` trains."""
+
+    pipeline_class = "WanPipeline"
+    title = "Wan2.1-T2V-1.3B"
+    options = ("max_sequence_length", "negative_prompt", "quantize_timesteps")
+    # diffusers marks both experts optional (two-expert and image-to-video layouts); a
+    # text-to-video folder needs its transformer
+    components = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+    # the attention projections of every block (self- and cross-attention), finetrainers' Wan LoRA default
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    guidance_mode = "cfg"
+    default_guidance = 5.0  # WanPipeline's guidance_scale
+    cfg_batched = False  # the pipeline calls the transformer once per branch
+
+    def __init__(self, transformer, vae, text_encoder, tokenizer, scheduler,
+                 max_sequence_length: int = MAX_SEQUENCE_LENGTH, negative_prompt: str = "",
+                 expand_timesteps: bool = False, shift: float | None = None,
+                 quantize_timesteps: bool | None = None, transformer_2=None):
+        if transformer_2 is not None:
+            raise UserError("this Wan folder has two experts (transformer_2, Wan2.2-A14B), which srpo does not "
+                            "train yet: use a one-transformer WanPipeline folder (Wan2.1-T2V, Wan2.2-TI2V-5B)")
+        self.hold(transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+        if int(max_sequence_length) < 1:
+            raise UserError(f"max_sequence_length {max_sequence_length} is out of range: give at least 1 text "
+                            f"token (WanPipeline's default is {MAX_SEQUENCE_LENGTH})")
+        self.max_sequence_length = int(max_sequence_length)
+        self.negative_prompt = negative_prompt or ""
+        self.expand_timesteps = bool(expand_timesteps)  # a pipeline config entry: handed back to WanPipeline
+        self.shift = None if shift is None else float(shift)
+        self.quantize_timesteps = bool(quantize_timesteps)  # off: WanPipeline feeds the unquantised 1000 sigma
+        self.vae_scale_factor = int(vae.config.scale_factor_spatial)
+        self.vae_scale_factor_temporal = int(vae.config.scale_factor_temporal)
+        self.frames = DEFAULT_FRAMES
+        self._check_compatible()
+
+    @classmethod
+    def from_pipeline(cls, pipe, **options) -> WanModel:
+        """The pipeline's modules and its ``expand_timesteps`` (a Wan2.2 pipeline config entry)."""
+        return super().from_pipeline(pipe, expand_timesteps=bool(pipe.config.get("expand_timesteps")), **options)
+
+    def _check_compatible(self) -> None:
+        tc = self.transformer.config
+        check_fit("Wan", [("transformer in_channels", tc.in_channels, "vae z_dim", self.vae.config.z_dim),
+                          ("transformer out_channels", tc.out_channels, "vae z_dim", self.vae.config.z_dim),
+                          ("transformer text_dim", tc.text_dim, "text_encoder d_model", self.text_encoder.config.d_model),
+                          ("transformer temporal patch", tuple(tc.patch_size)[0], "WanPipeline's", 1)])
+        if tc.image_dim is not None or tc.added_kv_proj_dim is not None:
+            raise UserError("transformer is an image-to-video Wan transformer (it takes image features), which "
+                            "WanPipeline does not feed: give a text-to-video Wan transformer")
+
+    # ---- frames ----------------------------------------------------------------------------
+    def set_frames(self, frames: int) -> None:
+        """Frames per video (``rollout.frames``): ``k * scale_factor_temporal + 1``; otherwise a
+        one-line error naming the nearest counts the VAE takes."""
+        t, frames = self.vae_scale_factor_temporal, int(frames)
+        if frames < 1 or (frames - 1) % t:
+            lo = max(1, (frames - 1) // t * t + 1)
+            near = " or ".join(str(n) for n in dict.fromkeys((lo, lo + t)) if n != frames)
+            raise UserError(f"rollout.frames {frames} is not a frame count the Wan VAE takes: use {near} "
+                            f"(frames - 1 must be a multiple of {t})")
+        self.frames = frames
+
+    def latent_frames(self, frames: int | None = None) -> int:
+        return ((self.frames if frames is None else frames) - 1) // self.vae_scale_factor_temporal + 1
+
+    # ---- construction ---------------------------------------------------------------------
+    @classmethod
+    def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:
+        """Meta-device transformer and VAE from the folder's configs (Wan2.1-T2V-1.3B's without a
+        path) and the UMT5 encoder counted from ``text_encoder/config.json`` (UMT5-XXL without one),
+        at WanPipeline's default 81 frames."""
+        from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+        max_len, _ = cls.plan_options(options, MAX_SEQUENCE_LENGTH)
+        root = Path(path) if path else None
+        if root:
+            cls.check_folder(root)
+        t_cfg, v_cfg, e_cfg = folder_configs(root, "transformer", "vae", "text_encoder")
+        return cls.plan_of(f"Wan ({root.name})" if t_cfg else cls.title,
+                           meta_module(WanTransformer3DModel, t_cfg, WAN_TRANSFORMER),
+                           meta_module(AutoencoderKLWan, v_cfg, WAN_VAE),
+                           encoder_params(e_cfg, "UMT5EncoderModel", UMT5_XXL_PARAMS), max_len, height, width)
+
+    @classmethod
+    def plan_of(cls, name, transformer, vae, text_params: int, max_len: int, height: int, width: int,
+                frames: int = DEFAULT_FRAMES) -> PlanParts:
+        vc, tc = vae.config, transformer.config
+        n = vc.scale_factor_spatial * tc.patch_size[1]
+        latent_frames = (frames - 1) // vc.scale_factor_temporal + 1
+        return PlanParts(
+            name=name, transformer=transformer, vae=vae,
+            vae_config={"block_out_channels": tuple(vc.base_dim * m for m in vc.dim_mult),
+                        "layers_per_block": vc.num_res_blocks, "latent_channels": vc.z_dim},
+            text_encoders=int(text_params), text_tokens=int(max_len),
+            image_tokens=latent_frames * (height // n) * (width // n),
+            vae_checkpointing=False,  # AutoencoderKLWan decodes causally with a feature cache: no checkpointing
+        )
+
+    # ---- FlowModel hooks ------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        """``WanPipeline.encode_prompt``'s embeddings of ``prompts`` and of ``self.negative_prompt``
+        (a batch of copies, as the pipeline encodes a string negative prompt)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return {"prompt_embeds": self._encode(prompts).to(self.device),
+                "negative_prompt_embeds": self.negative_cond(len(prompts))}
+
+    def _encode(self, prompts: list[str]) -> Tensor:
+        """``WanPipeline._get_t5_prompt_embeds``: cleaned prompts, padded to ``max_sequence_length``,
+        the UMT5 last hidden states, zero past each prompt's token count."""
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        inputs = self.tokenizer([prompt_clean(p) for p in prompts], padding="max_length",
+                                max_length=self.max_sequence_length, truncation=True, add_special_tokens=True,
+                                return_attention_mask=True, return_tensors="pt")
+        device = self.text_encoder.device
+        mask = inputs.attention_mask.to(device)
+        hidden = self.text_encoder(inputs.input_ids.to(device), mask).last_hidden_state
+        keep = torch.arange(hidden.shape[1], device=device) < mask.gt(0).sum(dim=1, keepdim=True)
+        return hidden.masked_fill(~keep[..., None], 0.0).to(self.text_encoder.dtype)
+
+    def predict(self, latents: Tensor, sigma: Tensor, cond: Cond, guidance: float | None) -> Tensor:
+        """One WanTransformer3DModel call at the timestep ``1000 sigma`` (floored when
+        ``quantize_timesteps``); with ``expand_timesteps`` one per latent patch token."""
+        dtype, device = self.dtype, self.device
+        t = self.scheduler_timestep(sigma)
+        if self.expand_timesteps:
+            _, _, f, h, w = latents.shape
+            p = self.transformer.config.patch_size
+            t = t[:, None].expand(-1, (f // p[0]) * (h // p[1]) * (w // p[2]))
+        return self.transformer(hidden_states=latents.to(device, dtype), timestep=t,
+                                encoder_hidden_states=cond["prompt_embeds"].to(device, dtype), return_dict=False)[0]
+
+    def scheduler_config(self) -> dict:
+        """A FlowMatchEulerDiscreteScheduler config at the folder scheduler's shift (a UniPC /
+        DPM++ scheduler's ``flow_shift``), or the model's ``shift`` override."""
+        config = dict(self.scheduler.config)
+        if type(self.scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
+            config = {"num_train_timesteps": config.get("num_train_timesteps", 1000),
+                      "shift": float(config.get("flow_shift") or 1.0)}
+        if self.shift is not None:
+            config.update(shift=self.shift, use_dynamic_shifting=False)
+        return config
+
+    def pipeline_scheduler(self):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config())
+
+    def schedule(self, steps: int, height: int, width: int) -> Tensor:
+        """The sigmas WanPipeline's ``set_timesteps(steps)`` sets on :meth:`pipeline_scheduler`."""
+        n = self.vae_scale_factor * self.transformer.config.patch_size[1]
+        return scheduler_sigmas(self.pipeline_scheduler(), steps, self.latent_frames() * (height // n) * (width // n))
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+        check_image_size(height, width, self.vae_scale_factor * self.transformer.config.patch_size[1])
+        return (batch, self.vae.config.z_dim, self.latent_frames(), height // self.vae_scale_factor,
+                width // self.vae_scale_factor)
+
+    def _latent_stats(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """(latents_mean, 1 / latents_std) shaped ``[1, C, 1, 1, 1]``, as the pipeline builds them."""
+        cfg = self.vae.config
+        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(z.device, z.dtype)
+        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(z.device, z.dtype)
+        return mean, inv_std
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Normalised latents ``[B, C, F', h, w]`` -> videos ``[B, F, 3, H, W]`` in [0, 1], as the
+        pipeline's ``output_type="pt"``; differentiable."""
+        z = latents.to(self.vae.device, self.vae.dtype)
+        mean, inv_std = self._latent_stats(z)
+        video = self.vae.decode(z / inv_std + mean, return_dict=False)[0]
+        return (video * 0.5 + 0.5).clamp(0, 1).transpose(1, 2).to(latents.dtype)
+
+    @torch.no_grad()
+    def encode(self, pixels: Tensor) -> Tensor:
+        """Videos ``[B, F, 3, H, W]`` (or images ``[B, 3, H, W]``, one frame) in [0, 1] -> normalised
+        latents, the posterior mode (the inverse of :meth:`decode`)."""
+        x = pixels if pixels.ndim == 5 else pixels.unsqueeze(1)
+        z = self.vae.encode((2.0 * x - 1.0).transpose(1, 2).to(self.vae.device, self.vae.dtype)).latent_dist.mode()
+        mean, inv_std = self._latent_stats(z)
+        return ((z - mean) * inv_std).to(pixels.dtype)
+
+    def gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Activation checkpointing on every transformer block (AutoencoderKLWan supports none)."""
+        t = self.transformer
+        t.enable_gradient_checkpointing() if enabled else t.disable_gradient_checkpointing()
+
+    def pipeline_images(self, cond: Cond, noise: Tensor, steps: int, guidance: float) -> Tensor:
+        """Videos ``[B, F, 3, H, W]`` from ``WanPipeline.__call__`` (``output_type="pt"``) with this
+        conditioning and noise (its frame count from the noise's latent frames)."""
+        pos, neg = self.guided_cond(cond, noise.shape[0], guidance)
+        cfg = self.uses_cfg(guidance)
+        height, width = self.pixel_size(noise)
+        frames = (noise.shape[2] - 1) * self.vae_scale_factor_temporal + 1
+        video = self.pipeline()(
+            prompt_embeds=pos["prompt_embeds"], negative_prompt_embeds=neg["prompt_embeds"] if cfg else None,
+            latents=noise.to(self.device, torch.float32), height=height, width=width, num_frames=frames,
+            num_inference_steps=steps, guidance_scale=float(guidance), max_sequence_length=self.max_sequence_length,
+            output_type="pt",
+        ).frames
+        return video.float()
