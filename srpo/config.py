@@ -134,7 +134,7 @@ class TrainConfig(Section):
     autocast: Literal["none", "bf16", "fp16"] = Field("none", description="Autocast dtype of every transformer call, rollouts and gradient forwards (bf16 on GPUs; fp32 master weights either way).")
     reward_autocast: Literal["auto", "none", "bf16", "fp16"] = Field("auto", description="Autocast of the reward model's forward; auto: fp16 when train.autocast is on (the reference scores under fp16 autocast), none otherwise.")
     gradient_checkpointing: bool = Field(False, description="Activation checkpointing in the transformer blocks.")
-    compile: Literal["none", "blocks", "model"] = Field("none", description="torch.compile the transformer for the rollout, the gradient forward, evaluation and the guard: blocks, each repeated block compiled on its own (one compile serves every block of a list); model, the whole transformer. The first update pays the compile (tens of seconds on a CPU); later updates reuse it. none until it is measured faster on every family (issue 20). With parallel.strategy none or ddp.")
+    compile: Literal["none", "blocks", "model"] = Field("none", description="torch.compile the transformer for the rollout, the gradient forward, evaluation and the guard: blocks, each repeated block compiled on its own (one compile serves every block of a list; under FSDP each block's forward after sharding); model, the whole transformer (none or ddp; fastest: 2.0x rollout, 1.4x update on the lab). The first update pays the compile (15-55 s on a CPU); later updates reuse it. Default none: a short CPU run (the lab's 30 updates, the tiny configs) saves less than the compile costs; srpo init writes blocks for real weights (BENCHMARKS.md).")
     device: str = Field("auto", description="auto (cuda if available), cpu or cuda[:N].")
     max_bad_updates: int = Field(3, ge=1, description="Stop after this many consecutive updates skipped for a NaN/Inf loss, reward or gradient.")
 
@@ -284,9 +284,9 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _compiled(self):
-        if self.train.compile != "none" and self.parallel.strategy == "fsdp":
-            raise ValueError(f"train.compile {self.train.compile} does not compose with parallel.strategy fsdp yet: "
-                             f"use train.compile none under FSDP, or ddp")
+        if self.train.compile == "model" and self.parallel.strategy == "fsdp":
+            raise ValueError("train.compile model does not compose with parallel.strategy fsdp (FSDP2 shards block "
+                             "by block): use train.compile blocks under FSDP")
         return self
 
     @model_validator(mode="after")

@@ -63,7 +63,7 @@ def prepare(model, cfg, ctx, prompts: list[str], cache_dir=None, progress: bool 
     if skeleton:
         parallel.apply(model, cfg, ctx)
     quantize.apply(model.transformer, cfg.model.quantize)  # a frozen base read whole: now (a skeleton: as read)
-    compilation.apply(model.transformer, cfg.train.compile)  # compiled at the first call, reused after
+    compilation.apply(model.transformer, cfg.train.compile, sharded=ctx.strategy == "fsdp")  # at the first call
     params = [p for p in model.transformer.parameters() if p.requires_grad]
     return params, optimizer(params) if optimizer is not None else make_optimizer(params, cfg), encoded
 

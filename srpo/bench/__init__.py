@@ -66,9 +66,17 @@ def headline(result: dict) -> dict:
         out["draft_memory_over_srpo"] = _ratio(b["draft_k"][str(k_max)]["peak_mib"], srpo[steps[0]]["peak_mib"])
         out["draft_plain_memory_over_srpo"] = _ratio(b["draft_k"][f"{k_max}-plain"]["peak_mib"],
                                                      srpo[steps[0]]["peak_mib"])
-    if d and "skipped" not in d:
-        out["rollout_speed_over_diffusers"] = {name: min(row["speed_over_diffusers"] for k, row in fam.items()
-                                                         if k != "pipeline") for name, fam in d.items()}
+    if d:
+        rows = {name: [row for k, row in fam.items() if k.isdigit()] for name, fam in d["rollout"].items()}
+        out["rollout_speed_over_diffusers"] = {n: min(r["speed_over_diffusers"] for r in rs) for n, rs in rows.items()}
+        lab = rows[next(iter(rows))]  # the bench's own model first
+        if "compile_speedup" in lab[0]:
+            out["compile_speedup_rollout"] = lab[0]["compile_speedup"]  # at the first step count (25)
+            out["compiled_max_pixel_difference"] = max(r["compiled_vs_eager_max_diff"] for rs in rows.values()
+                                                       for r in rs)
+        if d.get("update"):
+            out["compile_speedup_update"] = d["update"]["speedup"]
+            out["compiled_grad_relative_difference"] = d["update"]["grad_relative_difference"]
     if e:
         out["hack_index"] = {name: row["hack_index"] for name, row in e["runs"].items()}
         out["hack_index_at_equal_gain"] = {name: row["reached"] for name, row in e["runs"].items()}
@@ -82,6 +90,11 @@ def targets(h: dict) -> dict:
         "srpo_update_over_parts <= 1.10": ("srpo_update_over_parts", lambda v: v <= 1.10),
         "srpo_memory_50_over_25 <= 1.05": ("srpo_memory_50_over_25", lambda v: v <= 1.05),
         "rollout_speed_over_diffusers >= 1.0": ("rollout_speed_over_diffusers", lambda v: min(v.values()) >= 1.0),
+        "lab rollout_speed_over_diffusers >= 1.4 (compiled)": (
+            "compile_speedup_rollout", lambda v: next(iter(h["rollout_speed_over_diffusers"].values())) >= 1.4),
+        "compile_speedup_update >= 1.3": ("compile_speedup_update", lambda v: v >= 1.3),
+        "compiled images within 1e-4 of eager": ("compiled_max_pixel_difference", lambda v: v <= 1e-4),
+        "compiled gradients within 1e-4 relative": ("compiled_grad_relative_difference", lambda v: v <= 1e-4),
     }
     out = {name: bool(fn(h[key])) for name, (key, fn) in checks.items() if h.get(key) is not None}
     hi, reached = h.get("hack_index") or {}, h.get("hack_index_at_equal_gain") or {}
@@ -94,9 +107,11 @@ def targets(h: dict) -> dict:
     return out
 
 
-def run_bench(output, quick: bool = False, parts=PARTS, config=None, overrides=(), progress: bool = True) -> dict:
-    """Run the chosen parts, print tables, write ``output/bench.json``; returns the result."""
-    from .parts import Bench, rollout_speeds, srpo_parts, update_costs
+def run_bench(output, quick: bool = False, parts=PARTS, config=None, overrides=(), progress: bool = True,
+              compile: str = "model") -> dict:
+    """Run the chosen parts, print tables, write ``output/bench.json``; returns the result.
+    ``compile``: the ``train.compile`` mode (d) measures against eager and the pipelines (none: eager only)."""
+    from .parts import Bench, srpo_parts, update_costs
 
     output = Path(output)
     if (output / "runs").exists():
@@ -124,7 +139,7 @@ def run_bench(output, quick: bool = False, parts=PARTS, config=None, overrides=(
         result["c"] = srpo_parts(bench, repeats=max(3, budget["repeats"]))
     if "d" in parts:
         say("(d) rollout against the diffusers pipelines")
-        result["d"] = rollout_speeds(bench, budget["steps"], repeats=max(3, budget["repeats"]))
+        result["d"] = compiled_speeds(bench, budget, compile, quick, say)
     if "a" in parts or "e" in parts:
         _training_parts(result, bench, cfg, judge, config, parts, budget, output, overrides, say)
     result["headline"] = headline(result)
@@ -133,6 +148,24 @@ def run_bench(output, quick: bool = False, parts=PARTS, config=None, overrides=(
     (output / "bench.json").write_text(json.dumps(result, indent=1))
     say(report(result))
     return result
+
+
+def compiled_speeds(bench, budget, compile: str, quick: bool, say) -> dict:
+    """(d): the update eager against compiled on the bench's model, then the rollout + decode of the
+    bench's model and of every family's tiny twin (quick: one twin per other guidance path) against
+    its diffusers pipeline, ours compiled."""
+    from .compiled import update_speedup
+    from .parts import every_twin, rollout_speeds
+
+    repeats = max(3, budget["repeats"])
+    out: dict = {"compile": compile, "update": None}
+    if compile != "none":
+        out["update"] = update_speedup(bench, compile, repeats)
+        u = out["update"]
+        say(f"  (d) update: eager {u['eager_s']:.3f}s, compiled {u['compiled_s']:.3f}s ({u['speedup']:.2f}x); "
+            f"first compiled update {u['first_update_s']:.1f}s")
+    out["rollout"] = rollout_speeds(bench, budget["steps"], repeats, None if quick else every_twin(bench.model), compile)
+    return out
 
 
 def _config(config, overrides):

@@ -7,6 +7,8 @@ algorithm.backward -> clip -> AdamW step).
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from .. import parallel, setup, step as steps
@@ -129,32 +131,57 @@ def srpo_parts(bench: Bench, repeats: int = 5) -> dict:
 
 
 def rollout_speed(model, prompts: list[str], noise: torch.Tensor, guidance: float, steps_list=(25, 50),
-                  repeats: int = 3, device=None) -> dict:
+                  repeats: int = 3, device=None, compile: str = "none") -> dict:
     """(d): our rollout + decode against the family's diffusers pipeline ``__call__``
     (``model.pipeline_images``) on the same weights, noise and prompt embeddings, so both do the
-    same work: ``steps`` guided transformer calls and one decode."""
+    same work: ``steps`` guided transformer calls and one decode. With ``compile`` (a
+    ``train.compile`` mode) ours runs compiled, the pipeline eagerly as users run it, and our eager
+    rollout is timed beside both; the one-time compile is timed apart (``first_call_s``)."""
+    from .. import compilation
+
     with torch.no_grad():
         cond = model.encode_prompts(prompts)
     out = {"pipeline": model.pipeline_class}
+    tr = model.transformer
+
+    def ours(s):
+        with torch.no_grad():
+            return model.decode(rollout(model, cond, noise, steps=s, guidance=guidance))
+
+    def ours_eager(s):
+        with compilation.eager(tr):
+            return ours(s)
+
+    def theirs(s):
+        with torch.no_grad(), compilation.eager(tr):
+            return model.pipeline_images(cond, noise, s, guidance)
+
+    if compile != "none":
+        torch._dynamo.reset()  # a cold cache: first_call_s is this model's whole compile
+        compilation.apply(tr, compile)
+        t0 = time.perf_counter()
+        ours(steps_list[0])
+        out["first_call_s"] = time.perf_counter() - t0  # compile + one rollout
     for s in steps_list:
-        def ours():
-            with torch.no_grad():
-                return model.decode(rollout(model, cond, noise, steps=s, guidance=guidance))
-
-        def theirs():
-            with torch.no_grad():
-                return model.pipeline_images(cond, noise, s, guidance)
-
-        diff = (ours().float() - theirs().float()).abs().max().item()
-        times = timed_together({"ours": ours, "theirs": theirs}, device or model.device, repeats=repeats)
-        t_ours, t_theirs = times["ours"], times["theirs"]
-        out[str(s)] = {"ours": t_ours, "diffusers": t_theirs, "speed_over_diffusers": t_theirs / t_ours,
-                       "max_pixel_difference": diff}
+        image, eager_image = ours(s).float(), ours_eager(s).float()
+        fns = {"ours": lambda: ours(s), "theirs": lambda: theirs(s)}
+        if compile != "none":
+            fns["ours_eager"] = lambda: ours_eager(s)
+        times = timed_together(fns, device or model.device, repeats=repeats)
+        row = {"ours": times["ours"], "diffusers": times["theirs"], "speed_over_diffusers": times["theirs"] / times["ours"],
+               "max_pixel_difference": (image - theirs(s).float()).abs().max().item()}
+        if compile != "none":
+            row.update(ours_eager=times["ours_eager"], eager_speed_over_diffusers=times["theirs"] / times["ours_eager"],
+                       compile_speedup=times["ours_eager"] / times["ours"],
+                       compiled_vs_eager_max_diff=(image - eager_image).abs().max().item())
+        out[str(s)] = row
+    if compile != "none":
+        compilation.remove(tr)
     return out
 
 
 def timed_rollout(model, cfg, prompts: list[str], guidance: float, steps_list=(25, 50), repeats: int = 3,
-                  device=None) -> dict:
+                  device=None, compile: str = "none") -> dict:
     """:func:`rollout_speed` of ``model`` on ``cfg``'s rollout noise, the timestep fed unquantised
     as the pipelines feed it (``quantize_timesteps`` is restored after)."""
     quantize = getattr(model, "quantize_timesteps", None)
@@ -162,7 +189,7 @@ def timed_rollout(model, cfg, prompts: list[str], guidance: float, steps_list=(2
         model.quantize_timesteps = False
     try:
         noise = steps.rollout_noise(model, cfg, 0, list(range(len(prompts))))
-        return rollout_speed(model, prompts, noise, guidance, steps_list, repeats, device)
+        return rollout_speed(model, prompts, noise, guidance, steps_list, repeats, device, compile)
     finally:
         if quantize is not None:
             model.quantize_timesteps = quantize
@@ -187,16 +214,27 @@ def compared_twins(model) -> list[str]:
     return twins
 
 
-def rollout_speeds(bench: Bench, steps_list=(25, 50), repeats: int = 3, twins=None) -> dict:
-    """(d) for the bench's model and the tiny random twins of :func:`compared_twins` (or the
-    registry names ``twins``), each at its family's default guidance, at the bench's image size
-    and batch. Keys: the bench model's config name, then the twins' registry names."""
+def every_twin(model) -> list[str]:
+    """The tiny twin of every registered family but ``model``'s own, each once."""
+    from ..models import MODELS
+
+    names = [MODELS.get(n).tiny_twin for n in MODELS.names()
+             if not MODELS.get(n).is_twin() and MODELS.get(n).tiny_twin and not isinstance(model, MODELS.get(n))]
+    return list(dict.fromkeys(names))
+
+
+def rollout_speeds(bench: Bench, steps_list=(25, 50), repeats: int = 3, twins=None, compile: str = "none") -> dict:
+    """(d) for the bench's model and tiny random twins (``twins``: registry names; default the
+    :func:`compared_twins`), each at its family's default guidance, at the bench's image size and
+    batch, ours compiled with ``compile`` when not none. Keys: the bench model's config name, then
+    the twins' registry names."""
     from ..models import family
 
     cfg, model = bench.cfg, bench.model
     out = {cfg.model.name: timed_rollout(model, cfg, bench.prompts, cfg.rollout.guidance, steps_list, repeats,
-                                         bench.device)}
+                                         bench.device, compile)}
     for name in compared_twins(model) if twins is None else twins:
         twin = family(name).load(device=bench.device)
-        out[name] = timed_rollout(twin, cfg, bench.prompts, twin.default_guidance, steps_list, repeats, bench.device)
+        out[name] = timed_rollout(twin, cfg, bench.prompts, twin.default_guidance, steps_list, repeats, bench.device,
+                                  compile)
     return out

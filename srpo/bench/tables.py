@@ -8,6 +8,8 @@ def _f(v, fmt=".3f"):
         return "-"
     if isinstance(v, bool):
         return str(v).lower()
+    if isinstance(v, float) and fmt == ".3f" and 0 < abs(v) < 1e-3:
+        return format(v, ".1e")
     return format(v, fmt) if isinstance(v, (int, float)) else str(v)
 
 
@@ -46,12 +48,22 @@ def render(result: dict) -> str:
         out += ["", f"(c) SRPO update {c['update']:.3f}s vs parts {c['sum_of_parts']:.3f}s: "
                     f"ratio {c['update_over_parts']:.3f}", ""]
         out += _table(["part", "seconds"], [[k, _f(v, ".4f")] for k, v in c["parts"].items()])
-    if "d" in result and "skipped" not in result["d"]:
-        out += ["", "(d) rollout + decode vs the family's diffusers pipeline (same weights, noise, prompt embeddings)", ""]
-        out += _table(["model", "pipeline", "steps", "ours s", "diffusers s", "speed over diffusers", "max pixel diff"],
-                      [[name, fam["pipeline"], s, _f(r["ours"]), _f(r["diffusers"]), _f(r["speed_over_diffusers"], ".2f"),
-                        _f(r["max_pixel_difference"], ".1e")]
-                       for name, fam in result["d"].items() for s, r in fam.items() if s != "pipeline"])
+    if "d" in result:
+        d = result["d"]
+        u = d.get("update")
+        if u:
+            out += ["", f"(d) SRPO update, train.compile {u['mode']}: eager {u['eager_s']:.3f}s, compiled "
+                        f"{u['compiled_s']:.3f}s, {u['speedup']:.2f}x; first compiled update {u['first_update_s']:.1f}s "
+                        f"(the compile); gradients differ by {u['grad_relative_difference']:.1e} relative"]
+        out += ["", f"(d) rollout + decode vs the family's diffusers pipeline (same weights, noise, prompt embeddings; "
+                    f"ours with train.compile {d.get('compile', 'none')}, the pipeline eager)", ""]
+        out += _table(["model", "pipeline", "steps", "ours s", "ours eager s", "diffusers s", "speed over diffusers",
+                       "eager speed over diffusers", "max pixel diff", "compiled vs eager", "first call s"],
+                      [[name, fam["pipeline"], s, _f(r["ours"]), _f(r.get("ours_eager")), _f(r["diffusers"]),
+                        _f(r["speed_over_diffusers"], ".2f"), _f(r.get("eager_speed_over_diffusers"), ".2f"),
+                        _f(r["max_pixel_difference"], ".1e"), _f(r.get("compiled_vs_eager_max_diff"), ".1e"),
+                        _f(fam.get("first_call_s"), ".1f")]
+                       for name, fam in d["rollout"].items() for s, r in fam.items() if s.isdigit()])
     if "e" in result:
         e = result["e"]
         out += ["", f"(e) hack_index at an equal gain {_f(e['gain'])} of the held-out reward each run maximises "

@@ -122,6 +122,17 @@ REWARDS_INFO = {
     "tiny_clip": RewardInfo("tiny random CLIP", None,
                             "random weights built in code for smoke tests: no files", {"seed": 0},
                             "seed of the weights"),
+    "hpsv3": RewardInfo("HPSv3", PLACEHOLDER + "HPSv3.safetensors",
+                        "the HPSv3 checkpoint HPSv3.safetensors of the hub repo MizzenAI/HPSv3",
+                        {"qwen_path": PLACEHOLDER + "Qwen2-VL-7B-Instruct"},
+                        "qwen_path: the Qwen2-VL-7B-Instruct folder from the hub (its config and tokenizer are read)"),
+    "imagereward": RewardInfo("ImageReward", PLACEHOLDER + "ImageReward.pt",
+                              "ImageReward.pt (med_config.json beside it) of the hub repo THUDM/ImageReward",
+                              {"tokenizer_path": PLACEHOLDER + "bert-base-uncased"},
+                              "tokenizer_path: bert-base-uncased's folder or vocab.txt, google-bert/bert-base-uncased"),
+    "tiny_hpsv3": RewardInfo("tiny random HPSv3", None, "random weights built in code for smoke tests: no files"),
+    "tiny_imagereward": RewardInfo("tiny random ImageReward", None,
+                                   "random weights built in code for smoke tests: no files"),
 }
 
 
