@@ -102,12 +102,81 @@ def _fsync_tree(path: Path) -> None:
         _fsync_dir(d)
 
 
+def _snapshot(obj):
+    """``obj`` with every tensor cloned: what a background write reads does not change."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_snapshot(v) for v in obj)
+    return obj
+
+
+_WRITER = None
+
+
+def _writer():
+    """The one background thread that writes checkpoints (full format: the files; sharded: waits
+    for DCP's write) and fsyncs them."""
+    global _WRITER
+    if _WRITER is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="srpo-checkpoint")
+    return _WRITER
+
+
+class _Pending:
+    """A checkpoint whose shards are being written in the background: published (state files,
+    fsync, rename, pruning) by :func:`wait` once every rank's write has finished."""
+
+    def __init__(self, future, publish):
+        self.future, self.publish = future, publish
+
+
+_pending: _Pending | None = None
+
+
+def wait(ctx: parallel.Context | None = None) -> None:
+    """Finish the asynchronous checkpoint write in flight, if any, and publish it (collective:
+    every rank calls it). :func:`save` calls it first, so one write is in flight at most."""
+    global _pending
+    pending, _pending = _pending, None
+    if pending is not None:
+        pending.future.result()  # this rank's shards are on disk (rank 0: the metadata too)
+        parallel.barrier(ctx or parallel.Context())
+        pending.publish()
+
+
+def poll(ctx: parallel.Context | None = None) -> None:
+    """Publish the write in flight if every rank's part has finished (collective: one small
+    all-reduce while a write is in flight), so the newest checkpoint lags its write by one update
+    at most, not by a checkpoint interval."""
+    if _pending is not None:
+        ctx = ctx or parallel.Context()
+        if parallel.all_mean({"done": float(_pending.future.done())}, ctx)["done"] == 1.0:
+            wait(ctx)
+
+
+def abandon() -> None:
+    """Forget a write left in flight by a run that raised (its ``.tmp-`` folder, never published,
+    is removed by the next save into that run folder)."""
+    global _pending
+    _pending = None
+
+
 def save(run_dir: str | Path, step: int, module: torch.nn.Module, optimizer, extra: dict | None = None,
-         keep: int = 2, ctx: parallel.Context | None = None, sharded: bool = False) -> Path | None:
+         keep: int = 2, ctx: parallel.Context | None = None, sharded: bool = False,
+         asynchronous: bool = False) -> Path | None:
     """Write checkpoint ``step``. Collective under DDP / FSDP: every rank calls it. ``sharded``
     (under FSDP): every rank writes its own shards; otherwise rank 0 gathers and writes the full
-    state. Returns the folder on rank 0."""
+    state. ``asynchronous``: the state (each rank's shards, or rank 0's full state) is snapshot to
+    CPU memory and written (and fsynced) in the background while training goes on; it is
+    published by :func:`poll` once every rank's write finished, or by the next :func:`save` or
+    :func:`wait` (until then the previous one is the newest). Returns the folder on rank 0."""
     ctx = ctx or parallel.Context()
+    wait(ctx)  # the previous write first: one in flight at most, published in order
     sharded = sharded and ctx.distributed
     rngs = parallel.gather_objects(rng_state(), ctx)
     root = Path(run_dir) / "checkpoints"
@@ -117,32 +186,51 @@ def save(run_dir: str | Path, step: int, module: torch.nn.Module, optimizer, ext
         for stale in root.glob(f".tmp-{PREFIX}*"):  # left by a kill during an earlier write
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
+    if ctx.is_main:  # the small files first (their bytes are made durable with the rest)
+        (tmp / "rng.json").write_text(json.dumps(rngs))
+        fmt = "sharded" if sharded else "full"
+        (tmp / "state.json").write_text(json.dumps({"step": step, "format": fmt, **(extra or {})}))
+    shards = None
     if sharded:
         parallel.barrier(ctx)  # the folder exists (and no stale one) before any rank writes into it
         blind = [r for r, seen in enumerate(parallel.gather_objects(tmp.is_dir(), ctx)) if not seen]
         if blind:  # every rank raises alike (no rank left waiting in a collective)
             raise UserError(f"ranks {blind} do not see {root}: sharded checkpoints need a run folder every node "
                             f"shares; use a shared --output or set parallel.sharded_checkpoints=false")
-        parallel.save_sharded(module, optimizer, tmp / "sharded", ctx)
+        shards = parallel.save_sharded(module, optimizer, tmp / "sharded", ctx, asynchronous=asynchronous)
+        params = optim = None
     else:
         params, optim = parallel.trainable_state(module, optimizer, ctx)
+        if asynchronous:  # a snapshot now: training goes on in place while a thread writes
+            params, optim = _snapshot(params), _snapshot(optim)
+
+    def write() -> None:
+        if shards is not None:
+            shards.result()  # this rank's shards (rank 0: and the metadata) written by DCP's thread
         if ctx.is_main:
-            save_file(params, str(tmp / "trainable.safetensors"))
-            torch.save(optim, tmp / "optimizer.pt")
-    if ctx.is_main:
-        if os.environ.get(KILL_IN_SAVE) == str(step):
-            os.kill(os.getpid(), signal.SIGKILL)
-        (tmp / "rng.json").write_text(json.dumps(rngs))
-        fmt = "sharded" if sharded else "full"
-        (tmp / "state.json").write_text(json.dumps({"step": step, "format": fmt, **(extra or {})}))
-        _fsync_tree(tmp)  # make the bytes durable before the rename publishes them
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        for old in checkpoint_dirs(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    parallel.barrier(ctx)
+            if params is not None:
+                save_file(params, str(tmp / "trainable.safetensors"))
+                torch.save(optim, tmp / "optimizer.pt")
+            _fsync_tree(tmp)  # make the bytes durable before the rename publishes them
+
+    def publish() -> None:
+        if ctx.is_main:
+            if os.environ.get(KILL_IN_SAVE) == str(step):
+                os.kill(os.getpid(), signal.SIGKILL)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+            for old in checkpoint_dirs(run_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        parallel.barrier(ctx)
+
+    if asynchronous:
+        global _pending
+        _pending = _Pending(_writer().submit(write), publish)
+    else:
+        write()
+        publish()
     return final if ctx.is_main else None
 
 

@@ -37,6 +37,7 @@ def evaluate(model, reward_fn, cfg: Config, prompts: list[str]) -> tuple[dict, t
 
 def train(cfg: Config, output: str | Path, resume: bool = False) -> dict:
     output = Path(output)
+    checkpoint.abandon()  # nothing in flight from an earlier run of this process
     ctx = parallel.setup(cfg)
     if parallel.restart_count() and not resume:  # torchrun --max-restarts restarted the workers after a failure
         resume = True
@@ -82,14 +83,18 @@ def train(cfg: Config, output: str | Path, resume: bool = False) -> dict:
     bad, done, stopped = 0, start, None
     bar = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps, desc="srpo train",
                disable=not (ctx.is_main and cfg.log.progress), dynamic_ncols=True)
+    loop_start, model_s = time.perf_counter(), 0.0  # the loop's wall time against its model work
     for step in bar:
         row = steps.update(model, algorithm, optimizer, params, batches, cfg, ctx, step)
+        model_s += row["seconds"]
+        checkpoint.poll(ctx)  # a background checkpoint write that finished is published now
         bad = bad + 1 if row["skipped"] else 0
         done = step + 1
         if guard is not None and ((cfg.guard.every and done % cfg.guard.every == 0) or done == t.max_steps):
             name = "after.png" if done == t.max_steps else f"step-{done:06d}.png"
             last_eval, decision, seconds = guard_step(guard, model, done, log, ctx, name)
             row.update({f"guard/{k}": v for k, v in last_eval.items()}, guard_seconds=seconds)
+            model_s += seconds
             if decision.best:
                 export.save_final(model, output, cfg, ctx, name="best")  # best/ (LoRA merged), best-lora/
             if decision.stop is not None:
@@ -104,11 +109,14 @@ def train(cfg: Config, output: str | Path, resume: bool = False) -> dict:
         if stopped:
             break
         if guard is None and cfg.log.sample_every and done % cfg.log.sample_every == 0 and eval_prompts:
+            t_eval = time.perf_counter()
             _, images = evaluate(model, reward_fn, cfg, eval_prompts)
+            model_s += time.perf_counter() - t_eval
             log.grid(images, f"step-{done:06d}.png")
         if done < t.max_steps and cfg.log.checkpoint_every and done % cfg.log.checkpoint_every == 0:
-            save_checkpoint(output, done, model, optimizer, cfg, ctx, guard)
+            save_checkpoint(output, done, model, optimizer, cfg, ctx, guard, asynchronous=cfg.parallel.async_checkpoints)
     bar.close()
+    loop_s = time.perf_counter() - loop_start  # logs, checkpoints and exports between updates included
 
     save_checkpoint(output, done, model, optimizer, cfg, ctx, guard)
     export.save_final(model, output, cfg, ctx)  # final/ (LoRA merged) and lora/; gathers FSDP shards
@@ -125,7 +133,8 @@ def train(cfg: Config, output: str | Path, resume: bool = False) -> dict:
                             "best_metric": guard.metric, "best_value": guard.best_value if guard.best_step else None}
         if ctx.is_main and stopped:
             print(f"guard: stopped after update {done}: {stopped}")
-    summary.update(steps=done, seconds=time.perf_counter() - t_start, final=str(output / "final"))
+    summary.update(steps=done, seconds=time.perf_counter() - t_start, final=str(output / "final"),
+                   loop_seconds=loop_s, model_seconds=model_s)
     log.write_json("summary.json", summary)
     if ctx.is_main:
         plot_curves(log.rows, ["loss", "reward", "grad_norm"], output / "curves.png", title="srpo train")
@@ -149,10 +158,13 @@ def guard_step(guard, model, step: int, log, ctx, grid_name: str):
     return metrics, decision, seconds
 
 
-def save_checkpoint(output: Path, step: int, model, optimizer, cfg: Config, ctx, guard=None) -> None:
-    """Collective: every rank contributes its shards and RNG states, rank 0 writes."""
+def save_checkpoint(output: Path, step: int, model, optimizer, cfg: Config, ctx, guard=None,
+                    asynchronous: bool = False) -> None:
+    """Collective: every rank contributes its shards and RNG states, rank 0 writes. ``asynchronous``
+    (sharded checkpoints): written in the background, published at the next save; the last save of
+    a run is synchronous."""
     extra = checkpoint.data_position(cfg, ctx, step)
     if guard is not None:
         extra["guard"] = guard.state()
     checkpoint.save(output, step, model.transformer, optimizer, extra=extra, keep=cfg.log.keep_checkpoints, ctx=ctx,
-                    sharded=ctx.strategy == "fsdp" and cfg.parallel.sharded_checkpoints)
+                    sharded=ctx.strategy == "fsdp" and cfg.parallel.sharded_checkpoints, asynchronous=asynchronous)

@@ -256,7 +256,11 @@ def test_bench_cli_on_a_user_config(tmp_path, capsys):
     result = json.loads((out / "bench.json").read_text())
     c = result["c"]
     assert set(c["parts"]) == {"encode_prompts", "noise", "rollout", "denoise_branch", "inversion_branch", "optimizer"}
-    assert set(c) == {"update", "parts", "sum_of_parts", "update_over_parts"}
+    assert set(c) == {"update", "parts", "sum_of_parts", "update_over_parts", "loop"}
+    loop = c["loop"]  # the real trainer: its loop's wall time holds its model work and what runs between
+    assert loop["updates"] == 3 and loop["loop_seconds"] >= loop["model_seconds"] > 0
+    assert loop["update_over_model_work"] == pytest.approx(loop["loop_seconds"] / loop["model_seconds"])
+    assert (out / "runs" / "c_loop" / "checkpoints").is_dir() and result["headline"]["update_over_model_work"] >= 1
     values = [c["update"], c["sum_of_parts"], c["update_over_parts"], *c["parts"].values()]
     assert all(isinstance(v, float) and math.isfinite(v) for v in values)  # each a measured median, none missing
     assert c["sum_of_parts"] == pytest.approx(sum(c["parts"].values()), rel=1e-12)

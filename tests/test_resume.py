@@ -99,7 +99,8 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(killed):
     run = tmp / "inside"
     root = run / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == [".tmp-step-000002", "step-000001"]
-    assert sorted(p.name for p in (root / ".tmp-step-000002").iterdir()) == ["optimizer.pt", "trainable.safetensors"]
+    assert sorted(p.name for p in (root / ".tmp-step-000002").iterdir()) == \
+        ["optimizer.pt", "rng.json", "state.json", "trainable.safetensors"]  # written, never published
     assert checkpoint.latest(run).name == "step-000001"
     state = json.loads((root / "step-000001" / "state.json").read_text())
     assert state == {"step": 1, "format": "full", "samples_seen": 2, "global_batch": 2, "world": 1}

@@ -58,6 +58,8 @@ def headline(result: dict) -> dict:
                                                        runs["srpo"]["flops_to_target"])
     if c:
         out["srpo_update_over_parts"] = c["update_over_parts"]
+        if c.get("loop"):
+            out["update_over_model_work"] = c["loop"]["update_over_model_work"]
     if b:
         srpo = b["by_steps"]["srpo"]
         steps = sorted(srpo, key=int)
@@ -88,6 +90,7 @@ def targets(h: dict) -> dict:
     checks = {
         "grpo_over_srpo_time_to_target >= 75": ("grpo_over_srpo_time_to_target", lambda v: v >= 75),
         "srpo_update_over_parts <= 1.10": ("srpo_update_over_parts", lambda v: v <= 1.10),
+        "update_over_model_work <= 1.05": ("update_over_model_work", lambda v: v <= 1.05),
         "srpo_memory_50_over_25 <= 1.05": ("srpo_memory_50_over_25", lambda v: v <= 1.05),
         "rollout_speed_over_diffusers >= 1.0": ("rollout_speed_over_diffusers", lambda v: min(v.values()) >= 1.0),
         "lab rollout_speed_over_diffusers >= 1.4 (compiled)": (
@@ -137,6 +140,8 @@ def run_bench(output, quick: bool = False, parts=PARTS, config=None, overrides=(
     if "c" in parts:
         say("(c) SRPO update against its parts")
         result["c"] = srpo_parts(bench, repeats=max(3, budget["repeats"]))
+        result["c"]["loop"] = _loop(config, budget, output, overrides)
+        say(f"  (c) trainer loop: {result['c']['loop']['update_over_model_work']:.3f} x its model work")
     if "d" in parts:
         say("(d) rollout against the diffusers pipelines")
         result["d"] = compiled_speeds(bench, budget, compile, quick, say)
@@ -166,6 +171,17 @@ def compiled_speeds(bench, budget, compile: str, quick: bool, say) -> dict:
             f"first compiled update {u['first_update_s']:.1f}s")
     out["rollout"] = rollout_speeds(bench, budget["steps"], repeats, None if quick else every_twin(bench.model), compile)
     return out
+
+
+def _loop(config, budget, output, overrides) -> dict:
+    from .runs import loop_overhead
+
+    updates = budget["updates"] or 10
+    sets = list(budget["overrides"]) + list(overrides) + [f"train.max_steps={updates}", "log.progress=false"]
+    if budget is QUICK:
+        sets.append("log.checkpoint_every=1")  # the worst case: a checkpoint after every update
+    cfg, _ = _config(config, sets)
+    return loop_overhead(cfg, output / "runs" / "c_loop")
 
 
 def _config(config, overrides):

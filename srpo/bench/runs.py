@@ -47,6 +47,18 @@ def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+def loop_overhead(cfg, output: Path) -> dict:
+    """(c)'s loop: the real trainer on ``cfg``; its update loop's wall time over the model work in
+    it (updates, guard evaluations, sample renders). The rest (metrics, logs, checkpoint writes,
+    best/ exports) is what runs between updates that is not model work."""
+    from ..trainer import train
+
+    summary = train(cfg, output)
+    loop, model = summary["loop_seconds"], summary["model_seconds"]
+    return {"updates": summary["steps"], "loop_seconds": loop, "model_seconds": model,
+            "update_over_model_work": loop / model, "checkpoint_every": cfg.log.checkpoint_every}
+
+
 def train_and_judge(cfg, output: Path, evaluator, before: dict, flops_per_update: float) -> list[dict]:
     """Train with the real trainer, then judge every checkpoint. Returns the curve: points with
     the update, cumulative training seconds (the trainer's own per-update times) and FLOPs."""

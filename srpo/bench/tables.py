@@ -48,6 +48,11 @@ def render(result: dict) -> str:
         out += ["", f"(c) SRPO update {c['update']:.3f}s vs parts {c['sum_of_parts']:.3f}s: "
                     f"ratio {c['update_over_parts']:.3f}", ""]
         out += _table(["part", "seconds"], [[k, _f(v, ".4f")] for k, v in c["parts"].items()])
+        if c.get("loop"):
+            lp = c["loop"]
+            out += ["", f"(c) the trainer's loop over {lp['updates']} updates (checkpoint every {lp['checkpoint_every']}): "
+                        f"{lp['loop_seconds']:.2f}s wall, {lp['model_seconds']:.2f}s model work, "
+                        f"update_over_model_work {lp['update_over_model_work']:.3f}"]
     if "d" in result:
         d = result["d"]
         u = d.get("update")
