@@ -10,7 +10,7 @@ import sys
 
 from .errors import UserError
 
-COMMANDS = ["train", "sample", "score", "lab", "bench", "plan", "export", "report", "init"]
+COMMANDS = ["train", "sample", "score", "eval", "lab", "bench", "plan", "export", "report", "init"]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -67,7 +67,8 @@ def save_final(model, run_dir: str | Path, cfg, ctx, name: str = "final") -> Non
         lora.save(run_dir / adapters, state, cfg.lora, model)
         state = lora.merge(state, lora.scale_of(cfg.lora)) if cfg.lora.save_merged else None
     if state is not None:
-        write_transformer(run_dir / name, state, config_json(model.transformer))
+        for sub, (part, module) in model.transformer_folders(state).items():  # final/, or one folder per expert
+            write_transformer(run_dir / name / sub if sub else run_dir / name, part, config_json(module))
     parallel.barrier(ctx)
 
 
@@ -111,9 +112,7 @@ def run_weights(run_dir: str | Path, which: str = "final"):
                         f"resume it with srpo train --resume first")
     model = load_model(cfg.model, "cpu", transformer_path=str(final) if final.is_dir() else None)
     if not final.is_dir():
-        state, scale = lora.read_file(adapters)
-        merged = lora.merge_into(model.transformer.state_dict(), state, scale)
-        model.transformer.load_state_dict(merged)
+        model.merge_lora(adapters)
     if cfg.rollout.frames is not None:  # videos of the run's length
         model.set_frames(cfg.rollout.frames)
     return cfg, model

@@ -49,6 +49,10 @@ class Sizes:
     vae_checkpointing: bool = True  # the family's decoder recomputes activations under checkpointing
     largest_weight: int = 0  # elements of the largest transformer weight (one-tensor optimizer temporaries)
     largest_lora: int = 0  # elements of the largest LoRA adapter matrix
+    experts: int = 1  # transformers held (Wan2.2-A14B: 2); ``transformer`` counts them all, one runs per forward
+    untrained: int = 0  # of ``transformer``'s parameters, those of experts that do not train (frozen)
+    frames: int = 1  # video: frames the decoder makes per sample (with gradient: every one's activations)
+    reward_images: int = 1  # video: frames the reward scores per sample
 
 
 def _lora_params(transformer: nn.Module, rank: int, target_modules: list[str]) -> tuple[int, int]:
@@ -72,7 +76,13 @@ def model_sizes(cfg, parts=None) -> Sizes:
     fam = family(m.name)
     if parts is None:
         path = m.path if m.path and Path(m.path).exists() else None  # no folder yet: the family's flagship
-        parts = fam.plan_parts(path, dict(m.options), cfg.rollout.height, cfg.rollout.width)
+        video = {} if fam.frames is None else {"frames": cfg.rollout.frames or fam.frames}
+        if cfg.rollout.frames is not None and not video:
+            from .errors import UserError
+
+            raise UserError(f"rollout.frames is {cfg.rollout.frames} but model '{m.name}' makes images: remove "
+                            f"rollout.frames (it sets the frame count of video families)")
+        parts = fam.plan_parts(path, dict(m.options), cfg.rollout.height, cfg.rollout.width, **video)
         if m.path and path is None:
             parts.name = f"{parts.name} ({m.path} not found: its flagship's dimensions)"
     tr, vae_cfg = parts.transformer, parts.vae_config
@@ -80,15 +90,18 @@ def model_sizes(cfg, parts=None) -> Sizes:
     levels = [(c, 2**i) for i, c in enumerate(chans)]
     blocks_ = blocks(tr)
     tc = tr.config
-    n_tr = sum(p.numel() for p in tr.parameters())
+    n_tr = sum(p.numel() for p in tr.parameters())  # one expert
+    trained = parts.experts if parts.trained_experts is None else parts.trained_experts
     targets = list(cfg.lora.target_modules) if cfg.lora.target_modules else list(fam.lora_targets)
     lora_params, largest_lora = _lora_params(tr, cfg.lora.rank, targets)
     sizes = Sizes(
-        name=parts.name, transformer=n_tr, blocks=len(blocks_),
+        name=parts.name, transformer=n_tr * parts.experts, blocks=len(blocks_), experts=parts.experts,
+        untrained=n_tr * (parts.experts - trained), frames=parts.frames,
+        reward_images=_scored_frames(cfg, parts.frames),
         largest_block=max(sum(p.numel() for p in b.parameters()) for b in blocks_),
         root=n_tr - sum(p.numel() for b in blocks_ for p in b.parameters()),
         hidden=parts.hidden or tc.num_attention_heads * tc.attention_head_dim,
-        lora_params=lora_params, largest_lora=largest_lora,
+        lora_params=lora_params * trained, largest_lora=largest_lora,
         largest_weight=max(p.numel() for p in tr.parameters()),
         text_encoders=parts.text_encoders, vae=sum(p.numel() for p in parts.vae.parameters()), vae_levels=levels,
         vae_resnets=vae_cfg["layers_per_block"] + 1, text_tokens=parts.text_tokens, image_tokens=parts.image_tokens,
@@ -97,6 +110,15 @@ def model_sizes(cfg, parts=None) -> Sizes:
     )
     _reward_sizes(cfg, sizes)
     return sizes
+
+
+def _scored_frames(cfg, frames: int) -> int:
+    """Frames of each ``frames``-frame video the reward scores (``reward.frames``); 1 for images."""
+    if frames <= 1:
+        return 1
+    from .rewards.objective import frame_indices, reward_frames
+
+    return len(frame_indices(reward_frames(cfg.reward), frames))
 
 
 def _reward_sizes(cfg, sizes: Sizes) -> None:
@@ -194,7 +216,7 @@ def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, heig
     per update (``parallel.grad_sync``), so under FSDP they stay unsharded until then.
     ``quantize``: the frozen LoRA base's storage (``model.quantize``; its bytes per weight)."""
     shard = gpus if strategy == "fsdp" else 1
-    trainable = s.lora_params if lora else s.transformer
+    trainable = s.lora_params if lora else s.transformer - s.untrained
     adamw = optimizer == "adamw"
     out: dict[str, float] = {}
     if adamw:
@@ -212,6 +234,8 @@ def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, heig
         out[f"frozen transformer base ({quantize})"] = QUANT_BYTES[quantize] * s.transformer / shard
     elif lora:
         out["frozen transformer base"] = model_bytes * s.transformer / shard
+    elif s.untrained:
+        out["frozen experts (not trained)"] = model_bytes * s.untrained / shard
     if strategy == "fsdp":  # under autocast FSDP gathers in the compute dtype (parallel.apply's MixedPrecisionPolicy)
         block_bytes = min(act_bytes, model_bytes if lora else 4)
         out["FSDP gathered blocks (2) + block grads"] = s.largest_block * (2 * block_bytes + (0 if lora else 4))
@@ -223,12 +247,15 @@ def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, heig
     static = sum(out.values())
 
     t_held, t_block = _transformer_parts(s, batch * s.gradient_passes, act_bytes, checkpointing)
-    v_held, v_block = _vae_parts(s, batch, height, width, model_bytes, checkpointing and s.vae_checkpointing)
-    reward_acts = VIT_UNITS * s.reward_layers * s.reward_tokens * s.reward_width * reward_bytes * batch
+    # a video decodes every frame with gradient (the frames' activations side by side) and its
+    # reward scores reward.frames of them
+    v_held, v_block = _vae_parts(s, batch * s.frames, height, width, model_bytes, checkpointing and s.vae_checkpointing)
+    reward_acts = VIT_UNITS * s.reward_layers * s.reward_tokens * s.reward_width * reward_bytes * batch * s.reward_images
     # autocast caches its low-precision copy of every float32 weight it casts until the forward
     # returns: the whole transformer in a full fine-tune. Under FSDP the weights arrive already in
     # the compute dtype (MixedPrecisionPolicy), so nothing is cached.
-    fp32_weights = (trainable + (s.transformer if model_bytes == 4 else 0)) if lora else s.transformer
+    # (of experts, the one a forward runs)
+    fp32_weights = ((trainable + (s.transformer if model_bytes == 4 else 0)) if lora else s.transformer) // s.experts
     copies = act_bytes * fp32_weights if act_bytes < 4 and strategy != "fsdp" else 0
     phases = {"transformer forward": t_held + t_block + copies, "reward": t_held + v_held + reward_acts,
               "VAE decode backward": t_held + v_held + v_block, "transformer backward": t_held + t_block}

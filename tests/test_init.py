@@ -16,7 +16,7 @@ from srpo.models import MODELS
 from srpo.rewards import REWARDS
 
 FAMILIES = [n for n in MODELS.names() if not n.startswith("tiny")]
-NAMED = ["flux", "sd3", "qwen_image", "flux2", "flux2_klein", "z_image"]
+NAMED = ["flux", "sd3", "qwen_image", "flux2", "flux2_klein", "z_image", "wan"]
 
 
 def _configs_dir() -> Path:
@@ -79,7 +79,7 @@ def _init_parser():
 
 # ---- every family x (LoRA, full): srpo plan and load_config take the file as written
 
-REWARD_OF = dict(zip(NAMED, ["hps", "pickscore", "pickscore", "clip", "aesthetic", "tiny_clip"]))
+REWARD_OF = dict(zip(NAMED, ["hps", "pickscore", "pickscore", "clip", "aesthetic", "tiny_clip", "hps"]))
 
 
 @pytest.mark.parametrize("mode", ["--lora", "--full"])
@@ -170,7 +170,7 @@ def test_guidance_follows_the_family(tmp_path, family):
             assert cfg.rollout.guidance == cfg.train.guidance == cls.default_guidance
         assert cfg.data.eval_guidance == cls.default_guidance
     modes = {f: MODELS.get(f).guidance_mode for f in NAMED if f != "flux"}
-    assert modes == {"flux2": "embedded", "sd3": "cfg", "qwen_image": "cfg", "flux2_klein": "cfg", "z_image": "none"}
+    assert modes == {"flux2": "embedded", "sd3": "cfg", "qwen_image": "cfg", "flux2_klein": "cfg", "z_image": "none", "wan": "cfg"}
 
 
 # ---- the reference recipes: the starter equals the example config where one exists

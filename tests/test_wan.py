@@ -1,7 +1,7 @@
 """What is particular to the Wan family (the shared contract is tests/test_family_contract.py):
 9-frame videos against WanPipeline encoding its own prompts (a negative prompt of its own, true
 CFG), the video latents and their per-channel normalisation, rollout.frames, a reward on video
-frames, a two-expert folder refused, and the tiny config trained through the CLI."""
+frames, two-expert options refused on one transformer, and the tiny config trained through the CLI."""
 
 import json
 import os
@@ -106,12 +106,18 @@ def test_bad_frames_through_the_cli_are_one_line_exit_2(tmp_path, config, frames
     assert not (tmp_path / "run").exists()  # nothing written for bad input
 
 
-def test_two_expert_folders_are_refused_with_one_line(tmp_path):
-    pipe = TinyWanModel.random(seed=0).pipeline()
-    pipe.register_modules(transformer_2=TinyWanModel.random(seed=1).transformer)
-    pipe.register_to_config(boundary_ratio=0.875)
-    pipe.save_pretrained(tmp_path / "a14b", safe_serialization=True)
-    check_one_line_errors([(lambda: WanModel.load(tmp_path / "a14b"), "two experts (transformer_2, Wan2.2-A14B)")])
+def test_two_expert_options_on_one_transformer_and_mismatched_final_are_one_line(tmp_path):
+    """Two experts are tests/test_wan_experts.py's; here the one-transformer side of their errors."""
+    TinyWanModel.save_random(tmp_path / "wan21")
+    (tmp_path / "both" / "transformer").mkdir(parents=True)
+    (tmp_path / "both" / "transformer_2").mkdir()
+    for name in ("transformer", "transformer_2"):
+        (tmp_path / "both" / name / "config.json").write_text("{}")
+    check_one_line_errors([
+        (lambda: WanModel.load(tmp_path / "wan21", train_experts="both"), "options.train_experts is for two-expert"),
+        (lambda: TinyWanModel.load(seed=0, guidance_scale_2=3.0), "options.guidance_scale_2 is for two-expert"),
+        (lambda: WanModel.load(tmp_path / "wan21", transformer_path=tmp_path / "both"), "holds two experts but"),
+    ])
 
 
 # ---- rewards on videos -------------------------------------------------------------------------
@@ -164,3 +170,7 @@ def test_tiny_config_trains_through_the_cli_and_final_loads(tmp_path):
                  max_sequence_length=base.max_sequence_length, output_type="pt").frames
     assert video.shape == (1, 5, 3, 32, 32) and torch.isfinite(video).all()
     assert (run / "samples" / "before.png").is_file() and (run / "samples" / "after.png").is_file()
+    srpo("sample", "--model", run, "--prompt", "a lighthouse at dusk", "--steps", "3", "--output", tmp_path / "s")
+    from srpo.video import read_mp4
+
+    assert read_mp4(next((tmp_path / "s").glob("0000-*.mp4"))).shape == (5, 3, 32, 32)  # the run's 5 frames, 32 x 32

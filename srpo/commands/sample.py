@@ -26,8 +26,16 @@ def add_parser(sub) -> None:
     p.add_argument("--height", type=int, default=None, help="default: the run's rollout size, else 1024")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--shift", type=float, default=None, help="time shift of the schedule (default: the family's rule)")
+    p.add_argument("--schedule", choices=["pipeline", "training"], default="pipeline",
+                   help="pipeline (default): as the family's diffusers pipeline renders (FLUX.1: the folder scheduler's "
+                        "dynamic shift); training: as the trainer rolls out (FLUX.1: fixed shift 3, 1/1000 timesteps)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--output", "-o", required=True, help="folder for the PNGs and grid.png")
+    p.add_argument("--frames", type=int, default=None,
+                   help="video models: frames per video (default: the run's rollout.frames, else the family's)")
+    p.add_argument("--fps", type=int, default=None,
+                   help="video models: frames per second of the mp4s and grid.gif (default 16, Wan 2.1's)")
+    p.add_argument("--output", "-o", required=True,
+                   help="folder for the PNGs and grid.png; video models also write an mp4 per video and grid.gif")
 
 
 def _load(args):
@@ -56,23 +64,36 @@ def run(args) -> int:
     from ..data import load_prompts
     from ..evaluate import generate
     from ..runlog import save_grid, to_pil
+    from ..video import FPS, write_grid_gif, write_mp4
 
     prompts = [args.prompt] if args.prompt is not None else load_prompts(args.prompts)
     if args.prompt is not None and not args.prompt.strip():
         raise UserError("--prompt is empty")
-    for name in ("steps", "height", "width"):
+    for name in ("steps", "height", "width", "frames", "fps"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise UserError(f"--{name} must be a positive integer (got {v})")
     model, (h, w) = _load(args)
+    model.use_schedule(args.schedule, shift=args.shift)  # --shift, when given, fixes the shift in either
     h, w = args.height or h, args.width or w
+    if args.frames is not None:
+        model.set_frames(args.frames)  # image families refuse it with one line
     guidance = model.default_guidance if args.guidance is None else args.guidance
     images = generate(model, prompts, args.seed, args.steps, guidance, h, w)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
+    video = images.ndim == 5  # [N, F, 3, H, W]
+    fps = args.fps or FPS
     for i, (img, prompt) in enumerate(zip(images, prompts)):
         slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40]
         to_pil(img if img.ndim == 3 else img[0]).save(out / f"{i:04d}-{slug}.png")  # a video: its first frame
-    save_grid(images, out / "grid.png")
-    print(f"wrote {len(prompts)} images and grid.png to {out}")
+        if video:
+            write_mp4(img, out / f"{i:04d}-{slug}.mp4", fps=fps)
+    save_grid(images, out / "grid.png")  # a video: a row of its frames
+    if video:
+        write_grid_gif(images, out / "grid.gif", fps=fps)
+        print(f"wrote {len(prompts)} videos ({images.shape[1]} frames, {fps} fps: an mp4 and its first frame's PNG "
+              f"each), grid.png and grid.gif to {out}")
+    else:
+        print(f"wrote {len(prompts)} images and grid.png to {out}")
     return 0

@@ -46,6 +46,7 @@ Cond = dict[str, Tensor]  # prompt conditioning, batched on dim 0; opaque outsid
 NEGATIVE = "negative_"  # cond keys of the unconditional (negative-prompt) branch under true CFG
 GUIDANCE_MODES = ("embedded", "cfg", "none")
 DEFAULT_FAMILY = "flux"  # model.name when a config names none: the reference trainer's family
+SCHEDULES = ("pipeline", "training")  # FlowModel.use_schedule: as the family's pipeline renders, or the trainer
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -164,6 +165,9 @@ class PlanParts:
     hidden: int | None = None  # transformer width (default: heads x head dim from its config)
     guidance_mode: str | None = None  # when an instance's mode differs from the class's (a variant)
     vae_checkpointing: bool = True  # the decoder supports activation checkpointing
+    frames: int = 1  # video families: frames the decoder makes per sample (image_tokens counts their latents)
+    experts: int = 1  # transformers of ``transformer``'s size the model holds (Wan2.2-A14B: 2), one per forward
+    trained_experts: int | None = None  # of them, how many train (None: all)
 
 
 class derived:
@@ -206,7 +210,10 @@ def _transformer_class(cls) -> str:
 
 def _tiny_twin(cls) -> str:
     """The registered twin whose folder family is the nearest class of ``cls``'s lineage."""
-    twins = {MODELS.get(n).folder_family: n for n in MODELS.names() if MODELS.get(n).is_twin()}
+    twins: dict = {}
+    for n in MODELS.names():  # the first registered twin of a folder family (a later one is a variant's)
+        if MODELS.get(n).is_twin():
+            twins.setdefault(MODELS.get(n).folder_family, n)
     return next((twins[f] for k in cls.__mro__ if (f := vars(k).get("family")) in twins), "")
 
 
@@ -459,6 +466,23 @@ class FlowModel:
             return torch.floor(sigma.to(device=self.device, dtype=torch.float64) * 1000 + 1e-6).float()
         return sigma.to(device=self.device, dtype=torch.float32) * 1000
 
+    def use_schedule(self, kind: str, shift: float | None = None) -> FlowModel:
+        """Render as ``kind`` says (``srpo sample`` / ``srpo eval --schedule``): ``training`` keeps the
+        schedule and timestep input the model was loaded with (the trainer's); ``pipeline`` takes the
+        family's diffusers pipeline's on the folder's own scheduler: no shift override (the scheduler
+        config's shift, dynamic where it asks for it) and the unquantised timestep. ``shift``, when
+        given, then fixes the time shift in either."""
+        if kind not in SCHEDULES:
+            raise UserError(f"unknown schedule '{kind}': use {' or '.join(SCHEDULES)}")
+        if kind == "pipeline":
+            if hasattr(self, "shift"):
+                self.shift = None
+            if hasattr(self, "quantize_timesteps"):
+                self.quantize_timesteps = False
+        if shift is not None:
+            self.shift = float(shift)
+        return self
+
     def pipeline_images(self, cond: Cond, noise: Tensor, steps: int, guidance: float) -> Tensor:
         """Images ``[B, 3, H, W]`` in [0, 1] from the diffusers pipeline's own ``__call__`` with
         this conditioning and noise: the reference the rollout is tested and benchmarked against."""
@@ -582,6 +606,18 @@ class FlowModel:
     def save_transformer(self, path) -> None:
         """Write the transformer so ``<transformer_class>.from_pretrained(path)`` loads it."""
         self.transformer.save_pretrained(str(path), safe_serialization=True)
+
+    def transformer_folders(self, state: dict) -> dict[str, tuple[dict, nn.Module]]:
+        """What ``final/`` holds of a full transformer ``state``: ``{sub-folder ("": final/ itself):
+        (its state, the module whose config.json it gets)}``; a family of several transformers splits."""
+        return {"": (state, self.transformer)}
+
+    def merge_lora(self, folder) -> None:
+        """Merge the adapters :meth:`save_lora` wrote in ``folder`` into the transformer."""
+        from .. import lora
+
+        state, scale = lora.read_file(folder)
+        self.transformer.load_state_dict(lora.merge_into(self.transformer.state_dict(), state, scale))
 
     def save_lora(self, path, layers: dict[str, Tensor], metadata: dict) -> None:
         """Adapters in the format the family pipeline's ``load_lora_weights`` reads."""

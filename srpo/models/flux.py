@@ -167,15 +167,18 @@ class FluxModel(FlowModel):
         """The model's own scheduler (what ``save_pipeline`` writes), else one at the fixed shift."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        return self.scheduler or FlowMatchEulerDiscreteScheduler(shift=self.shift, use_dynamic_shifting=False)
+        return self.scheduler or FlowMatchEulerDiscreteScheduler(shift=self.shift or REFERENCE_SHIFT,
+                                                                 use_dynamic_shifting=False)
 
     def pipeline_images(self, cond: Cond, noise: Tensor, steps: int, guidance: float) -> Tensor:
         """``FluxPipeline.__call__`` on this model's modules, prompt embeddings and noise, with the
-        scheduler at this model's fixed shift (the pipeline's own sigmas, ``linspace(1, 1/N, N)``)."""
+        scheduler at this model's fixed shift (the pipeline's own sigmas, ``linspace(1, 1/N, N)``); with
+        no shift (``use_schedule("pipeline")``) the folder's own scheduler, dynamic where it says so."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         pipe = self.pipeline()
-        pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=self.shift, use_dynamic_shifting=False)
+        if self.shift is not None:
+            pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=self.shift, use_dynamic_shifting=False)
         h, w = self.pixel_size(noise)
         return pipe(prompt_embeds=cond["prompt_embeds"], pooled_prompt_embeds=cond["pooled_prompt_embeds"],
                     latents=pack(noise), height=h, width=w, num_inference_steps=steps, guidance_scale=guidance,
@@ -219,8 +222,27 @@ class FluxModel(FlowModel):
 
     def schedule(self, steps: int, height: int, width: int) -> Tensor:
         """``shift(linspace(1, 0, steps + 1))`` at the fixed shift: FluxPipeline's sigmas
-        ``linspace(1, 1/N, N)`` under a fixed-shift scheduler, then 0."""
-        return time_shift(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), self.shift)
+        ``linspace(1, 1/N, N)`` under a fixed-shift scheduler, then 0. No shift
+        (``use_schedule("pipeline")``): FluxPipeline's own, those sigmas through the folder's scheduler
+        with ``mu`` from the packed image token count (FLUX.1-dev's dynamic shift)."""
+        if self.shift is not None:
+            return time_shift(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), self.shift)
+        import numpy as np
+
+        from ..method import dynamic_shift_mu
+
+        folder = self.pipeline_scheduler()
+        config = dict(folder.config)
+        sched = type(folder).from_config(config)
+        m = self.vae_scale_factor * 2
+        mu = dynamic_shift_mu((height // m) * (width // m), config.get("base_image_seq_len", 256),
+                              config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                              config.get("max_shift", 1.15))
+        if config.get("use_flow_sigmas"):  # as FluxPipeline: the scheduler's own sigmas
+            sched.set_timesteps(steps, device="cpu", mu=mu)
+        else:
+            sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device="cpu", mu=mu)
+        return sched.sigmas.to(torch.float64)
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
         check_image_size(height, width, self.vae_scale_factor * 2)

@@ -27,8 +27,10 @@ What the pipeline does, and this file reproduces:
   (each video a batch of frames); a reward scores ``reward.frames`` of them
   (:mod:`srpo.rewards.objective`).
 
-Wan2.2-A14B's two experts (``transformer_2`` and ``boundary_ratio``) are not read yet: such a
-folder is refused with a one-line error.
+Wan2.2-T2V-A14B's two experts (``transformer_2`` and the pipeline's ``boundary_ratio``) train as
+one module, :class:`~srpo.models.wan_experts.WanExperts`: each level uses the expert the pipeline
+uses there, ``options.guidance_scale_2`` is the pipeline's CFG scale of the low-noise expert (the
+same as the caller's unless set), ``options.train_experts`` names the expert(s) that train.
 
 Its twin ``tiny_wan`` (``wan_tiny.py``): random-weight modules of the real classes built in code,
 with a small sentencepiece-style Unigram ``T5Tokenizer`` trained here.
@@ -44,6 +46,8 @@ from torch import Tensor
 from ..errors import UserError
 from .base import (MODELS, Cond, FlowModel, PlanParts, check_fit, check_image_size, encoder_params, folder_configs,
                    meta_module, scheduler_sigmas)
+from .folders import check_transformer_folder, load_error
+from .wan_experts import EXPERTS, WanExperts, experts_folder, split_state
 
 MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s default
 DEFAULT_FRAMES = 81  # WanPipeline.__call__'s num_frames
@@ -54,6 +58,10 @@ WAN_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_h
                        out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
                        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
 WAN_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
+# Wan-AI/Wan2.1-T2V-14B-Diffusers transformer/config.json, also each expert of Wan2.2-T2V-A14B-Diffusers
+# (14.29e9 parameters each; model_index.json boundary_ratio 0.875)
+WAN_14B_TRANSFORMER = dict(WAN_TRANSFORMER, num_attention_heads=40, ffn_dim=13824, num_layers=40)
+A14B_BOUNDARY_RATIO = 0.875
 UMT5_XXL_PARAMS = 5_680_910_336  # UMT5EncoderModel of google/umt5-xxl (the Wan text_encoder/), on the meta device
 
 
@@ -63,7 +71,8 @@ class WanModel(FlowModel):
 
     pipeline_class = "WanPipeline"
     title = "Wan2.1-T2V-1.3B"
-    options = ("max_sequence_length", "negative_prompt", "quantize_timesteps")
+    options = ("max_sequence_length", "negative_prompt", "quantize_timesteps", "train_experts", "guidance_scale_2")
+    frames = DEFAULT_FRAMES  # frames per video unless rollout.frames sets them
     # diffusers marks both experts optional (two-expert and image-to-video layouts); a
     # text-to-video folder needs its transformer
     components = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -76,10 +85,20 @@ class WanModel(FlowModel):
     def __init__(self, transformer, vae, text_encoder, tokenizer, scheduler,
                  max_sequence_length: int = MAX_SEQUENCE_LENGTH, negative_prompt: str = "",
                  expand_timesteps: bool = False, shift: float | None = None,
-                 quantize_timesteps: bool | None = None, transformer_2=None):
+                 quantize_timesteps: bool | None = None, transformer_2=None, boundary_ratio: float | None = None,
+                 train_experts: str | None = None, guidance_scale_2: float | None = None):
         if transformer_2 is not None:
-            raise UserError("this Wan folder has two experts (transformer_2, Wan2.2-A14B), which srpo does not "
-                            "train yet: use a one-transformer WanPipeline folder (Wan2.1-T2V, Wan2.2-TI2V-5B)")
+            if boundary_ratio is None:
+                raise UserError("this Wan folder has transformer_2 but model_index.json sets no boundary_ratio, so "
+                                "WanPipeline would never use it: add the model's boundary_ratio (Wan2.2-A14B: 0.875)")
+            transformer = WanExperts(transformer, transformer_2,
+                                     float(boundary_ratio) * scheduler.config.num_train_timesteps, train_experts)
+        elif train_experts is not None or guidance_scale_2 is not None:
+            name = "train_experts" if train_experts is not None else "guidance_scale_2"
+            raise UserError(f"options.{name} is for two-expert Wan folders (Wan2.2-T2V-A14B: transformer/ and "
+                            f"transformer_2/), but this model has one transformer: remove it")
+        self.boundary_ratio = None if transformer_2 is None else float(boundary_ratio)
+        self.guidance_scale_2 = None if guidance_scale_2 is None else float(guidance_scale_2)
         self.hold(transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
         if int(max_sequence_length) < 1:
             raise UserError(f"max_sequence_length {max_sequence_length} is out of range: give at least 1 text "
@@ -96,8 +115,53 @@ class WanModel(FlowModel):
 
     @classmethod
     def from_pipeline(cls, pipe, **options) -> WanModel:
-        """The pipeline's modules and its ``expand_timesteps`` (a Wan2.2 pipeline config entry)."""
-        return super().from_pipeline(pipe, expand_timesteps=bool(pipe.config.get("expand_timesteps")), **options)
+        """The pipeline's modules, its ``expand_timesteps`` and ``boundary_ratio`` (Wan2.2 pipeline
+        config entries)."""
+        return super().from_pipeline(pipe, expand_timesteps=bool(pipe.config.get("expand_timesteps")),
+                                     boundary_ratio=pipe.config.get("boundary_ratio"), **options)
+
+    @classmethod
+    def load(cls, path=None, transformer_path=None, *args, skeleton: bool = False, **kwargs):
+        """As the base class; two experts are read whole even where a skeleton is asked for (the sharded
+        start, srpo.shards, reads one transformer folder): the text encoders are then resident beside
+        them until they are released."""
+        if skeleton and path and (Path(path) / "transformer_2").is_dir():
+            skeleton = False
+        return super().load(path, transformer_path, *args, skeleton=skeleton, **kwargs)
+
+    @classmethod
+    def pipeline_from_folder(cls, root, transformer_path, dtype, **components):
+        """As the base class; a two-expert ``transformer_path`` (a run's ``final/``: ``transformer/``
+        and ``transformer_2/``) replaces both experts of a two-expert folder."""
+        two = (Path(root) / "transformer_2").is_dir()
+        if transformer_path and experts_folder(transformer_path) != two:
+            raise UserError(f"{transformer_path} holds {'two experts' if not two else 'one transformer'} but "
+                            f"{root} has {'one transformer' if not two else 'two experts'}: give the transformer "
+                            f"folder(s) of this base model")
+        if transformer_path and two:
+            components.update(cls.read_experts(transformer_path, dtype))
+            transformer_path = None
+        return super().pipeline_from_folder(root, transformer_path, dtype, **components)
+
+    @classmethod
+    def read_experts(cls, path, dtype=None) -> dict:
+        """``{transformer, transformer_2}`` from a folder of both experts (:meth:`save_transformer`'s)."""
+        import diffusers
+
+        out = {}
+        for name in EXPERTS:
+            check_transformer_folder(Path(path) / name, cls.transformer_class)
+            try:
+                out[name] = getattr(diffusers, cls.transformer_class).from_pretrained(
+                    str(Path(path) / name), dtype=dtype, local_files_only=True, use_safetensors=True)
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise load_error(Path(path) / name, e, "a WanTransformer3DModel folder") from None
+        return out
+
+    def experts(self) -> dict:
+        """The pipeline's transformer components: ``{transformer}``, or both experts."""
+        t = getattr(self.transformer, "module", self.transformer)  # a DDP wrapper's module
+        return {n: getattr(t, n) for n in EXPERTS} if isinstance(t, WanExperts) else {"transformer": self.transformer}
 
     def _check_compatible(self) -> None:
         tc = self.transformer.config
@@ -126,25 +190,31 @@ class WanModel(FlowModel):
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod
-    def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:
-        """Meta-device transformer and VAE from the folder's configs (Wan2.1-T2V-1.3B's without a
-        path) and the UMT5 encoder counted from ``text_encoder/config.json`` (UMT5-XXL without one),
-        at WanPipeline's default 81 frames."""
+    def plan_parts(cls, path, options: dict, height: int, width: int, frames: int = DEFAULT_FRAMES) -> PlanParts:
+        """Meta-device transformer (one expert of a two-expert folder) and VAE from the folder's
+        configs and the UMT5 encoder counted from ``text_encoder/config.json`` (UMT5-XXL without one),
+        at ``frames`` frames. Without a folder: Wan2.1-T2V-1.3B's dimensions, or Wan2.2-T2V-A14B's
+        (two Wan2.1-14B-sized experts) where the options are two-expert ones."""
         from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
-        max_len, _ = cls.plan_options(options, MAX_SEQUENCE_LENGTH)
+        max_len, rest = cls.plan_options(options, MAX_SEQUENCE_LENGTH)
         root = Path(path) if path else None
         if root:
             cls.check_folder(root)
+        two = (root / "transformer_2").is_dir() if root else bool({"train_experts", "guidance_scale_2"} & set(rest))
         t_cfg, v_cfg, e_cfg = folder_configs(root, "transformer", "vae", "text_encoder")
-        return cls.plan_of(f"Wan ({root.name})" if t_cfg else cls.title,
-                           meta_module(WanTransformer3DModel, t_cfg, WAN_TRANSFORMER),
+        name = f"Wan ({root.name})" if t_cfg else "Wan2.2-T2V-A14B" if two else cls.title
+        return cls.plan_of(name, meta_module(WanTransformer3DModel, t_cfg, WAN_14B_TRANSFORMER if two else WAN_TRANSFORMER),
                            meta_module(AutoencoderKLWan, v_cfg, WAN_VAE),
-                           encoder_params(e_cfg, "UMT5EncoderModel", UMT5_XXL_PARAMS), max_len, height, width)
+                           encoder_params(e_cfg, "UMT5EncoderModel", UMT5_XXL_PARAMS), max_len, height, width,
+                           frames=frames, experts=2 if two else 1, train_experts=rest.get("train_experts"))
 
     @classmethod
     def plan_of(cls, name, transformer, vae, text_params: int, max_len: int, height: int, width: int,
-                frames: int = DEFAULT_FRAMES) -> PlanParts:
+                frames: int = DEFAULT_FRAMES, experts: int = 1, train_experts: str | None = None) -> PlanParts:
+        """Sizes at ``frames`` frames: the latent tokens of every latent frame, the decoder run over
+        every frame (it keeps each frame's activations for the backward), ``experts`` transformers
+        of ``transformer``'s size held, those ``train_experts`` names trained."""
         vc, tc = vae.config, transformer.config
         n = vc.scale_factor_spatial * tc.patch_size[1]
         latent_frames = (frames - 1) // vc.scale_factor_temporal + 1
@@ -155,6 +225,8 @@ class WanModel(FlowModel):
             text_encoders=int(text_params), text_tokens=int(max_len),
             image_tokens=latent_frames * (height // n) * (width // n),
             vae_checkpointing=False,  # AutoencoderKLWan decodes causally with a feature cache: no checkpointing
+            frames=int(frames), experts=experts,
+            trained_experts=experts if experts == 1 or train_experts in (None, "both") else 1,
         )
 
     # ---- FlowModel hooks ------------------------------------------------------------------
@@ -202,6 +274,62 @@ class WanModel(FlowModel):
         if self.shift is not None:
             config.update(shift=self.shift, use_dynamic_shifting=False)
         return config
+
+    def pipeline(self):
+        """WanPipeline on this model's modules (both experts and ``boundary_ratio`` for Wan2.2-A14B)."""
+        from diffusers import WanPipeline
+
+        pipe = WanPipeline(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae,
+                           scheduler=self.pipeline_scheduler(), boundary_ratio=self.boundary_ratio,
+                           expand_timesteps=self.expand_timesteps, **self.experts())
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def velocity(self, latents: Tensor, sigma, cond: Cond, guidance: float) -> Tensor:
+        """The base class's; under true CFG the low-noise expert's samples take ``guidance_scale_2``
+        where it is set, as the pipeline does (its CFG runs when ``guidance_scale > 1``)."""
+        if self.guidance_scale_2 is None or not self.uses_cfg(guidance):
+            return super().velocity(latents, sigma, cond, guidance)
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).reshape(-1).expand(latents.shape[0])
+        low = self.scheduler_timestep(sigma) < self.transformer.boundary_timestep
+        scale = torch.where(low, self.guidance_scale_2, float(guidance)).to(torch.float32)
+        self._stage_scale = scale.view(-1, *([1] * (latents.ndim - 1))).to(latents.device)
+        try:
+            return super().velocity(latents, sigma, cond, guidance)
+        finally:
+            self._stage_scale = None
+
+    def combine_cfg(self, v_cond: Tensor, v_uncond: Tensor, guidance: float) -> Tensor:
+        scale = getattr(self, "_stage_scale", None)
+        return v_uncond + (guidance if scale is None else scale.to(v_cond.device)) * (v_cond - v_uncond)
+
+    def transformer_folders(self, state: dict) -> dict:
+        """``final/transformer`` and ``final/transformer_2`` for two experts, else ``final/`` itself."""
+        experts = self.experts()
+        if len(experts) == 1:
+            return super().transformer_folders(state)
+        return {name: (split_state(state, name), module) for name, module in experts.items()}
+
+    def save_lora(self, path, layers: dict[str, Tensor], metadata: dict) -> None:
+        """Two experts: ``path/transformer`` and ``path/transformer_2`` (the trained ones), each read by
+        ``WanPipeline.load_lora_weights`` (``load_into_transformer_2=True`` for the second)."""
+        if len(self.experts()) == 1:
+            return super().save_lora(path, layers, metadata)
+        for name in EXPERTS:
+            if part := split_state(layers, name):
+                super().save_lora(Path(path) / name, part, metadata)
+
+    def merge_lora(self, folder) -> None:
+        if len(self.experts()) == 1:
+            return super().merge_lora(folder)
+        from .. import lora
+
+        state, scale = {}, 1.0
+        for name in EXPERTS:
+            if (Path(folder) / name).is_dir():
+                part, scale = lora.read_file(Path(folder) / name)
+                state.update({f"{name}.{k}": v for k, v in part.items()})
+        self.transformer.load_state_dict(lora.merge_into(self.transformer.state_dict(), state, scale))
 
     def pipeline_scheduler(self):
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -257,7 +385,7 @@ class WanModel(FlowModel):
         video = self.pipeline()(
             prompt_embeds=pos["prompt_embeds"], negative_prompt_embeds=neg["prompt_embeds"] if cfg else None,
             latents=noise.to(self.device, torch.float32), height=height, width=width, num_frames=frames,
-            num_inference_steps=steps, guidance_scale=float(guidance), max_sequence_length=self.max_sequence_length,
-            output_type="pt",
+            num_inference_steps=steps, guidance_scale=float(guidance), guidance_scale_2=self.guidance_scale_2,
+            max_sequence_length=self.max_sequence_length, output_type="pt",
         ).frames
         return video.float()

@@ -1,13 +1,16 @@
-"""Tiny random-weight Wan 2.1: every component built in code (the tokenizer included), for the
-tests, the tiny config and the benchmarks; nothing is downloaded."""
+"""Tiny random-weight Wan 2.1 (``tiny_wan``) and Wan2.2-T2V-A14B (``tiny_wan_a14b``, two experts):
+every component built in code (the tokenizer included), for the tests, the tiny configs and the
+benchmarks; nothing is downloaded."""
 
 from __future__ import annotations
 
 from functools import cache
 
+from ..errors import UserError
 from .base import MODELS
 from .twin import TinyTwin, seeded
-from .wan import WanModel
+from .wan import A14B_BOUNDARY_RATIO, WanModel
+from .wan_experts import WanExperts, experts_folder
 
 TINY_FRAMES = 5  # the twin's default frame count (2 latent frames): configs/tiny-wan.yaml's
 _WORDS = (
@@ -71,17 +74,29 @@ def _tiny_modules(*, vocab_size: int | None = None, latent_channels: int = 4, va
     return dict(transformer=transformer, vae=vae, text_encoder=text_encoder.eval())
 
 
+def _tiny_experts(**sizes) -> dict:
+    """The tiny modules and a second transformer (the low-noise expert) of the same architecture."""
+    m = _tiny_modules(**sizes)
+    return dict(m, transformer_2=_tiny_modules(**sizes)["transformer"])
+
+
 def _build_tiny(cls, seed: int = 0, max_sequence_length: int = 32, negative_prompt: str = "",
-                shift: float | None = None, quantize_timesteps: bool | None = None, **sizes) -> WanModel:
+                shift: float | None = None, quantize_timesteps: bool | None = None, _make=_tiny_modules,
+                **options) -> WanModel:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    m = seeded(seed, _tiny_modules, **sizes)
+    two = {k: options.pop(k) for k in ("boundary_ratio", "train_experts", "guidance_scale_2") if k in options}
+    m = seeded(seed, _make, **options)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # Wan 2.1's flow shift (480p)
     model = cls(m["transformer"], m["vae"], m["text_encoder"], tiny_t5_tokenizer(), scheduler,
                 max_sequence_length=max_sequence_length, negative_prompt=negative_prompt, shift=shift,
-                quantize_timesteps=quantize_timesteps)
+                quantize_timesteps=quantize_timesteps, transformer_2=m.get("transformer_2"), **two)
     model.set_frames(TINY_FRAMES)
     return model
+
+
+def _build_tiny_experts(cls, seed: int = 0, boundary_ratio: float = A14B_BOUNDARY_RATIO, **options) -> WanModel:
+    return _build_tiny(cls, seed, _make=_tiny_experts, boundary_ratio=boundary_ratio, **options)
 
 
 @MODELS.register("tiny_wan")
@@ -96,6 +111,42 @@ class TinyWanModel(TinyTwin, WanModel):
     build = staticmethod(_build_tiny)
     tiny_modules = staticmethod(_tiny_modules)
     plan_length = 32
+    frames = TINY_FRAMES
+
+
+@MODELS.register("tiny_wan_a14b")
+class TinyWanA14BModel(TinyWanModel):
+    """A tiny random Wan2.2-T2V-A14B: ``tiny_wan``'s modules with a second transformer, the low-noise
+    expert, switched at ``boundary_ratio`` (0.875, the A14B's; at the twin's shift 3 that is level
+    0.875, mid-trajectory for any step count above 2). Also takes ``train_experts`` and
+    ``guidance_scale_2``. Its saved folders load with model ``wan``; ``transformer_path`` is a folder
+    of both experts (a run's ``final/``)."""
+
+    build = staticmethod(_build_tiny_experts)
+    tiny_modules = staticmethod(_tiny_experts)
+    title = "Wan2.2-T2V-A14B"
+
+    @classmethod
+    def load(cls, path=None, seed: int = 0, transformer_path=None, **kwargs):
+        if transformer_path and not experts_folder(transformer_path):
+            raise UserError(f"{transformer_path} is not a folder of both Wan experts (transformer/ and "
+                            f"transformer_2/, as a two-expert run's final/): model '{cls.family}' has two")
+        model = super().load(path, seed, **kwargs)
+        if transformer_path:
+            old, new = model.transformer, cls.read_experts(transformer_path)
+            train = "both" if len(old.trained) == 2 else old.trained[0]
+            model.transformer = WanExperts(new["transformer"], new["transformer_2"], old.boundary_timestep, train)
+            model.transformer.to(device=model.vae.device, dtype=old.dtype)
+            model._check_compatible()
+        return model
+
+    @classmethod
+    def plan_parts(cls, path, options: dict, height: int, width: int, **extra):
+        options = dict(options or {})
+        train = options.pop("train_experts", None)
+        for k in ("guidance_scale_2", "boundary_ratio"):
+            options.pop(k, None)
+        return super().plan_parts(path, options, height, width, experts=2, train_experts=train, **extra)
 
 
 build_tiny_wan = TinyWanModel.random  # a random-weight WanModel (deterministic in seed)
