@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+from browser import chromium, needs_browser, open_page
 from srpo import seeding
 from srpo.cli import main as cli
 from srpo.data import load_prompts
@@ -330,38 +330,15 @@ def test_an_earlier_evaluation_is_never_overwritten(evaluated, run, capsys):
 
 # ---- the page in a real browser -----------------------------------------------------------------
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-browser = pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()) and os.environ.get("CI") != "true",
-                             reason="needs Debian's chromium and chromium-driver (apt-get install chromium "
-                                    "chromium-driver)")
+browser = needs_browser
 
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    opts = Options()
-    opts.binary_location = str(CHROMIUM)
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
-        opts.add_argument(arg)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SE_OFFLINE", "true")  # selenium-manager must never fetch a driver or browser
-        d = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
-        d.set_page_load_timeout(60)
-        d.set_window_size(1800, 1200)  # room for the table and the grids side by side
-        yield d
-        d.quit()
+    yield from chromium(tmp_path_factory, window=(1800, 1200))  # room for the table and the grids side by side
 
 
-def _open(driver, page: Path) -> list[dict]:
-    driver.get_log("browser")
-    driver.get(page.resolve().as_uri())
-    driver.execute_script("return document.readyState")
-    return driver.get_log("browser")
+_open = open_page
 
 
 def _images(driver) -> list[list]:

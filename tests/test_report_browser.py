@@ -13,21 +13,16 @@ import json
 import shutil
 from pathlib import Path
 
-import os
 
 import pytest
 from PIL import Image
 
+from browser import chromium, needs_browser, open_page
 from srpo.cli import main as cli
 from srpo.config import load_config
 from srpo.trainer import train
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-# CI (CI=true) installs both through the README's test setup and must run this; elsewhere a
-# machine without them skips it
-pytestmark = pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()) and os.environ.get("CI") != "true",
-                                reason="needs Debian's chromium and chromium-driver (apt-get install chromium "
-                                       "chromium-driver)")
+pytestmark = needs_browser
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny.yaml"
@@ -45,30 +40,10 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    opts = Options()
-    opts.binary_location = str(CHROMIUM)
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
-        opts.add_argument(arg)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SE_OFFLINE", "true")  # selenium-manager must never fetch a driver or browser
-        d = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
-        d.set_page_load_timeout(60)
-        yield d
-        d.quit()
+    yield from chromium(tmp_path_factory)
 
 
-def _open(driver, page: Path) -> list[dict]:
-    """Load ``page`` and return the console entries it produced (the log is drained per call)."""
-    driver.get_log("browser")  # drop entries of an earlier page
-    driver.get(page.resolve().as_uri())
-    driver.execute_script("return document.readyState")  # get() returns after the load event
-    return driver.get_log("browser")
+_open = open_page
 
 
 def _broken_images(driver) -> list[str]:

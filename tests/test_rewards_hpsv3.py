@@ -2,23 +2,17 @@
 (tests/fixtures/upstream_rewards.json, made by benchmarks/upstream_reward_fixtures.py), the file
 loader, SRP, finite-difference pixel gradients, errors and plan sizes."""
 
-import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from srpo.errors import UserError
+from upstream_fixture import FIXTURE, fixture_images
 from srpo.rewards import REWARDS
 from srpo.rewards import hpsv3_tiny as T
 from srpo.rewards.hpsv3_preprocess import chat_text, smart_resize
 from srpo.rewards.srp import SRP
 
-FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "upstream_rewards.json").read_text())
-
-
-def fixture_images():
-    return [torch.tensor(im, dtype=torch.uint8).permute(2, 0, 1)[None].float() / 255 for im in FIXTURE["images"]]
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,12 @@ import pytest
 import torch
 
 from srpo.errors import UserError
+from upstream_fixture import FIXTURE, fixture_images
 from srpo.rewards import REWARDS
 from srpo.rewards import imagereward as IR
 from srpo.rewards import imagereward_tiny as T
 from srpo.rewards.srp import SRP
 
-FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "upstream_rewards.json").read_text())
-
-
-def fixture_images():
-    return [torch.tensor(im, dtype=torch.uint8).permute(2, 0, 1)[None].float() / 255 for im in FIXTURE["images"]]
 
 
 @pytest.fixture(scope="module")

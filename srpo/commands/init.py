@@ -122,22 +122,19 @@ REWARDS_INFO = {
     "tiny_clip": RewardInfo("tiny random CLIP", None,
                             "random weights built in code for smoke tests: no files", {"seed": 0},
                             "seed of the weights"),
-    "hpsv3": RewardInfo("HPSv3", PLACEHOLDER + "HPSv3.safetensors",
-                        "the HPSv3 checkpoint HPSv3.safetensors of the hub repo MizzenAI/HPSv3",
-                        {"qwen_path": PLACEHOLDER + "Qwen2-VL-7B-Instruct"},
-                        "qwen_path: the Qwen2-VL-7B-Instruct folder from the hub (its config and tokenizer are read)"),
-    "imagereward": RewardInfo("ImageReward", PLACEHOLDER + "ImageReward.pt",
-                              "ImageReward.pt (med_config.json beside it) of the hub repo THUDM/ImageReward",
-                              {"tokenizer_path": PLACEHOLDER + "bert-base-uncased"},
-                              "tokenizer_path: bert-base-uncased's folder or vocab.txt, google-bert/bert-base-uncased"),
-    "tiny_hpsv3": RewardInfo("tiny random HPSv3", None, "random weights built in code for smoke tests: no files"),
-    "tiny_imagereward": RewardInfo("tiny random ImageReward", None,
-                                   "random weights built in code for smoke tests: no files"),
 }
 
 
 def reward_info(name: str) -> RewardInfo:
-    return REWARDS_INFO.get(name) or RewardInfo(name, PLACEHOLDER + f"{name}-checkpoint",
+    from ..rewards import REWARDS
+
+    if name in REWARDS_INFO:
+        return REWARDS_INFO[name]
+    own = getattr(REWARDS.get(name), "starter", None) if name in REWARDS.names() else None
+    if own is not None:  # declared beside the reward (srpo.rewards.base.starter)
+        return RewardInfo(own["title"], None if own["file"] is None else PLACEHOLDER + own["file"], own["needs"],
+                          {k: PLACEHOLDER + v for k, v in own["options"].items()}, own["options_note"])
+    return RewardInfo(name, PLACEHOLDER + f"{name}-checkpoint",
                                                 "the reward's checkpoint file or folder (docs/rewards.md)")
 
 

@@ -105,6 +105,16 @@ def check_fit(model: str, pairs) -> None:
                             f"{want}; use a transformer trained for this base model")
 
 
+
+def channel_stats(vae_config, z: Tensor) -> tuple[Tensor, Tensor]:
+    """(latents_mean, 1 / latents_std) of a VAE config's per-channel lists, shaped
+    ``[1, C, 1, 1, 1]`` for ``[B, C, F, h, w]`` latents ``z`` (the Wan VAE's layout, which the
+    Wan and Qwen-Image pipelines build this way)."""
+    c = vae_config.z_dim
+    mean = torch.tensor(vae_config.latents_mean).view(1, c, 1, 1, 1).to(z.device, z.dtype)
+    inv_std = 1.0 / torch.tensor(vae_config.latents_std).view(1, c, 1, 1, 1).to(z.device, z.dtype)
+    return mean, inv_std
+
 def check_image_size(height: int, width: int, multiple: int) -> None:
     if height % multiple or width % multiple or height <= 0 or width <= 0:
         raise UserError(f"image size {height}x{width} is not supported: height and width must be "

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
-from .base import (MODELS, Cond, FlowModel, PlanParts, check_fit, check_image_size, encoder_params, folder_configs,
+from .base import (MODELS, Cond, FlowModel, PlanParts, channel_stats, check_fit, check_image_size, encoder_params, folder_configs,
                    meta_module, pack, unpack)
 
 # QwenImagePipeline.__init__ (diffusers 0.42): the template, the tokens it drops, the tokenizer limit
@@ -224,17 +224,10 @@ class QwenImageModel(FlowModel):
         sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device="cpu", mu=mu)
         return sched.sigmas.to(torch.float64)
 
-    def _latent_stats(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """(latents_mean, 1 / latents_std) shaped ``[1, C, 1, 1, 1]``, as the pipeline builds them."""
-        cfg = self.vae.config
-        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(z.device, z.dtype)
-        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(z.device, z.dtype)
-        return mean, inv_std
-
     def decode(self, latents: Tensor) -> Tensor:
         """Normalised ``[B, C, h, w]`` latents -> pixels in [0, 1] (one VAE frame); differentiable."""
         z = latents.unsqueeze(2).to(self.vae.device, self.vae.dtype)
-        mean, inv_std = self._latent_stats(z)
+        mean, inv_std = channel_stats(self.vae.config, z)
         x = self.vae.decode(z / inv_std + mean, return_dict=False)[0][:, :, 0]
         return (x * 0.5 + 0.5).clamp(0, 1).to(latents.dtype)
 
@@ -244,7 +237,7 @@ class QwenImageModel(FlowModel):
         ``(z - latents_mean) / latents_std``."""
         x = (2.0 * pixels - 1.0).unsqueeze(2).to(self.vae.device, self.vae.dtype)
         z = self.vae.encode(x).latent_dist.mode()
-        mean, inv_std = self._latent_stats(z)
+        mean, inv_std = channel_stats(self.vae.config, z)
         return ((z - mean) * inv_std)[:, :, 0].to(pixels.dtype)
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
-from .base import (MODELS, Cond, FlowModel, PlanParts, check_fit, check_image_size, encoder_params, folder_configs,
+from .base import (MODELS, Cond, FlowModel, PlanParts, channel_stats, check_fit, check_image_size, encoder_params, folder_configs,
                    meta_module, scheduler_sigmas)
 from .folders import check_transformer_folder, load_error
 from .wan_experts import EXPERTS, WanExperts, experts_folder, split_state
@@ -346,18 +346,11 @@ class WanModel(FlowModel):
         return (batch, self.vae.config.z_dim, self.latent_frames(), height // self.vae_scale_factor,
                 width // self.vae_scale_factor)
 
-    def _latent_stats(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """(latents_mean, 1 / latents_std) shaped ``[1, C, 1, 1, 1]``, as the pipeline builds them."""
-        cfg = self.vae.config
-        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(z.device, z.dtype)
-        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(z.device, z.dtype)
-        return mean, inv_std
-
     def decode(self, latents: Tensor) -> Tensor:
         """Normalised latents ``[B, C, F', h, w]`` -> videos ``[B, F, 3, H, W]`` in [0, 1], as the
         pipeline's ``output_type="pt"``; differentiable."""
         z = latents.to(self.vae.device, self.vae.dtype)
-        mean, inv_std = self._latent_stats(z)
+        mean, inv_std = channel_stats(self.vae.config, z)
         video = self.vae.decode(z / inv_std + mean, return_dict=False)[0]
         return (video * 0.5 + 0.5).clamp(0, 1).transpose(1, 2).to(latents.dtype)
 
@@ -367,7 +360,7 @@ class WanModel(FlowModel):
         latents, the posterior mode (the inverse of :meth:`decode`)."""
         x = pixels if pixels.ndim == 5 else pixels.unsqueeze(1)
         z = self.vae.encode((2.0 * x - 1.0).transpose(1, 2).to(self.vae.device, self.vae.dtype)).latent_dist.mode()
-        mean, inv_std = self._latent_stats(z)
+        mean, inv_std = channel_stats(self.vae.config, z)
         return ((z - mean) * inv_std).to(pixels.dtype)
 
     def gradient_checkpointing(self, enabled: bool = True) -> None:

@@ -48,6 +48,19 @@ def plan_sizes(sizes):
     return deco
 
 
+def starter(title: str, file: str | None, needs: str, options: dict | None = None, options_note: str = ""):
+    """Decorator for a reward factory: what ``srpo init`` writes of it (``factory.starter``): its
+    title, the checkpoint's file name (``None``: it takes no path), what the path must hold and
+    where users get it, and its path options (file names) with a note on them."""
+
+    def deco(factory):
+        factory.starter = {"title": title, "file": file, "needs": needs, "options": dict(options or {}),
+                           "options_note": options_note}
+        return factory
+
+    return deco
+
+
 class Reward(nn.Module):
     text_conditioned: bool = True
     scale: float = 1.0  # multiplier on the cosine (HPS: 1; CLIP / PickScore: logit_scale.exp() / 20)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
-from .base import REWARDS, RewardPlan, plan_sizes
+from .base import REWARDS, RewardPlan, plan_sizes, starter
 from .hpsv3_preprocess import IMAGE_TOKEN, PIXEL_BUDGET, REWARD_TOKEN, QwenVisionTransform, chat_text
 from .joint import JointReward
 
@@ -264,6 +264,9 @@ def plan(options: dict) -> RewardPlan:
 
 
 @REWARDS.register("hpsv3")
+@starter("HPSv3", "HPSv3.safetensors", "the HPSv3 checkpoint HPSv3.safetensors of the hub repo MizzenAI/HPSv3",
+         {"qwen_path": "Qwen2-VL-7B-Instruct"},
+         "qwen_path: the Qwen2-VL-7B-Instruct folder from the hub (its config and tokenizer are read)")
 @plan_sizes(plan)
 def hpsv3(path=None, device=None, qwen_path=None, dtype=None, uint8: str | None = "pil",
           min_pixels: int = PIXEL_BUDGET, max_pixels: int = PIXEL_BUDGET, divide_by: float = 1.0) -> HPSv3Reward:

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from .base import REWARDS, plan_sizes
+from .base import REWARDS, plan_sizes, starter
 from .hpsv3 import HPSv3Reward, add_reward_token, build_qwen, qwen_plan, reward_head
 from .hpsv3_preprocess import INSTRUCTION, PIXEL_BUDGET, QwenVisionTransform
 from .srp import DEFAULT_NEG_WORDS, DEFAULT_POS_WORDS
@@ -131,6 +131,7 @@ def plan(options: dict):
 
 
 @REWARDS.register("tiny_hpsv3")
+@starter("tiny random HPSv3", None, "random weights built in code for smoke tests: no files")
 @plan_sizes(plan)
 def build_tiny_hpsv3(path=None, seed: int = 0, device=None, uint8: str | None = "pil",
                      min_pixels: int = PIXEL_BUDGET, max_pixels: int = PIXEL_BUDGET) -> HPSv3Reward:

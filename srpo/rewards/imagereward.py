@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
-from .base import REWARDS, RewardPlan, plan_sizes
+from .base import REWARDS, RewardPlan, plan_sizes, starter
 from .joint import JointReward
 from .preprocess import ImageTransform
 
@@ -111,6 +111,10 @@ def text_config(med: dict, encoder_width: int):
                           is_decoder=True, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
+_VISION_FIXED = {"cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding",
+                 "patch_embed.proj.weight": "embeddings.patch_embedding.weight",
+                 "patch_embed.proj.bias": "embeddings.patch_embedding.bias",
+                 "norm.weight": "post_layernorm.weight", "norm.bias": "post_layernorm.bias"}  # ViT's names -> BLIP's
 _VISION_BLOCK = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.qkv": "self_attn.qkv",
                  "attn.proj": "self_attn.projection", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
 
@@ -127,12 +131,8 @@ def map_checkpoint_key(key: str) -> str | None:
     if not key.startswith(ve):
         return None
     rest = key[len(ve):]
-    fixed = {"cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding",
-             "patch_embed.proj.weight": "embeddings.patch_embedding.weight",
-             "patch_embed.proj.bias": "embeddings.patch_embedding.bias",
-             "norm.weight": "post_layernorm.weight", "norm.bias": "post_layernorm.bias"}
-    if rest in fixed:
-        return "vision." + fixed[rest]
+    if rest in _VISION_FIXED:
+        return "vision." + _VISION_FIXED[rest]
     if rest.startswith("blocks."):
         _, i, tail = rest.split(".", 2)
         for old, new in _VISION_BLOCK.items():
@@ -148,12 +148,9 @@ def to_checkpoint_key(key: str) -> str:
     if key.startswith("text."):
         return "blip.text_encoder." + key[len("text."):]
     rest = key[len("vision."):]
-    fixed = {"embeddings.class_embedding": "cls_token", "embeddings.position_embedding": "pos_embed",
-             "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
-             "embeddings.patch_embedding.bias": "patch_embed.proj.bias",
-             "post_layernorm.weight": "norm.weight", "post_layernorm.bias": "norm.bias"}
-    if rest in fixed:
-        return "blip.visual_encoder." + fixed[rest]
+    inverse = {v: k for k, v in _VISION_FIXED.items()}
+    if rest in inverse:
+        return "blip.visual_encoder." + inverse[rest]
     _, _, i, tail = rest.split(".", 3)
     for old, new in _VISION_BLOCK.items():
         if tail.startswith(new + "."):
@@ -284,6 +281,9 @@ BERT_BASE = dict(vocab_size=30524, hidden_size=768, intermediate_size=3072, num_
 
 
 @REWARDS.register("imagereward")
+@starter("ImageReward", "ImageReward.pt", "ImageReward.pt (med_config.json beside it) of the hub repo THUDM/ImageReward",
+         {"tokenizer_path": "bert-base-uncased"},
+         "tokenizer_path: bert-base-uncased's folder or vocab.txt, google-bert/bert-base-uncased")
 @plan_sizes(lambda options: plan_of(vision_config(**(options.get("vit") or {})),
                                     text_config(BERT_BASE, vision_config(**(options.get("vit") or {})).hidden_size)))
 def imagereward(path=None, device=None, med_config=None, tokenizer_path=None, dtype=None,

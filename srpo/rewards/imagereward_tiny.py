@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from .base import REWARDS, plan_sizes
+from .base import REWARDS, plan_sizes, starter
 from .imagereward import (ImageRewardModel, ImageRewardReward, blip_tokenizer, image_transform, load_weights,
                           plan_of, text_config, to_checkpoint_key, vision_config)
 from .srp import DEFAULT_NEG_WORDS, DEFAULT_POS_WORDS
@@ -94,6 +94,7 @@ def save_tiny_imagereward(folder, seed: int = 0) -> dict[str, str]:
 
 
 @REWARDS.register("tiny_imagereward")
+@starter("tiny random ImageReward", None, "random weights built in code for smoke tests: no files")
 @plan_sizes(lambda options: plan_of(*tiny_configs(tiny_tokenizer())))
 def build_tiny_imagereward(path=None, seed: int = 0, device=None, uint8: str | None = "pil") -> ImageRewardReward:
     """The tiny ImageReward with random weights from ``seed``, or from ``path`` (a weights-only
