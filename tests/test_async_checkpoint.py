@@ -83,3 +83,34 @@ def test_async_sharded_checkpoint_is_a_snapshot_published_after_the_write(tmp_pa
     assert out["after_second"] == "step-000001"  # the second save published the first before writing
     assert out["newest"] == "step-000002"
     assert out["diff"] == 0.0  # the weights as they were at the save, not +100 after it
+
+
+def test_async_full_checkpoint_writes_the_state_at_the_save(tmp_path):
+    """One process, full format: the writer thread is held until the weights and the AdamW state
+    have changed in place after the save; what it writes is still the state at the save."""
+    import threading
+
+    torch.manual_seed(0)
+    net = _Net()
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1)
+    net(torch.randn(4, 8)).square().mean().backward()
+    opt.step()
+    weights = {k: v.clone() for k, v in net.state_dict().items()}
+    moments = {k: v["exp_avg"].clone() for k, v in zip(dict(net.named_parameters()), opt.state.values())}
+    gate = threading.Event()
+    checkpoint._writer().submit(gate.wait)  # the one writer thread is busy until the gate opens
+    checkpoint.save(tmp_path, 1, net, opt, asynchronous=True)
+    assert checkpoint.latest(tmp_path) is None  # not published while its write waits
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(100.0)
+        for st in opt.state.values():
+            st["exp_avg"].add_(100.0)
+    gate.set()
+    checkpoint.wait()
+    fresh = _Net()
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    checkpoint.load(checkpoint.latest(tmp_path), fresh, fresh_opt)
+    assert all(torch.equal(fresh.state_dict()[k], weights[k]) for k in weights)
+    loaded = {k: v["exp_avg"] for k, v in zip(dict(fresh.named_parameters()), fresh_opt.state.values())}
+    assert all(torch.equal(loaded[k], moments[k]) for k in moments)
