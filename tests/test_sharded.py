@@ -160,9 +160,12 @@ def test_torchrun_restarts_resume_by_themselves_bit_exactly(tmp_path):
     killed = {}
 
     def kill_rank_1_after_three_updates():
+        # checkpoints are written in the background and published later: wait for one to be on disk too,
+        # so the restart has something to resume from (a kill before any publish restarts from 0, rightly)
         metrics, deadline = tmp_path / "elastic" / "metrics.jsonl", time.time() + 240
+        published = tmp_path / "elastic" / "checkpoints" / "step-000002"
         while elastic.poll() is None and time.time() < deadline:
-            if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3 and published.is_dir():
                 pid = _workers(str(tmp_path)).get(1)
                 if pid:
                     os.kill(pid, signal.SIGKILL)
