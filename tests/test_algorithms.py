@@ -230,6 +230,24 @@ def test_bench_curve_readings():
     assert e["runs"]["grpo"]["hack_index_at_gain"] == pytest.approx(3.0)
     assert not e["runs"]["flat"]["reached"] and e["runs"]["flat"]["hack_index"] == 3.0
     assert not e["runs"]["barely"]["reached"] and e["runs"]["barely"]["max_gain"] == pytest.approx(0.01)
+    # over seeds: mean, sample std, range; comparisons paired seed by seed
+    from srpo.bench.runs import seed_summary
+
+    def table(**hi):
+        return {"gain": 0.2, "runs": {n: {"hack_index": v, "reached": n != "grpo_absolute"} for n, v in hi.items()}}
+
+    s = seed_summary([table(srpo=1.0, refl_absolute=4.0, grpo_absolute=3.0, no_inversion=1.5, late_timesteps=0.9),
+                      table(srpo=1.2, refl_absolute=5.0, grpo_absolute=1.1, no_inversion=1.3, late_timesteps=1.4),
+                      table(srpo=0.8, refl_absolute=6.0, grpo_absolute=2.0, no_inversion=1.4, late_timesteps=1.5)])
+    assert s["seeds"] == 3 and s["runs"]["srpo"]["mean"] == pytest.approx(1.0)
+    assert s["runs"]["srpo"]["std"] == pytest.approx(0.2) and s["runs"]["refl_absolute"]["std"] == pytest.approx(1.0)
+    assert not s["runs"]["grpo_absolute"]["reached_every_seed"] and s["runs"]["srpo"]["reached_every_seed"]
+    assert s["reference_below_baselines"] == {"refl_absolute": {"below_on_every_seed": True},
+                                              "grpo_absolute": {"below_on_every_seed": False}}  # 1.2 > 1.1 on seed 2
+    ni, lt = s["ablations"]["no_inversion"], s["ablations"]["late_timesteps"]
+    assert ni["differences"] == pytest.approx([0.5, 0.1, 0.6]) and ni["raised_on_every_seed"]
+    assert ni["beyond_spread"]  # lowest 1.3 above srpo's highest 1.2
+    assert not lt["raised_on_every_seed"] and not lt["beyond_spread"] and lt["mean_difference"] == pytest.approx(0.2667, abs=1e-4)
     # by default each run is read on the reward it maximises
     assert [objective(n) for n in ("srpo", "no_inversion", "grpo", "direct_align", "refl_absolute")] == \
         ["srp_reward", "srp_reward", "srp_reward", "reward", "reward"]
@@ -279,8 +297,8 @@ def test_bench_hacking_part_on_the_lab(tmp_path, capsys):
     from srpo.bench.runs import E_OVERRIDES
 
     out = tmp_path / "bench"
-    assert srpo_cli("bench", "--quick", "--parts", "e", "--output", out, "--set", "train.batch_size=1",
-                    "--set", "rollout.steps=4", "--set", "data.eval_steps=4") == 0
+    assert srpo_cli("bench", "--quick", "--parts", "e", "--seeds", "2", "--output", out, "--set", "train.batch_size=1",
+                    "--set", "rollout.steps=4", "--set", "data.eval_steps=4", "--set", "train.seed=3") == 0
     result = json.loads((out / "bench.json").read_text())
     names = {"srpo", "direct_align", "refl_absolute", "draft_absolute", "grpo_absolute", "no_inversion",
              "late_timesteps", "absolute_reward"}
@@ -292,4 +310,18 @@ def test_bench_hacking_part_on_the_lab(tmp_path, capsys):
         curve = result["curves"]["e"][name]
         assert [p["step"] for p in curve] == [0, 1, 2, 3] and curve[0]["hack_index"] == 0.0
     assert yaml.safe_load((out / "runs" / "e" / "late_timesteps" / "config.yaml").read_text())["method"]["index_range"] == [35, 49]
-    assert "(e) hack_index at an equal gain" in capsys.readouterr().out
+    # --seeds 2: every run again at the next train.seed, the user's seed first; the table over seeds
+    for name in names - {"absolute_reward"}:
+        first = yaml.safe_load((out / "runs" / "e" / name / "config.yaml").read_text())
+        second = yaml.safe_load((out / "runs" / "e" / "seed-1" / name / "config.yaml").read_text())
+        assert (first["train"]["seed"], second["train"]["seed"]) == (3, 4) and second["train"]["lr"] == 1e-4
+    seeds = result["e"]["over_seeds"]
+    assert seeds["seeds"] == 2 and set(seeds["runs"]) == names
+    srpo = seeds["runs"]["srpo"]
+    assert srpo["values"][0] == result["e"]["runs"]["srpo"]["hack_index"] and len(srpo["values"]) == 2
+    assert result["curves"]["e"]["srpo"] != result["curves"]["e-seed-1"]["srpo"]  # another seed, another run
+    assert result["headline"]["seeds"] == 2 and "ablation late_timesteps raises hack_index beyond the seed spread" \
+        in result["targets"]
+    printed = capsys.readouterr().out
+    assert "(e) hack_index at an equal gain" in printed and "(e) over 2 seeds" in printed
+    assert srpo_cli("bench", "--parts", "e", "--seeds", "0", "--output", tmp_path / "x") == 2

@@ -82,6 +82,14 @@ def headline(result: dict) -> dict:
     if e:
         out["hack_index"] = {name: row["hack_index"] for name, row in e["runs"].items()}
         out["hack_index_at_equal_gain"] = {name: row["reached"] for name, row in e["runs"].items()}
+        if e.get("over_seeds"):
+            s = e["over_seeds"]
+            out["hack_index_mean_over_seeds"] = {n: r["mean"] for n, r in s["runs"].items()}
+            out["hack_index_std_over_seeds"] = {n: r["std"] for n, r in s["runs"].items()}
+            out["seeds"] = s["seeds"]
+            out["srpo_below_baseline_every_seed"] = {n: r["below_on_every_seed"]
+                                                     for n, r in s["reference_below_baselines"].items()}
+            out["ablation_beyond_spread"] = {n: r["beyond_spread"] for n, r in s["ablations"].items()}
     return out
 
 
@@ -107,13 +115,18 @@ def targets(h: dict) -> dict:
         for n in ("no_inversion", "late_timesteps", "absolute_reward"):
             if hi.get(n) is not None:
                 out[f"ablation {n} raises hack_index"] = hi[n] > hi["srpo"]
+    if h.get("seeds"):
+        out[f"srpo below every baseline on all {h['seeds']} seeds"] = all(h["srpo_below_baseline_every_seed"].values())
+        for n, v in h["ablation_beyond_spread"].items():
+            out[f"ablation {n} raises hack_index beyond the seed spread"] = v
     return out
 
 
 def run_bench(output, quick: bool = False, parts=PARTS, config=None, overrides=(), progress: bool = True,
-              compile: str = "model") -> dict:
+              compile: str = "model", seeds: int = 1) -> dict:
     """Run the chosen parts, print tables, write ``output/bench.json``; returns the result.
-    ``compile``: the ``train.compile`` mode (d) measures against eager and the pipelines (none: eager only)."""
+    ``compile``: the ``train.compile`` mode (d) measures against eager and the pipelines (none: eager only).
+    ``seeds``: (e) trains every run with ``train.seed`` 0 .. seeds - 1 and reports mean and spread."""
     from .parts import Bench, srpo_parts, update_costs
 
     output = Path(output)
@@ -146,7 +159,7 @@ def run_bench(output, quick: bool = False, parts=PARTS, config=None, overrides=(
         say("(d) rollout against the diffusers pipelines")
         result["d"] = compiled_speeds(bench, budget, compile, quick, say)
     if "a" in parts or "e" in parts:
-        _training_parts(result, bench, cfg, judge, config, parts, budget, output, overrides, say)
+        _training_parts(result, bench, cfg, judge, config, parts, budget, output, overrides, say, seeds)
     result["headline"] = headline(result)
     result["targets"] = targets(result["headline"])
     result["seconds"] = round(time.perf_counter() - t0, 1)
@@ -200,36 +213,41 @@ def _config(config, overrides):
     return cfg, judge if judge is not None and judge.is_dir() else None
 
 
-def _training_parts(result, bench, cfg, judge, config, parts, budget, output, overrides, say) -> None:
+def _training_parts(result, bench, cfg, judge, config, parts, budget, output, overrides, say, seeds=1) -> None:
     from ..data import load_prompts
     from ..lab.judge import Judge
     from ..lab.run import Evaluator
     from .measure import flops
-    from .runs import ABLATIONS, E_OVERRIDES, PUBLISHED, SAME_REWARD, equal_gain_table, time_to_target_table, train_and_judge
+    from .runs import (ABLATIONS, E_OVERRIDES, PUBLISHED, SAME_REWARD, equal_gain_table, seed_summary,
+                       time_to_target_table, train_and_judge)
 
     heldout = load_prompts(cfg.data.eval_prompts, "lab held-out prompts", cfg.data.prompt_column)
     if budget["eval_prompts"]:
         heldout = heldout[: budget["eval_prompts"]]
     evaluator = Evaluator(cfg, heldout, Judge.load(judge))
     before, _ = evaluator()
-    plan = []  # (part, run name, overrides); (e) runs at E_OVERRIDES' optimisation pressure
+    # (part, run name, folder, overrides); (e) runs at E_OVERRIDES' optimisation pressure, once per seed
+    plan = []
     if "a" in parts:
-        plan += [("a", name, extra) for name, extra in SAME_REWARD.items()]
+        plan += [("a", name, f"a/{name}", (extra, [])) for name, extra in SAME_REWARD.items()]
     if "e" in parts:
         runs_e = {"srpo": [], **PUBLISHED, **{k: v for k, v in ABLATIONS.items() if k != "absolute_reward"}}
-        plan += [("e", name, E_OVERRIDES + extra) for name, extra in runs_e.items()]
+        for seed in range(seeds):
+            part, where = ("e", "e") if seed == 0 else (f"e-seed-{seed}", f"e/seed-{seed}")
+            reseed = [f"train.seed={cfg.train.seed + seed}"] if seed else []  # after the user's --set, below
+            plan += [(part, name, f"{where}/{name}", (E_OVERRIDES + extra, reseed)) for name, extra in runs_e.items()]
     curves: dict = {"a": {}, "e": {}}
-    for part, name, extra in plan:
+    for part, name, folder, (extra, reseed) in plan:
         updates = (budget["grpo_updates"] if name.startswith("grpo") else budget["updates"]) or cfg.train.max_steps
         every = budget["eval_every"] or cfg.log.checkpoint_every or max(1, updates // 4)
         run_overrides = list(budget["overrides"]) + extra + list(overrides) + [
             f"train.max_steps={updates}", f"log.checkpoint_every={every}", "log.keep_checkpoints=10000",
-            "log.sample_every=0", "data.eval_prompts=null", "log.progress=false"]
+            "log.sample_every=0", "data.eval_prompts=null", "log.progress=false", *reseed]
         run_cfg, _ = _config(config, run_overrides)
         f = flops(bench.update_fn(run_cfg))
         bench.restore()
         say(f"({part}) training {name}: {updates} updates at lr {run_cfg.train.lr:g}, {f / 1e9:.2f} GFLOP per update")
-        curves[part][name] = train_and_judge(run_cfg, output / "runs" / part / name, evaluator, before, f)
+        curves.setdefault(part, {})[name] = train_and_judge(run_cfg, output / "runs" / folder, evaluator, before, f)
         end = curves[part][name][-1]
         say(f"      {end['seconds']:.1f}s of training; realism {before['realism']:.3f} -> {end['realism']:.3f}, "
             f"reward {before['reward']:.3f} -> {end['reward']:.3f}, hack_index {end['hack_index']:.2f}")
@@ -237,10 +255,14 @@ def _training_parts(result, bench, cfg, judge, config, parts, budget, output, ov
     if "a" in parts:
         result["a"] = time_to_target_table(curves["a"])
     if "e" in parts:
-        table = equal_gain_table(curves["e"])
-        table["runs"]["absolute_reward"] = table["runs"]["direct_align"]
-        table["overrides"] = E_OVERRIDES
-        result["e"] = table
+        tables = []
+        for part in ["e"] + [f"e-seed-{s}" for s in range(1, seeds)]:
+            table = equal_gain_table(curves[part])
+            table["runs"]["absolute_reward"] = table["runs"]["direct_align"]
+            tables.append(table)
+        result["e"] = dict(tables[0], overrides=E_OVERRIDES)  # seed 0 (the config's own train.seed)
+        if seeds > 1:
+            result["e"]["over_seeds"] = seed_summary(tables)
 
 
 def report(result: dict) -> str:

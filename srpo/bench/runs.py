@@ -123,3 +123,35 @@ def equal_gain_table(curves: dict[str, list[dict]], gain_key=objective) -> dict:
                        "final_hack_index": curve[-1]["hack_index"], "final_realism": curve[-1]["realism"],
                        "final_fidelity": curve[-1]["fidelity"]}
     return {"gain_key": gain_key if isinstance(gain_key, str) else "objective", "gain": level, "runs": table}
+
+
+BASELINES = ("direct_align", "refl_absolute", "draft_absolute", "grpo_absolute")
+
+
+def seed_summary(tables: list[dict], reference: str = "srpo") -> dict:
+    """(e) over seeds: ``tables`` are :func:`equal_gain_table` results, one per ``train.seed`` (run
+    noise, timesteps and prompt order; the judge's held-out noise stays fixed). Per run: the hack_index
+    at each seed's equal gain, its mean, sample standard deviation and range. Per baseline: whether the
+    reference's hack_index is below it on every seed. Per ablation: the paired differences against the
+    reference, raised on every seed, and ``beyond_spread``: the ablation's lowest value above the
+    reference's highest (the two ranges over seeds do not overlap)."""
+    names = list(tables[0]["runs"])
+    runs = {}
+    for name in names:
+        values = [t["runs"][name]["hack_index"] for t in tables]
+        runs[name] = {"values": values, "mean": statistics.fmean(values),
+                      "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                      "min": min(values), "max": max(values),
+                      "reached_every_seed": all(t["runs"][name]["reached"] for t in tables)}
+    ref = runs[reference]
+    baselines = {b: {"below_on_every_seed": all(r < v for r, v in zip(ref["values"], runs[b]["values"]))}
+                 for b in BASELINES if b in runs}
+    ablations = {}
+    for a in ABLATIONS:
+        if a in runs:
+            diffs = [v - r for v, r in zip(runs[a]["values"], ref["values"])]
+            ablations[a] = {"differences": diffs, "mean_difference": statistics.fmean(diffs),
+                            "raised_on_every_seed": all(d > 0 for d in diffs),
+                            "beyond_spread": runs[a]["min"] > ref["max"]}
+    return {"seeds": len(tables), "gains": [t["gain"] for t in tables], "runs": runs,
+            "reference_below_baselines": baselines, "ablations": ablations}

@@ -80,6 +80,8 @@ def render(result: dict) -> str:
                         _f(r["hack_index_at_gain"]) if r["reached"] else
                         f"{_f(r['hack_index'])} at end", _f(r["final_hack_index"]),
                         _f(r["final_realism"]), _f(r["final_fidelity"])] for n, r in e["runs"].items()])
+    if "e" in result and result["e"].get("over_seeds"):
+        out += _seed_tables(result["e"]["over_seeds"])
     h = result.get("headline", {})
     if h:
         out += ["", "headline ratios:"]
@@ -89,3 +91,20 @@ def render(result: dict) -> str:
     if t:
         out += ["targets: " + "; ".join(f"{k} {'PASS' if v else 'MISS'}" for k, v in t.items())]
     return "\n".join(out)
+
+
+def _seed_tables(s: dict) -> list[str]:
+    """(e) over seeds: each run's hack_index at its seed's equal gain, mean +- sample std and range;
+    then the comparisons with SRPO that the spread supports or not."""
+    out = ["", f"(e) over {s['seeds']} seeds (train.seed; equal gains {', '.join(_f(g) for g in s['gains'])}): "
+               "hack_index at equal gain", ""]
+    out += _table(["run", "per seed", "mean", "std", "range", "reached on every seed"],
+                  [[n, " / ".join(_f(v) for v in r["values"]), _f(r["mean"]), _f(r["std"]),
+                    f"{_f(r['min'])} - {_f(r['max'])}", "yes" if r["reached_every_seed"] else "no"]
+                   for n, r in s["runs"].items()])
+    rows = [[f"srpo below {n}", "-", "yes" if r["below_on_every_seed"] else "no", "-"]
+            for n, r in s["reference_below_baselines"].items()]
+    rows += [[f"ablation {n} above srpo", " / ".join(_f(d) for d in r["differences"]),
+              "yes" if r["raised_on_every_seed"] else "no", "yes" if r["beyond_spread"] else "no"]
+             for n, r in s["ablations"].items()]
+    return out + [""] + _table(["comparison", "paired differences", "on every seed", "beyond the seed spread"], rows)

@@ -1,4 +1,4 @@
-"""srpo bench [--quick] [--output DIR] [--parts a,b,c,d,e] [--config YAML] [--compile MODE] [--set k=v ...]"""
+"""srpo bench [--quick] [--output DIR] [--parts a,b,c,d,e] [--config YAML] [--compile MODE] [--seeds N] [--set k=v ...]"""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ def add_parser(sub) -> None:
     p.add_argument("--compile", default="model", choices=("none", "blocks", "model"),
                    help="(d): the train.compile mode measured against eager and the pipelines (default model; "
                         "none: eager only)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="(e): train every run with this many seeds of the run noise and prompt order (train.seed, "
+                        "train.seed + 1, ...) and report each hack_index as mean and spread (default 1)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value for every measurement (repeatable)")
 
@@ -30,7 +33,9 @@ def run(args) -> int:
     bad = [p for p in parts if p not in PARTS]
     if bad or not parts:
         raise UserError(f"--parts {args.parts!r}: choose from {','.join(PARTS)}")
+    if args.seeds < 1:
+        raise UserError(f"--seeds {args.seeds}: give 1 or more")
     run_bench(args.output, quick=args.quick, parts=parts, config=args.config, overrides=args.overrides,
-              compile=args.compile)
+              compile=args.compile, seeds=args.seeds)
     print(f"wrote {args.output}/bench.json")
     return 0
