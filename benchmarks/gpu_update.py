@@ -4,6 +4,7 @@ the gradient step's model FLOPs utilisation, peak memory against ``srpo plan``.
     python benchmarks/gpu_update.py                     # GPU: 19 + 38 blocks, 720x720, LoRA r64, bf16 (minutes: not yet run)
     python benchmarks/gpu_update.py --tiny              # CPU dry run of the same code path, seconds
     python benchmarks/gpu_update.py --modes lora,full --steps 3 --out bench.json
+    python benchmarks/gpu_update.py --compile none,blocks   # eager and compiled (train.compile), one run each
 
 The components are :mod:`srpo.bench.real_dims`' (the builder ``benchmarks/real_dims.py``
 measures on the CPU): random weights of the real classes at FLUX.1-dev's sizes (19 double + 38
@@ -116,11 +117,12 @@ def make_config(tiny: bool, mode: str, size: int, rollout_steps: int, device: st
     return rd.config(mode, size, rollout_steps, device, rank=rank, tiny=tiny)
 
 
-def run_mode(mode: str, args) -> dict:
+def run_mode(mode: str, args, compile: str = "none") -> dict:
     from srpo import parallel, step as steps
     from srpo.bench import real_dims as rd
 
     cfg = make_config(args.tiny, mode, args.size, args.rollout_steps, "cpu" if args.tiny else "cuda", args.rank)
+    cfg.train.compile = compile  # srpo.setup.prepare compiles the transformer (its first update pays the compile)
     if mode == "lora":
         cfg.model.quantize = args.quantize  # the frozen base (srpo.setup.prepare quantizes it; the plan counts it)
     ctx = parallel.setup(cfg)
@@ -149,12 +151,13 @@ def run_mode(mode: str, args) -> dict:
         rows.append(row)
         print(f"[{mode}] update {step + 1}: {r['seconds']:.2f} s", file=sys.stderr, flush=True)
     timed = rows[args.warmup:]
+    first_update_s = rows[0]["update_s"]
     mean = {k: sum(r[k] for r in timed) / len(timed) for k in timed[0]}
     grad_flops = 2 * (flops["forward"] + flops["backward"])  # two branches, batch 1
     peak = args.peak_tflops or _peak_tflops(device)
     plan = _plan(cfg, dims, rd.reward_arch_of(reward), sgd)
     result = {
-        "mode": mode, "device": _device_name(device), "size": args.size, "blocks": [dims.double, dims.single],
+        "mode": mode, "compile": compile, "first_update_s": first_update_s, "device": _device_name(device), "size": args.size, "blocks": [dims.double, dims.single],
         "rollout_steps": args.rollout_steps, "lora_rank": args.rank if mode == "lora" else None,
         "optimizer": type(run.optimizer).__name__, "quantize": cfg.model.quantize, "trainable_params": sum(p.numel() for p in run.params),
         "transformer_params": sum(p.numel() for p in model.transformer.parameters()),
@@ -216,6 +219,9 @@ def parse(argv=None):
     p.add_argument("--full-optimizer", choices=["sgd", "adamw"], default="sgd")
     p.add_argument("--quantize", choices=["none", "int8", "fp8", "nf4"], default="none",
                    help="lora mode: the frozen base quantized (model.quantize; default none: bf16)")
+    p.add_argument("--compile", default="none",
+                   help="comma list of train.compile modes to measure per mode: none (eager), blocks, model "
+                        "(default none); the first update of each includes its compile (first_update_s)")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the device (default: by name)")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
@@ -232,6 +238,9 @@ def parse(argv=None):
     if args.size % 16:
         p.error(f"--size must be a multiple of 16 (got {args.size})")
     args.modes = modes
+    args.compile = [c.strip() for c in args.compile.split(",") if c.strip()]
+    if not args.compile or any(c not in ("none", "blocks", "model") for c in args.compile):
+        p.error(f"--compile {','.join(args.compile) or '(none)'}: use a comma list of none, blocks, model")
     return args
 
 
@@ -247,16 +256,24 @@ def main(argv=None) -> list[dict]:
 
         args.reward_arch = rd.tiny_reward_arch(tmp) if args.tiny else None
         for mode in args.modes:
-            r = run_mode(mode, args)
-            results.append(r)
-            print(json.dumps(r), flush=True)
-    print("\n| mode | optimizer | peak GiB (plan) | update s | rollout s | grad step s | grad step TFLOP/s | MFU |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+            for compile in args.compile:
+                torch._dynamo.reset()  # each compiled mode pays its own compile in its first update
+                r = run_mode(mode, args, compile)
+                eager = next((e for e in results if e["mode"] == mode and e["compile"] == "none"), None)
+                if compile != "none" and eager is not None:
+                    r["speedup_over_eager"] = eager["update_s"] / r["update_s"]
+                results.append(r)
+                print(json.dumps(r), flush=True)
+    print("\n| mode | compile | optimizer | peak GiB (plan) | update s | first update s | rollout s | grad step s | "
+          "grad step TFLOP/s | MFU | speed over eager |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] else "n/a"
         mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "n/a"
-        print(f"| {r['mode']} | {r['optimizer']} | {peak} ({r['plan_gib']:.1f}) | {r['update_s']:.2f} | "
-              f"{r['rollout_s']:.2f} | {r['grad_step_s']:.2f} | {r['grad_step_tflops_per_s']:.1f} | {mfu} |")
+        speed = f"{r['speedup_over_eager']:.2f}" if "speedup_over_eager" in r else "-"
+        print(f"| {r['mode']} | {r['compile']} | {r['optimizer']} | {peak} ({r['plan_gib']:.1f}) | {r['update_s']:.2f} | "
+              f"{r['first_update_s']:.2f} | {r['rollout_s']:.2f} | {r['grad_step_s']:.2f} | "
+              f"{r['grad_step_tflops_per_s']:.1f} | {mfu} | {speed} |")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     return results

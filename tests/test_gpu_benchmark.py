@@ -78,7 +78,30 @@ def test_benchmark_tiny_dry_run(capsys):
             assert ratio == pytest.approx(1, abs=1e-12)
         else:  # LoRA: the formula also counts input gradients of the frozen conditioning path
             assert 1 <= ratio < 1.05
-    assert "| lora | AdamW |" in capsys.readouterr().out
+    assert "| lora | none | AdamW |" in capsys.readouterr().out
+
+
+def test_benchmark_tiny_dry_run_eager_and_compiled():
+    """--compile none,blocks: the same update eager and with the transformer's blocks compiled, the
+    compiled one's speed over eager reported; the first compiled update pays the compile."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    eager, compiled = gpu_update.main(["--tiny", "--modes", "lora", "--compile", "none,blocks", "--steps", "1",
+                                       "--warmup", "1", "--rollout-steps", "1", "--rank", "4"])
+    assert (eager["compile"], compiled["compile"]) == ("none", "blocks") and "speedup_over_eager" not in eager
+    assert compiled["speedup_over_eager"] == pytest.approx(eager["update_s"] / compiled["update_s"], rel=1e-9)
+    assert counters["stats"]["unique_graphs"] > 0  # the compiled run did compile (the eager one cannot)
+    assert compiled["first_update_s"] > compiled["update_s"]  # the compile is in the first update
+    assert compiled["mfu"] is None  # no GPU peak on the CPU
+    # the same weights, prompts and noise: the compiled update computes the eager one's loss and gradient
+    assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-4)
+    # (bf16 base: compiled kernels round differently; measured 0.2 %)
+    assert compiled["grad_norm"] == pytest.approx(eager["grad_norm"], rel=1e-2) and compiled["grad_norm"] > 0
+    with pytest.raises(SystemExit):
+        gpu_update.parse(["--tiny", "--compile", "fast"])
 
 
 def test_benchmark_tiny_dry_run_on_an_int8_base():
