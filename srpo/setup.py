@@ -13,11 +13,37 @@ from .rewards.factory import build_reward
 from .rewards.objective import reward_function
 
 
-def objective(cfg, reward):
+def objective(cfg, reward, ctx=None):
     """The reward function (with SRP when enabled) and the algorithm the config names, on a
-    built (frozen) reward model."""
+    built (frozen) reward model; under FSDP (``ctx``) its image tower sharded first
+    (``parallel.shard_reward``)."""
+    if ctx is not None and ctx.strategy == "fsdp" and cfg.parallel.shard_reward:
+        shard_reward(reward)
     reward_fn = reward_function(cfg, reward)
     return reward_fn, ALGORITHMS.get(cfg.algorithm)(cfg, reward_fn)
+
+
+def shard_reward(reward) -> list[str]:
+    """FSDP2 over the frozen image tower of every reward in ``reward`` (a mix: each of its terms)
+    that declares one (:meth:`srpo.rewards.base.Reward.image_tower`): each block its own unit,
+    then the tower, all resharded after their forward (gathered again for the backward to the
+    pixels; no gradient of their own). Weights stay in their dtype; nothing else changes.
+    Returns the sharded rewards' class names."""
+    from torch.distributed.fsdp import fully_shard
+
+    from .rewards.base import Reward
+
+    done = []
+    for r in [m for m in reward.modules() if isinstance(m, Reward)]:
+        tower = r.image_tower()
+        if tower is None:
+            continue
+        root, blocks = tower
+        for block in blocks:
+            fully_shard(block, reshard_after_forward=True)
+        fully_shard(root, reshard_after_forward=True)
+        done.append(type(r).__name__)
+    return done
 
 
 def build(cfg, device: torch.device, ctx=None):
@@ -30,7 +56,7 @@ def build(cfg, device: torch.device, ctx=None):
     if cfg.rollout.frames is not None:  # a video family's frame count (image families refuse it)
         model.set_frames(cfg.rollout.frames)
     reward = build_reward(cfg.reward, device=device, training=True).frozen()
-    return (model, *objective(cfg, reward))
+    return (model, *objective(cfg, reward, ctx))
 
 
 def prepare(model, cfg, ctx, prompts: list[str], cache_dir=None, progress: bool = False, optimizer=None):
@@ -68,6 +94,15 @@ def prepare(model, cfg, ctx, prompts: list[str], cache_dir=None, progress: bool 
     return params, optimizer(params) if optimizer is not None else make_optimizer(params, cfg), encoded
 
 
+def adamw_kernel(cfg, device) -> str:
+    """``train.adamw`` resolved: auto is fused on CUDA (no step temporaries), torch's default elsewhere."""
+    kind = cfg.train.adamw
+    return ("fused" if torch.device(device).type == "cuda" else "torch") if kind == "auto" else kind
+
+
 def make_optimizer(params, cfg):
     t = cfg.train
-    return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
+    device = params[0].device if params else "cpu"
+    fused = adamw_kernel(cfg, device) == "fused"
+    return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
+                             fused=fused or None)

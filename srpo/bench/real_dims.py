@@ -154,6 +154,6 @@ def prepare_run(cfg, model, reward, ctx, optimizer=None) -> Run:
 
     prompts = list(cfg.data.prompts)
     params, opt, encoded = setup.prepare(model, cfg, ctx, prompts, optimizer=optimizer)
-    reward_fn, algorithm = setup.objective(cfg, reward)
+    reward_fn, algorithm = setup.objective(cfg, reward, ctx)
     batches = steps.Batches(cfg, model, algorithm, prompts, ctx)
     return Run(model, reward_fn, algorithm, opt, params, batches, ctx, encoded)

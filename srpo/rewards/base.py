@@ -93,6 +93,12 @@ class Reward(nn.Module):
         f_txt = self.encode_text(prompts).to(f_img)
         return self.scale * (f_img * f_txt).sum(-1)
 
+    def image_tower(self) -> tuple[nn.Module, list[nn.Module]] | None:
+        """The image tower as (the module its forward calls, its repeated blocks), for
+        ``parallel.shard_reward``: a tower every rank calls alike (once per scored batch), so
+        FSDP can shard it. None (the default): nothing of this reward is sharded."""
+        return None
+
     def frozen(self) -> "Reward":
         """Eval mode, no parameter gradients (gradients still flow to the input images)."""
         self.eval()

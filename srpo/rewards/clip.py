@@ -110,6 +110,10 @@ class CLIPReward(Reward):
                      divide_by=divide_by)
         return reward.to(device) if device is not None else reward
 
+    def image_tower(self):
+        tower = self.model.vision_model  # CLIPModel.get_image_features calls it, then the projection
+        return tower, list(tower.encoder.layers)
+
     def _device_dtype(self):
         p = self.model.logit_scale
         return p.device, self.model.visual_projection.weight.dtype

@@ -130,6 +130,10 @@ class OpenCLIPReward(Reward):
     def _param(self) -> Tensor:
         return self.model.logit_scale
 
+    def image_tower(self):
+        visual = self.model.visual  # encode_image calls it
+        return visual, list(visual.transformer.resblocks)
+
     def encode_image(self, images: Tensor) -> Tensor:
         p = next(self.model.visual.parameters())
         pixels = self.transform(images.to(p.device))
