@@ -68,7 +68,8 @@ def load_head(path, dim: int, sd: dict | None = None) -> AestheticHead:
 
 
 @REWARDS.register("aesthetic")
-@plan_sizes(RewardPlan(VIT_L_14.params + 1_000_000, VIT_L_14.layers, VIT_L_14.width, VIT_L_14.tokens))
+@plan_sizes(RewardPlan(VIT_L_14.params + 1_000_000, VIT_L_14.layers, VIT_L_14.width, VIT_L_14.tokens,
+                       tower=VIT_L_14.tower))
 def aesthetic(path=None, device=None, clip_path=None, arch: str = "ViT-L-14", dtype=None,
               uint8: str | None = "pil") -> AestheticReward:
     """``path``: the head (e.g. ``sac+logos+ava1-l14-linearMSE.pth``); ``clip_path``: CLIP

@@ -31,10 +31,13 @@ class RewardPlan:
     layers: int  # vision transformer layers (each keeps ~26 tokens x width tensors for backward)
     width: int
     tokens: int
+    tower: int = 0  # parameters of the image tower FSDP shards (Reward.image_tower; 0: none is)
 
 
-VIT_H_14 = RewardPlan(986_109_441, 32, 1280, 257)  # open_clip / CLIP ViT-H-14 (HPSv2.1, PickScore)
-VIT_L_14 = RewardPlan(427_616_513, 24, 1024, 257)  # CLIP ViT-L/14 (CLIP score, the aesthetic predictor's tower)
+# open_clip / CLIP ViT-H-14 (HPSv2.1, PickScore) and ViT-L/14 (CLIP score, the aesthetic predictor's
+# tower): all parameters, then the image tower's (counted on the meta device)
+VIT_H_14 = RewardPlan(986_109_441, 32, 1280, 257, tower=632_076_800)
+VIT_L_14 = RewardPlan(427_616_513, 24, 1024, 257, tower=303_966_208)
 
 
 def plan_sizes(sizes):

@@ -46,8 +46,9 @@ def plan(options: dict) -> RewardPlan:
     config = tiny_clip_config(int(options.get("image_size", 32)))
     vc = config.vision_config
     with torch.device("meta"):
-        n = sum(p.numel() for p in CLIPModel(config).parameters())
-    return RewardPlan(n, vc.num_hidden_layers, vc.hidden_size, (vc.image_size // vc.patch_size) ** 2 + 1)
+        model = CLIPModel(config)
+    n, tower = (sum(p.numel() for p in m.parameters()) for m in (model, model.vision_model))
+    return RewardPlan(n, vc.num_hidden_layers, vc.hidden_size, (vc.image_size // vc.patch_size) ** 2 + 1, tower=tower)
 
 
 @REWARDS.register("tiny_clip")
