@@ -51,8 +51,12 @@ class Sizes:
     largest_lora: int = 0  # elements of the largest LoRA adapter matrix
     experts: int = 1  # transformers held (Wan2.2-A14B: 2); ``transformer`` counts them all, one runs per forward
     untrained: int = 0  # of ``transformer``'s parameters, those of experts that do not train (frozen)
-    frames: int = 1  # video: frames the decoder makes per sample (with gradient: every one's activations)
+    frames: int = 1  # video: frames the decoder makes per sample
     reward_images: int = 1  # video: frames the reward scores per sample
+    # a family that counts its own decode with gradient (``plan_decode``: Wan's chunked,
+    # checkpointed decode): elements per sample held from the decode to its backward, and live
+    # besides them at the backward's peak; None: the per-frame decoder formula (_vae_parts)
+    decode: tuple[int, int] | None = None
 
 
 def _lora_params(transformer: nn.Module, rank: int, target_modules: list[str]) -> tuple[int, int]:
@@ -109,16 +113,23 @@ def model_sizes(cfg, parts=None) -> Sizes:
         and cfg.train.cfg_gradient == "both" else 1, vae_checkpointing=parts.vae_checkpointing,
     )
     _reward_sizes(cfg, sizes)
+    plan_decode = getattr(fam, "plan_decode", None)
+    if plan_decode is not None and parts.frames > 1:
+        sizes.decode = plan_decode(parts.vae, dict(m.options), cfg.rollout.height, cfg.rollout.width, parts.frames,
+                                   _scored_indices(cfg, parts.frames))
     return sizes
+
+
+def _scored_indices(cfg, frames: int) -> list[int]:
+    """Which frames of each ``frames``-frame video the reward scores (``reward.frames``)."""
+    from .rewards.objective import frame_indices, reward_frames
+
+    return frame_indices(reward_frames(cfg.reward), frames)
 
 
 def _scored_frames(cfg, frames: int) -> int:
     """Frames of each ``frames``-frame video the reward scores (``reward.frames``); 1 for images."""
-    if frames <= 1:
-        return 1
-    from .rewards.objective import frame_indices, reward_frames
-
-    return len(frame_indices(reward_frames(cfg.reward), frames))
+    return 1 if frames <= 1 else len(_scored_indices(cfg, frames))
 
 
 def _reward_sizes(cfg, sizes: Sizes) -> None:
@@ -247,9 +258,11 @@ def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, heig
     static = sum(out.values())
 
     t_held, t_block = _transformer_parts(s, batch * s.gradient_passes, act_bytes, checkpointing)
-    # a video decodes every frame with gradient (the frames' activations side by side) and its
-    # reward scores reward.frames of them
-    v_held, v_block = _vae_parts(s, batch * s.frames, height, width, model_bytes, checkpointing and s.vae_checkpointing)
+    if s.decode is not None:  # the family's own count of its decode (Wan: chunked and checkpointed)
+        v_held, v_block = (n * model_bytes * batch for n in s.decode)
+    else:  # a video as its frames' images side by side; its reward scores reward.frames of them
+        v_held, v_block = _vae_parts(s, batch * s.frames, height, width, model_bytes,
+                                     checkpointing and s.vae_checkpointing)
     reward_acts = VIT_UNITS * s.reward_layers * s.reward_tokens * s.reward_width * reward_bytes * batch * s.reward_images
     # autocast caches its low-precision copy of every float32 weight it casts until the forward
     # returns: the whole transformer in a full fine-tune. Under FSDP the weights arrive already in

@@ -55,6 +55,10 @@ def build(cfg, device: torch.device, ctx=None):
     model = load_model(cfg.model, device, skeleton=ctx is not None and skeleton_start(cfg, ctx))
     if cfg.rollout.frames is not None:  # a video family's frame count (image families refuse it)
         model.set_frames(cfg.rollout.frames)
+    if hasattr(model, "decode_frames"):  # a video family decodes with gradient only up to the scored frames
+        from .rewards.objective import reward_frames
+
+        model.decode_frames = reward_frames(cfg.reward)
     reward = build_reward(cfg.reward, device=device, training=True).frozen()
     return (model, *objective(cfg, reward, ctx))
 

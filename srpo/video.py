@@ -74,3 +74,58 @@ def write_grid_gif(videos: torch.Tensor, path, fps: int = FPS, nrow: int | None 
     path.parent.mkdir(parents=True, exist_ok=True)
     images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
     return path
+
+
+def fit(videos: torch.Tensor, max_side: int) -> torch.Tensor:
+    """Videos ``[..., 3, H, W]`` scaled down (area filter, aspect kept) so that neither side
+    exceeds ``max_side``; as they are when they fit."""
+    import torch.nn.functional as F
+
+    h, w = videos.shape[-2:]
+    scale = max_side / max(h, w)
+    if scale >= 1:
+        return videos
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    lead = videos.shape[:-3]
+    out = F.interpolate(videos.float().reshape(-1, 3, h, w), size=size, mode="area")
+    return out.reshape(*lead, 3, *size)
+
+
+def write_preview_gif(videos: torch.Tensor, path, fps: int = FPS, nrow: int | None = None, pad: int = 2,
+                      max_side: int = 256) -> Path:
+    """:func:`write_grid_gif` of videos ``[N, F, 3, H, W]`` each first scaled to fit ``max_side``
+    (a page's animated preview: a full-size Wan grid would be hundreds of megabytes)."""
+    if videos.ndim != 5 or videos.shape[2] != 3:
+        raise UserError(f"videos to preview are [videos, frames, 3, height, width], got {list(videos.shape)}")
+    return write_grid_gif(fit(videos.detach().float().clamp(0, 1).cpu(), max_side), path, fps=fps, nrow=nrow, pad=pad)
+
+
+def read_video_grid(path, height: int, width: int) -> torch.Tensor:
+    """The videos ``[N, F, 3, H, W]`` in [0, 1] of a PNG that :func:`srpo.runlog.save_grid` wrote
+    of videos (a row of frames per video, 2-pixel gaps): exactly its 8-bit frames. ``height``
+    and ``width`` are one frame's size."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB"))
+    pad, (gh, gw) = 2, arr.shape[:2]
+    rows, cols = (gh - pad) // (height + pad), (gw - pad) // (width + pad)
+    if rows < 1 or cols < 1 or rows * (height + pad) + pad != gh or cols * (width + pad) + pad != gw:
+        raise UserError(f"{path} ({gw}x{gh}) is not a grid of {width}x{height} video frames "
+                        f"(srpo.runlog.save_grid of videos)")
+    t = torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255
+    videos = torch.empty(rows, cols, 3, height, width)
+    for r in range(rows):
+        for c in range(cols):
+            y, x = pad + r * (height + pad), pad + c * (width + pad)
+            videos[r, c] = t[:, y:y + height, x:x + width]
+    return videos
+
+
+def gif_frames(path) -> int:
+    """How many frames a GIF holds (PIL's count of its decoded frames)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return int(getattr(im, "n_frames", 1))

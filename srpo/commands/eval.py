@@ -89,6 +89,7 @@ def run(args) -> int:
     else:
         specs = []
     specs = scorers.check(specs)  # every name and file, before anything renders
+    scorers.default_frames(specs, first_cfg)
     labels = [c.label for c in ckpts]
     baseline = args.baseline or next((c.label for c in ckpts if c.is_base), labels[0])
     if baseline not in labels:
@@ -107,6 +108,9 @@ def run(args) -> int:
         names = render.save(images[c.label], out / folder, settings["seeds"])
         entries.append({"label": c.label, "source": str(Path(c.source).resolve()), "which": c.which,
                         "family": model.family, "guidance": guidance, "dir": folder, "images": names})
+        if images[c.label].ndim == 5:  # videos: animated previews beside the first frames' PNGs
+            entries[-1].update(frames=int(images[c.label].shape[1]),
+                               videos=render.save_videos(images[c.label], out / folder, settings["seeds"]))
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -130,8 +134,13 @@ def run(args) -> int:
         del scorer
 
     settings.update(prompts=len(prompts), resamples=stats.RESAMPLES, bootstrap_seed=stats.SEED)
+    video = any("videos" in e for e in entries)
+    if video:
+        frames = sorted({e["frames"] for e in entries if "frames" in e})
+        settings["frames"] = frames[0] if len(frames) == 1 else frames
+    keys = ("label", "name", "path", "options", "frames") if video else ("label", "name", "path", "options")
     data = {"settings": settings, "baseline": baseline, "prompts": prompts, "checkpoints": entries,
-            "rewards": [{k: s.get(k) for k in ("label", "name", "path", "options")} for s in specs],
+            "rewards": [{k: s.get(k) for k in keys} for s in specs],
             "results": outputs.results(scores, settings["seeds"], baseline), "scores": scores}
     outputs.write_all(data, out)
     sys.stdout.write(outputs.markdown(data))

@@ -5,7 +5,8 @@
 - ``eval.csv``: the table, one row per reward and checkpoint; ``scores.csv``: one row per image;
 - ``eval.md``: the table in markdown, checkpoints as rows, rewards as columns;
 - ``eval.html``: the table beside the image grids (sibling PNGs in ``images/``), then every
-  prompt's images per checkpoint with their scores; no scripts, no network.
+  prompt's images per checkpoint with their scores; no scripts, no network. Videos play there as
+  animated GIFs (``grid.gif`` and one per video beside the first frames' PNGs).
 
 Each is written to a temporary name and renamed into place.
 """
@@ -88,8 +89,14 @@ def page(data: dict, out: Path) -> str:
     head = "".join(f"<th>{esc(r)}</th>" for r in rewards)
     rows = "".join(f"<tr><th>{esc(c['label'])}</th>" + "".join(
         f"<td>{esc(_cell(data['results'][r][c['label']]))}</td>" for r in rewards) + "</tr>" for c in ckpts)
-    grids = "".join(f'<figure class="grid"><img src="{esc(c["dir"])}/grid.png" alt="{esc(c["label"])}">'
-                    f"<figcaption>{esc(c['label'])}</figcaption></figure>" for c in ckpts)
+    def grid(c):
+        if "videos" in c:
+            return (f'<figure class="grid"><img class="preview" src="{esc(c["dir"])}/grid.gif" '
+                    f'alt="{esc(c["label"])} (animated)"><figcaption>{esc(c["label"])}</figcaption></figure>')
+        return (f'<figure class="grid"><img src="{esc(c["dir"])}/grid.png" alt="{esc(c["label"])}">'
+                f"<figcaption>{esc(c['label'])}</figcaption></figure>")
+
+    grids = "".join(grid(c) for c in ckpts)
     per_prompt = []
     for p, prompt in enumerate(data["prompts"]):
         cells = []
@@ -98,8 +105,12 @@ def page(data: dict, out: Path) -> str:
             for s in range(seeds):
                 i = p * seeds + s
                 tip = ", ".join(f"{r} {data['scores'][r][c['label']][i]:.4f}" for r in rewards)
-                imgs.append(f'<img src="{esc(c["dir"])}/{esc(c["images"][i])}" alt="{esc(c["label"])} seed {s}" '
-                            f'title="{esc(tip)}">')
+                if "videos" in c:
+                    imgs.append(f'<img class="preview" src="{esc(c["dir"])}/{esc(c["videos"][i])}" '
+                                f'alt="{esc(c["label"])} seed {s} (animated)" title="{esc(tip)}">')
+                else:
+                    imgs.append(f'<img src="{esc(c["dir"])}/{esc(c["images"][i])}" alt="{esc(c["label"])} seed {s}" '
+                                f'title="{esc(tip)}">')
             cells.append(f"<td>{''.join(imgs)}</td>")
         per_prompt.append(f"<tr><th>{esc(prompt)}</th>{''.join(cells)}</tr>")
     s = data["settings"]

@@ -48,6 +48,28 @@ def image_name(p: int, s: int) -> str:
     return f"p{p:04d}-s{s:02d}.png"
 
 
+def video_name(p: int, s: int) -> str:
+    return f"p{p:04d}-s{s:02d}.gif"
+
+
+def save_videos(videos: torch.Tensor, folder: Path, seeds: int, fps: int | None = None) -> list[str]:
+    """Videos ``[N, F, 3, H, W]`` (uint8): an animated GIF per video (each fitted to 256 pixels,
+    :func:`srpo.video.write_preview_gif`) and ``grid.gif`` (the videos tiled as ``grid.png``
+    tiles their first frames, played together); the per-video names."""
+    from ..video import FPS, write_preview_gif
+
+    fps = fps or FPS
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, v in enumerate(videos):
+        name = video_name(i // seeds, i % seeds)
+        write_preview_gif(as_float(v[None]), folder / name, fps=fps, nrow=1, pad=0)
+        names.append(name)
+    cols = seeds * math.ceil(math.sqrt(len(videos)) / seeds)
+    write_preview_gif(as_float(videos), folder / "grid.gif", fps=fps, nrow=cols)
+    return names
+
+
 def save(images: torch.Tensor, folder: Path, seeds: int) -> list[str]:
     """One PNG per image (a video: its first frame) and ``grid.png`` (near square, each prompt's seeds
     adjacent in prompt order); the names."""

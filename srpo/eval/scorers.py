@@ -54,9 +54,23 @@ def parse(values: list[str]) -> list[dict]:
 
 
 def from_config(cfg) -> list[dict]:
-    """A run's training reward(s) and guard judges as specs."""
+    """A run's training reward(s) and guard judges as specs (a judge without its own ``frames``
+    scores the training reward's, as the guard scores it)."""
     rewards = cfg.reward if isinstance(cfg.reward, list) else [cfg.reward]
-    return [r.model_dump() for r in (*rewards, *cfg.guard.judges)]
+    judges = [j.model_dump(exclude={"frames"} if "frames" not in j.model_fields_set else None) for j in cfg.guard.judges]
+    return [r.model_dump() for r in rewards] + judges
+
+
+def default_frames(specs: list[dict], cfg) -> list[dict]:
+    """Specs without ``frames`` score the frames the first run's reward scores (``reward.frames``,
+    as training does: :func:`srpo.rewards.objective.frame_indices`), else the default 4."""
+    from ..rewards.objective import reward_frames
+
+    frames = reward_frames(cfg.reward) if cfg is not None else 4
+    for s in specs:
+        if s.get("frames") is None:
+            s["frames"] = frames
+    return specs
 
 
 def check(specs: list[dict]) -> list[dict]:

@@ -1,7 +1,11 @@
 """``RUN/report.html``: one self-contained page of a run (no scripts, no network): the guard's
 decisions, curves as inline SVG (training reward and loss per update; held-out reward, judges,
 drift statistics and hack index per guard step), the base and current image grids of every
-guard step side by side (files beside the page, in ``samples/``), and the resolved config."""
+guard step side by side (files beside the page, in ``samples/``), and the resolved config.
+
+A video run (its guard measures the temporal statistics) shows animated previews instead: each
+``samples/<grid>.png`` (a row of frames per video) becomes ``samples/<grid>.gif``, its videos
+played together, one held-out prompt's seeds to a row, each scaled to fit 256 pixels."""
 
 from __future__ import annotations
 
@@ -65,6 +69,34 @@ def _series(rows: list[dict], key: str) -> list[tuple[float, float]]:
     return [(r["step"], float(r[key])) for r in rows if isinstance(r.get(key), (int, float))]
 
 
+def _video_size(run: Path, guard_rows: list[dict]) -> tuple[int, int, int | None] | None:
+    """A video run's frame height, width and guard seeds (from config.yaml); None for images."""
+    if not any("guard/drift:motion" in r for r in guard_rows):  # measured exactly for video runs
+        return None
+    import yaml
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+    r, g = (cfg or {}).get("rollout") or {}, (cfg or {}).get("guard") or {}
+    if not r.get("height") or not r.get("width"):
+        return None
+    return int(r["height"]), int(r["width"]), g.get("seeds")
+
+
+def preview(run: Path, name: str, size: tuple[int, int, int | None]) -> str | None:
+    """``samples/<name>.png`` of videos as an animated ``samples/<name>.gif`` (rewritten only when
+    older than the PNG); its file name, None when there is no PNG."""
+    from ..video import read_video_grid, write_preview_gif
+
+    png = run / "samples" / name
+    gif = png.with_suffix(".gif")
+    if not png.is_file():
+        return None
+    if not gif.is_file() or gif.stat().st_mtime < png.stat().st_mtime:
+        h, w, seeds = size
+        write_preview_gif(read_video_grid(png, h, w), gif, nrow=seeds)
+    return gif.name
+
+
 def build(run: str | Path) -> str:
     """The page's HTML for a run folder."""
     run = Path(run)
@@ -114,12 +146,23 @@ def build(run: str | Path) -> str:
                      + f"<td>{', '.join(decision)}</td></tr>")
     table.append("</table>")
 
+    video = _video_size(run, guard_rows)
     grids = []
     for r in guard_rows:
         step = r["step"]
         name = "before.png" if step == 0 else ("after.png" if (run / "samples" / "after.png").is_file()
                                                 and step == summary.get("steps") else f"step-{step:06d}.png")
         if step == 0 or not (run / "samples" / name).is_file():
+            continue
+        if video is not None:
+            base, now = preview(run, "before.png", video), preview(run, name, video)
+            if base is None:
+                continue
+            grids.append(f'<div class="pair"><h3>update {step}</h3><figure><img class="preview" src="samples/{base}" '
+                         f'alt="base (animated)"><figcaption>base &middot; <a href="samples/before.png">frames</a>'
+                         f'</figcaption></figure><figure><img class="preview" src="samples/{now}" '
+                         f'alt="update {step} (animated)"><figcaption>update {step} &middot; '
+                         f'<a href="samples/{name}">frames</a></figcaption></figure></div>')
             continue
         grids.append(f'<div class="pair"><h3>update {step}</h3><figure><img src="samples/before.png" alt="base">'
                      f'<figcaption>base</figcaption></figure><figure><img src="samples/{name}" alt="update {step}">'
@@ -143,7 +186,7 @@ pre{{background:#f6f6f6;padding:8px;max-height:400px;overflow:auto}}</style></he
 <p>{summary.get('algorithm', '')} &middot; {summary.get('steps', '?')} updates &middot; {verdict} &middot; {best}</p>
 <h2>Curves</h2><div class="charts">{''.join(charts)}</div>
 <h2>Guard decisions</h2>{''.join(table)}
-<h2>Images: base and current, same prompts and seeds</h2>{''.join(grids) or '<p>no guard images</p>'}
+<h2>{'Videos' if video else 'Images'}: base and current, same prompts and seeds</h2>{''.join(grids) or f"<p>no guard {'videos' if video else 'images'}</p>"}
 <h2>Config</h2><pre>{html.escape(config)}</pre>
 </body></html>
 """

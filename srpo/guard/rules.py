@@ -1,7 +1,8 @@
 """Guard rules: ``<metric> <op> <bound>``, parsed once, evaluated on each guard evaluation.
 
 - ``metric``: a key of the guard's metrics: ``hack_index``, ``reward``, ``srp_reward``,
-  ``diversity`` (relative to the base: 1 at the start), ``drift:<statistic>``,
+  ``diversity`` (relative to the base: 1 at the start), ``drift:<statistic>`` (video runs also
+  ``drift:frame_difference``, ``drift:flicker``, ``drift:motion``),
   ``judge:<name>``;
 - ``op``: ``<``, ``<=``, ``>``, ``>=``;
 - ``bound``: a number, ``best``, ``base`` or either of them with ``+ x``, ``- x`` or ``x *`` /

@@ -25,7 +25,11 @@ What the pipeline does, and this file reproduces:
   model's :attr:`frames` (``rollout.frames``; 81, WanPipeline's default, unless set).
 - **decode** gives videos ``[B, F, 3, H, W]`` in [0, 1], as ``WanPipeline(output_type="pt")``
   (each video a batch of frames); a reward scores ``reward.frames`` of them
-  (:mod:`srpo.rewards.objective`).
+  (:mod:`srpo.rewards.objective`). With gradient, the decode runs AutoencoderKLWan's decoder one
+  latent frame (temporal chunk) at a time, as ``AutoencoderKLWan._decode`` does, but
+  activation-checkpointed (``options.decode_checkpointing``, default on; :func:`decode_chunks`):
+  the same video and the same gradient, holding only a few chunks' causal caches and one chunk's
+  activations instead of every frame's, and no gradient past the last frame the reward scores.
 
 Wan2.2-T2V-A14B's two experts (``transformer_2`` and the pipeline's ``boundary_ratio``) train as
 one module, :class:`~srpo.models.wan_experts.WanExperts`: each level uses the expert the pipeline
@@ -38,12 +42,15 @@ with a small sentencepiece-style Unigram ``T5Tokenizer`` trained here.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
+from ..rewards.objective import frame_indices
 from .base import (MODELS, Cond, FlowModel, PlanParts, channel_stats, check_fit, check_image_size, encoder_params, folder_configs,
                    meta_module, scheduler_sigmas)
 from .folders import check_transformer_folder, load_error
@@ -71,7 +78,8 @@ class WanModel(FlowModel):
 
     pipeline_class = "WanPipeline"
     title = "Wan2.1-T2V-1.3B"
-    options = ("max_sequence_length", "negative_prompt", "quantize_timesteps", "train_experts", "guidance_scale_2")
+    options = ("max_sequence_length", "negative_prompt", "quantize_timesteps", "train_experts", "guidance_scale_2",
+               "decode_checkpointing")
     frames = DEFAULT_FRAMES  # frames per video unless rollout.frames sets them
     # diffusers marks both experts optional (two-expert and image-to-video layouts); a
     # text-to-video folder needs its transformer
@@ -86,7 +94,8 @@ class WanModel(FlowModel):
                  max_sequence_length: int = MAX_SEQUENCE_LENGTH, negative_prompt: str = "",
                  expand_timesteps: bool = False, shift: float | None = None,
                  quantize_timesteps: bool | None = None, transformer_2=None, boundary_ratio: float | None = None,
-                 train_experts: str | None = None, guidance_scale_2: float | None = None):
+                 train_experts: str | None = None, guidance_scale_2: float | None = None,
+                 decode_checkpointing: bool = True):
         if transformer_2 is not None:
             if boundary_ratio is None:
                 raise UserError("this Wan folder has transformer_2 but model_index.json sets no boundary_ratio, so "
@@ -111,6 +120,13 @@ class WanModel(FlowModel):
         self.vae_scale_factor = int(vae.config.scale_factor_spatial)
         self.vae_scale_factor_temporal = int(vae.config.scale_factor_temporal)
         self.frames = DEFAULT_FRAMES
+        # decode with gradient chunk by chunk under activation checkpointing (decode_chunks); off:
+        # AutoencoderKLWan.decode with every chunk's activations kept for the backward
+        self.decode_checkpointing = bool(decode_checkpointing)
+        # the frames a decode with gradient must reach (a reward.frames setting: a count or
+        # indices, resolved against each video's frame count); None: every frame. Chunks past the
+        # last of them decode without gradient.
+        self.decode_frames: int | list[int] | None = None
         self._check_compatible()
 
     @classmethod
@@ -212,9 +228,9 @@ class WanModel(FlowModel):
     @classmethod
     def plan_of(cls, name, transformer, vae, text_params: int, max_len: int, height: int, width: int,
                 frames: int = DEFAULT_FRAMES, experts: int = 1, train_experts: str | None = None) -> PlanParts:
-        """Sizes at ``frames`` frames: the latent tokens of every latent frame, the decoder run over
-        every frame (it keeps each frame's activations for the backward), ``experts`` transformers
-        of ``transformer``'s size held, those ``train_experts`` names trained."""
+        """Sizes at ``frames`` frames: the latent tokens of every latent frame, ``experts``
+        transformers of ``transformer``'s size held, those ``train_experts`` names trained. The
+        decode with gradient is counted apart, as :meth:`decode` runs it (:meth:`plan_decode`)."""
         vc, tc = vae.config, transformer.config
         n = vc.scale_factor_spatial * tc.patch_size[1]
         latent_frames = (frames - 1) // vc.scale_factor_temporal + 1
@@ -224,7 +240,7 @@ class WanModel(FlowModel):
                         "layers_per_block": vc.num_res_blocks, "latent_channels": vc.z_dim},
             text_encoders=int(text_params), text_tokens=int(max_len),
             image_tokens=latent_frames * (height // n) * (width // n),
-            vae_checkpointing=False,  # AutoencoderKLWan decodes causally with a feature cache: no checkpointing
+            vae_checkpointing=False,  # no per-block decoder checkpointing: plan_decode counts the chunked decode
             frames=int(frames), experts=experts,
             trained_experts=experts if experts == 1 or train_experts in (None, "both") else 1,
         )
@@ -346,13 +362,36 @@ class WanModel(FlowModel):
         return (batch, self.vae.config.z_dim, self.latent_frames(), height // self.vae_scale_factor,
                 width // self.vae_scale_factor)
 
-    def decode(self, latents: Tensor) -> Tensor:
+    def decode(self, latents: Tensor, frames: int | list[int] | None = None) -> Tensor:
         """Normalised latents ``[B, C, F', h, w]`` -> videos ``[B, F, 3, H, W]`` in [0, 1], as the
-        pipeline's ``output_type="pt"``; differentiable."""
+        pipeline's ``output_type="pt"``; differentiable. With gradient (and
+        ``decode_checkpointing``) the decoder runs chunk by chunk under checkpointing
+        (:func:`decode_chunks`): the same video, and gradient only through the chunks up to the
+        last of ``frames`` (a ``reward.frames`` setting; default :attr:`decode_frames`, else all)."""
         z = latents.to(self.vae.device, self.vae.dtype)
         mean, inv_std = channel_stats(self.vae.config, z)
-        video = self.vae.decode(z / inv_std + mean, return_dict=False)[0]
+        z = z / inv_std + mean
+        if self.decode_checkpointing and torch.is_grad_enabled() and z.requires_grad and chunkable(self.vae, z):
+            spec = self.decode_frames if frames is None else frames
+            count = (z.shape[2] - 1) * self.vae_scale_factor_temporal + 1
+            needed = None if spec is None else max(frame_indices(spec, count))
+            video = decode_chunks(self.vae, z, None if needed is None else
+                                  chunk_of(needed, self.vae_scale_factor_temporal) + 1)
+        else:
+            video = self.vae.decode(z, return_dict=False)[0]
         return (video * 0.5 + 0.5).clamp(0, 1).transpose(1, 2).to(latents.dtype)
+
+    @classmethod
+    def plan_decode(cls, vae, options: dict, height: int, width: int, frames: int,
+                    scored: list[int]) -> tuple[int, int]:
+        """Elements per sample of a decode with gradient at ``height x width``, ``frames`` frames,
+        the reward scoring frames ``scored``, as :meth:`decode` runs it: (held from the decode to
+        its backward, live during the backward's largest recomputation). Counted by running
+        ``vae``'s decoder (a meta-device module) on meta tensors: see :func:`decode_plan`."""
+        on = bool(options.get("decode_checkpointing", True))
+        t = vae.config.scale_factor_temporal
+        return decode_plan(vae, height, width, (frames - 1) // t + 1,
+                           chunk_of(max(scored), t) + 1 if scored else None, on)
 
     @torch.no_grad()
     def encode(self, pixels: Tensor) -> Tensor:
@@ -364,7 +403,8 @@ class WanModel(FlowModel):
         return ((z - mean) * inv_std).to(pixels.dtype)
 
     def gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Activation checkpointing on every transformer block (AutoencoderKLWan supports none)."""
+        """Activation checkpointing on every transformer block (AutoencoderKLWan supports none of
+        its own: :meth:`decode` checkpoints its temporal chunks, ``options.decode_checkpointing``)."""
         t = self.transformer
         t.enable_gradient_checkpointing() if enabled else t.disable_gradient_checkpointing()
 
@@ -382,3 +422,139 @@ class WanModel(FlowModel):
             max_sequence_length=self.max_sequence_length, output_type="pt",
         ).frames
         return video.float()
+
+
+# ---- the decode with gradient, chunk by chunk ------------------------------------------------
+
+def chunk_of(frame: int, temporal: int) -> int:
+    """The latent frame (decoder chunk) that makes output ``frame``: the first makes frame 0, each
+    later one the next ``temporal`` frames."""
+    return 0 if frame == 0 else (frame - 1) // temporal + 1
+
+
+def chunkable(vae, z: Tensor) -> bool:
+    """Whether :func:`decode_chunks` reproduces ``vae.decode(z)``: not where it would tile, nor for
+    a VAE under accelerate's offload hooks (decode then runs as diffusers runs it)."""
+    if getattr(vae, "_hf_hook", None) is not None or not hasattr(vae, "_cached_conv_counts"):
+        return False
+    ratio = vae.spatial_compression_ratio
+    return not (vae.use_tiling and (z.shape[-1] > vae.tile_sample_min_width // ratio
+                                    or z.shape[-2] > vae.tile_sample_min_height // ratio))
+
+
+def _decode_chunk(decoder, x: Tensor, cache: tuple, first: bool):
+    """One temporal chunk through ``decoder`` from the causal cache the chunks before it left:
+    (its frames, the cache it leaves). A function of its arguments (the cache is copied, never
+    changed in place), so a checkpoint recomputes it exactly in the backward."""
+    cache = list(cache)
+    out = decoder(x, feat_cache=cache, feat_idx=[0], first_chunk=first)
+    return out, tuple(cache)
+
+
+def _decode_segment(decoder, x: Tensor, cache: tuple, start: int):
+    """Consecutive chunks ``x`` (the first is chunk ``start``), each checkpointed: (their frames,
+    the cache the last leaves)."""
+    outs = []
+    for i in range(x.shape[2]):
+        out, cache = checkpoint(_decode_chunk, decoder, x[:, :, i:i + 1], cache, start + i == 0, use_reentrant=False)
+        outs.append(out)
+    return torch.cat(outs, 2), cache
+
+
+def segment_length(chunks: int) -> int:
+    """Chunks per checkpointed segment: ``ceil(sqrt(chunks))``, so the backward holds about
+    ``2 sqrt(chunks)`` causal caches (segment starts, then one segment's chunks) instead of one
+    per chunk."""
+    return max(1, math.isqrt(max(chunks, 1) - 1) + 1)
+
+
+def decode_chunks(vae, z: Tensor, grad_chunks: int | None = None) -> Tensor:
+    """``AutoencoderKLWan.decode(z)`` (un-normalised latents ``[B, C, F', h, w]`` -> ``[B, 3, F, H,
+    W]`` in [-1, 1]) for a decode with gradient: the decoder runs one latent frame at a time with
+    its causal feature cache, as ``_decode`` does, the first ``grad_chunks`` (default all) under
+    two-level activation checkpointing (segments of :func:`segment_length` chunks, each chunk
+    again inside its segment), the rest without gradient. The backward recomputes a segment from
+    the cache it started with, then each of its chunks from theirs: every chunk's activations are
+    live only during its own backward. Same values and gradient as the full decode; the decoder
+    runs three times forward instead of once."""
+    x = vae.post_quant_conv(z)
+    n = x.shape[2]
+    grad_chunks = n if grad_chunks is None else min(int(grad_chunks), n)
+    k = segment_length(grad_chunks)
+    cache, outs = (None,) * vae._cached_conv_counts["decoder"], []
+    for s in range(0, grad_chunks, k):
+        out, cache = checkpoint(_decode_segment, vae.decoder, x[:, :, s:min(s + k, grad_chunks)], cache, s,
+                                use_reentrant=False)
+        outs.append(out)
+    with torch.no_grad():  # past the last frame a reward scores: values only
+        for i in range(grad_chunks, n):
+            out, cache = _decode_chunk(vae.decoder, x[:, :, i:i + 1], cache, i == 0)
+            outs.append(out)
+    out = torch.cat(outs, 2)
+    if vae.config.patch_size is not None:
+        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+        out = unpatchify(out, patch_size=vae.config.patch_size)
+    return out.clamp(-1.0, 1.0)
+
+
+def _chunk_counts(vae, height: int, width: int, chunks: int) -> list[tuple[int, int, int, int]]:
+    """Per chunk (the first, then one every later chunk matches: the caches are two frames deep
+    from the second on): (elements autograd saves decoding it with gradient, its largest saved
+    tensor, elements of the cache it leaves, elements of its frames), by running ``vae``'s
+    decoder (its weights frozen, as training holds them) on one sample on its device (the meta
+    device: shapes only) and counting the distinct non-parameter storages autograd saves."""
+    frozen = [p for p in vae.parameters() if p.requires_grad]
+    params = {p.untyped_storage()._cdata for p in vae.parameters()}
+    weight = next(vae.parameters())
+    x = torch.zeros(1, vae.config.z_dim, min(chunks, 2), height // vae.spatial_compression_ratio,
+                    width // vae.spatial_compression_ratio, device=weight.device, dtype=weight.dtype, requires_grad=True)
+    cache, out = (None,) * vae._cached_conv_counts["decoder"], []
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        for i in range(x.shape[2]):
+            out.append(_saved_by_chunk(vae, x[:, :, i:i + 1], cache, i == 0, params))
+            cache = out[-1][-1]
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return [o[:-1] for o in out]
+
+
+def _saved_by_chunk(vae, x: Tensor, cache: tuple, first: bool, params: set):
+    """(saved elements, largest saved, cache elements, frame elements, the cache) of one chunk."""
+    seen: dict = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st._cdata not in params:
+            seen[st._cdata] = st.nbytes() // t.element_size()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        frames, cache = _decode_chunk(vae.decoder, x, cache, first)
+    return (sum(seen.values()), max(seen.values(), default=0), sum(c.numel() for c in cache if torch.is_tensor(c)),
+            frames.numel(), cache)
+
+
+def decode_plan(vae, height: int, width: int, chunks: int, grad_chunks: int | None = None,
+                checkpointing: bool = True) -> tuple[int, int]:
+    """Elements per sample of a ``chunks``-latent-frame decode with gradient through the first
+    ``grad_chunks`` (default all): (held from the decode to its backward, live at the backward's
+    peak besides them). Checkpointed (:func:`decode_chunks`): held are the caches at segment
+    starts and the video (the two clamps' inputs); at the peak one segment's chunk caches, one
+    chunk's activations with its output and cache gradients and the video's gradient. Without:
+    every chunk's activations and the video. ``vae``: a meta-device (or any) AutoencoderKLWan."""
+    grad_chunks = chunks if grad_chunks is None else min(grad_chunks, chunks)
+    counts = _chunk_counts(vae, height, width, chunks)
+    per = [counts[min(i, len(counts) - 1)] for i in range(chunks)]
+    video = sum(c[3] for c in per)
+    if not checkpointing:
+        return sum(c[0] for c in per) + 2 * video, video
+    k = segment_length(grad_chunks)
+    held = sum(per[s - 1][2] for s in range(k, grad_chunks, k)) + 2 * video
+    peak = max(sum(per[j][2] for j in range(s, min(s + k, grad_chunks) - 1))  # the segment's chunk caches
+               + max(a + 2 * big + cache for a, big, cache, _ in per[s:min(s + k, grad_chunks)])
+               for s in range(0, grad_chunks, k))
+    return held, peak + video

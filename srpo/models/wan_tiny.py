@@ -82,7 +82,7 @@ def _tiny_experts(**sizes) -> dict:
 
 def _build_tiny(cls, seed: int = 0, max_sequence_length: int = 32, negative_prompt: str = "",
                 shift: float | None = None, quantize_timesteps: bool | None = None, _make=_tiny_modules,
-                **options) -> WanModel:
+                decode_checkpointing: bool = True, **options) -> WanModel:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     two = {k: options.pop(k) for k in ("boundary_ratio", "train_experts", "guidance_scale_2") if k in options}
@@ -90,7 +90,8 @@ def _build_tiny(cls, seed: int = 0, max_sequence_length: int = 32, negative_prom
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # Wan 2.1's flow shift (480p)
     model = cls(m["transformer"], m["vae"], m["text_encoder"], tiny_t5_tokenizer(), scheduler,
                 max_sequence_length=max_sequence_length, negative_prompt=negative_prompt, shift=shift,
-                quantize_timesteps=quantize_timesteps, transformer_2=m.get("transformer_2"), **two)
+                quantize_timesteps=quantize_timesteps, transformer_2=m.get("transformer_2"),
+                decode_checkpointing=decode_checkpointing, **two)
     model.set_frames(TINY_FRAMES)
     return model
 
@@ -106,11 +107,12 @@ class TinyWanModel(TinyTwin, WanModel):
     The VAE downsamples 8x in space and 4x in time (32x48 pixels, 5 frames are 2 x 4x6 latents,
     2 x 2x3 patches; sizes must be multiples of 16, frame counts 4k + 1); ``text_dim`` is the UMT5
     width and the transformer's ``text_dim``. Also takes ``max_sequence_length`` (32),
-    ``negative_prompt`` (""), ``shift`` and ``quantize_timesteps``."""
+    ``negative_prompt`` (""), ``shift``, ``quantize_timesteps`` and ``decode_checkpointing``."""
 
     build = staticmethod(_build_tiny)
     tiny_modules = staticmethod(_tiny_modules)
     plan_length = 32
+    plan_ignore = ("decode_checkpointing",)  # planned by plan_decode, from the config's options
     frames = TINY_FRAMES
 
 
