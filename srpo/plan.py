@@ -10,6 +10,7 @@ print it next to the measured peak.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,7 @@ class Sizes:
     vae_levels: list[tuple[int, int]] = field(default_factory=list)  # decoder (channels, upsample factor)
     vae_resnets: int = 3
     reward: int = 0
+    reward_tower: int = 0  # of ``reward``, the image towers' parameters that FSDP shards (parallel.shard_reward)
     reward_layers: int = 32
     reward_width: int = 1280
     reward_tokens: int = 257
@@ -144,9 +146,11 @@ def _reward_sizes(cfg, sizes: Sizes) -> None:
     plans = []
     for spec in specs:
         report = getattr(REWARDS.get(spec.name), "plan_sizes", None)
-        plans.append(report(dict(spec.options)) if report is not None else VIT_H_14)
+        # a user's own reward: a ViT-H-14's size, its tower whole (it declares no image_tower)
+        plans.append(report(dict(spec.options)) if report is not None else dataclasses.replace(VIT_H_14, tower=0))
     largest = max(plans, key=lambda p: p.layers * p.width)
     sizes.reward = sum(p.params for p in plans)
+    sizes.reward_tower = sum(p.tower for p in plans)
     sizes.reward_layers, sizes.reward_width, sizes.reward_tokens = largest.layers, largest.width, largest.tokens
 
 
@@ -213,7 +217,8 @@ def vae_activations(s: Sizes, batch: int, height: int, width: int, act_bytes: in
 def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, height: int, width: int,
              model_bytes: int, reward_bytes: int = 4, act_bytes: int = 2, checkpointing: bool = True,
              offload_text: bool = False, release_text: bool = False, device: str = "cuda",
-             optimizer: str = "adamw", sync_once: bool = False, quantize: str = "none") -> dict[str, float]:
+             optimizer: str = "adamw", sync_once: bool = False, quantize: str = "none",
+             fused_adamw: bool = False, shard_reward: bool = False) -> dict[str, float]:
     """Expected peak bytes per device by component (and ``total``); ``device``: ``cuda`` (a
     CUDA context, foreach AdamW, the caching allocator) or ``cpu`` (process memory).
 
@@ -225,7 +230,10 @@ def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, heig
     reward alone (the transformer is a skeleton until the prompts are encoded and the encoders
     freed; then each rank reads its shards, or one process the whole), or between updates. ``sync_once``: gradients are reduced once
     per update (``parallel.grad_sync``), so under FSDP they stay unsharded until then.
-    ``quantize``: the frozen LoRA base's storage (``model.quantize``; its bytes per weight)."""
+    ``quantize``: the frozen LoRA base's storage (``model.quantize``; its bytes per weight).
+    ``fused_adamw``: AdamW's fused kernel (``train.adamw``), which allocates no step temporaries.
+    ``shard_reward``: under FSDP the reward's image tower is sharded too (``parallel.shard_reward``):
+    each rank holds its share and gathers two of its blocks at a time (one prefetched)."""
     shard = gpus if strategy == "fsdp" else 1
     trainable = s.lora_params if lora else s.transformer - s.untrained
     adamw = optimizer == "adamw"
@@ -234,7 +242,9 @@ def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, heig
         out["trainable weights + grads + AdamW (fp32)"] = 16 * trainable / shard
     else:  # plain SGD: no optimizer state
         out["trainable weights + grads (fp32), SGD"] = 8 * trainable / shard
-    if device == "cuda":  # foreach AdamW: a temporary per trainable element (the denominators)
+    if fused_adamw:  # one kernel, in place
+        temporaries = 0
+    elif device == "cuda":  # foreach AdamW: a temporary per trainable element (the denominators)
         temporaries = 4 * trainable / shard if adamw else 0
     else:  # one tensor at a time on the CPU
         temporaries = 4 * (s.largest_lora if lora else s.largest_weight) if adamw else 0
@@ -254,7 +264,12 @@ def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, heig
     text = model_bytes * s.text_encoders
     out["text encoders"] = 0 if offload_text or release_text else text
     out["VAE"] = model_bytes * s.vae
-    out["reward model"] = reward_bytes * s.reward
+    tower = s.reward_tower if strategy == "fsdp" and shard_reward and shard > 1 else 0
+    if tower:
+        out["reward model (image tower sharded)"] = reward_bytes * (s.reward - tower + tower / shard)
+        out["reward: gathered tower blocks (2)"] = reward_bytes * 2 * tower / max(s.reward_layers, 1)
+    else:
+        out["reward model"] = reward_bytes * s.reward
     static = sum(out.values())
 
     t_held, t_block = _transformer_parts(s, batch * s.gradient_passes, act_bytes, checkpointing)
@@ -303,6 +318,8 @@ def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, heig
 def estimate_for(cfg, s: Sizes, gpus: int, strategy: str | None = None, lora: bool | None = None,
                  device: str = "cuda", optimizer: str = "adamw") -> dict[str, float]:
     """:func:`estimate` with the config's settings (strategy and LoRA overridable)."""
+    from .setup import adamw_kernel
+
     strategy = strategy or cfg.parallel.strategy
     lora = cfg.lora.enabled if lora is None else lora
     specs = cfg.reward if isinstance(cfg.reward, list) else [cfg.reward]
@@ -315,4 +332,6 @@ def estimate_for(cfg, s: Sizes, gpus: int, strategy: str | None = None, lora: bo
                     offload_text=cfg.memory.offload_frozen, release_text=cfg.memory.release_text_encoders,
                     device=device, optimizer=optimizer,
                     sync_once=grad_sync_mode(cfg.parallel.grad_sync, strategy, lora) == "update",
-                    quantize=cfg.model.quantize if lora else "none")
+                    quantize=cfg.model.quantize if lora else "none",
+                    fused_adamw=optimizer == "adamw" and adamw_kernel(cfg, device) == "fused",
+                    shard_reward=cfg.parallel.shard_reward)
