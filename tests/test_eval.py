@@ -239,6 +239,35 @@ def test_pipeline_schedule_equals_flux_pipeline(dev_folder, tmp_path):
     assert (png["training"] - png["pipeline"]).abs().max() > 2
 
 
+def test_model_options_reach_a_pipeline_folder(dev_folder, tmp_path, capsys):
+    """--model-option KEY=VALUE: a pipeline folder loads with those model.options (here FLUX's
+    T5 length), and renders what the family loaded with them renders; bad pairs are one line."""
+    from srpo.evaluate import generate
+
+    prompts = load_prompts(str(PROMPTS))[:2]
+    out = tmp_path / "ev"
+    assert _eval(dev_folder, "--prompts", PROMPTS, "--reward", "tiny_clip", "--seeds", 1, "--steps", 2,
+                 "--guidance", 3.5, "--height", H, "--width", W, "--model-option", "max_sequence_length=8",
+                 "--output", out) == 0
+    short = generate(_folder_model_with(dev_folder, max_sequence_length=8), prompts, 1234, 2, 3.5, H, W)
+    default = generate(_folder_model_with(dev_folder), prompts, 1234, 2, 3.5, H, W)
+    assert (short - default).abs().max() > 1e-2  # the option changes the images
+    for i in range(2):
+        png = _png(out / "images" / dev_folder.name / f"p{i:04d}-s00.png").int()
+        assert (png - render.to_uint8(short[i]).int()).abs().max() <= 1
+    capsys.readouterr()
+    assert _eval(dev_folder, "--prompts", PROMPTS, "--model-option", "max_sequence_length",
+                 "--output", tmp_path / "bad") == 2
+    assert "write KEY=VALUE" in capsys.readouterr().err
+
+
+def _folder_model_with(folder, **options):
+    from srpo.config import ModelConfig
+    from srpo.models import load_model
+
+    return load_model(ModelConfig(name="flux", path=str(folder), options=options), "cpu").use_schedule("pipeline")
+
+
 def test_training_schedule_equals_the_trainers_rollout(run, tmp_path):
     from srpo.config import load_config
     from srpo.export import run_weights

@@ -40,6 +40,9 @@ def add_parser(sub) -> None:
                    help="default: the first run's data.eval_guidance, else each family's usual value")
     p.add_argument("--height", type=int, default=None, help="default: the first run's rollout size, else 1024")
     p.add_argument("--width", type=int, default=None)
+    p.add_argument("--model-option", dest="model_options", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the family's load() for the pipeline folders named (model.options: e.g. "
+                        "max_sequence_length=512; docs/models.md lists each family's); runs use their own config's")
     p.add_argument("--baseline", default=None,
                    help="the checkpoint win rates are against (default: the base, else the first)")
     p.add_argument("--batch", type=int, default=8, help="images per rollout batch (default 8)")
@@ -79,7 +82,8 @@ def run(args) -> int:
     if (out / "eval.json").exists():
         raise UserError(f"--output {out} already holds an evaluation (eval.json): choose a new folder or delete it")
     prompts = load_prompts(args.prompts, "--prompts", args.prompt_column)
-    ckpts = checkpoints.resolve(args.sources, checkpoints.parse_which(args.which))
+    ckpts = checkpoints.resolve(args.sources, checkpoints.parse_which(args.which),
+                                checkpoints.parse_options(args.model_options))
     settings = _settings(args, ckpts)
     first_cfg = next((c.cfg for c in ckpts if c.cfg is not None), None)
     if args.rewards:

@@ -119,8 +119,25 @@ def _unique(label: str, taken: set[str]) -> str:
     return out
 
 
-def resolve(sources: list[str], which: list[str] | None) -> list[Checkpoint]:
-    """The checkpoints of ``sources`` in command-line order (the base of runs first)."""
+def parse_options(pairs: list[str]) -> dict:
+    """``--model-option KEY=VALUE`` pairs -> model.options (values read as YAML scalars)."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--model-option {pair!r}: write KEY=VALUE, e.g. max_sequence_length=512")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserError(f"--model-option {pair!r}: {value!r} is not a value (a number, true/false or a string)") from None
+    return out
+
+
+def resolve(sources: list[str], which: list[str] | None, options: dict | None = None) -> list[Checkpoint]:
+    """The checkpoints of ``sources`` in command-line order (the base of runs first); ``options``:
+    the pipeline folders' model.options (``--model-option``)."""
     from ..config import ModelConfig, load_config
     from ..models import family_of_folder
 
@@ -144,7 +161,7 @@ def resolve(sources: list[str], which: list[str] | None) -> list[Checkpoint]:
             if which is not None:
                 raise UserError(f"--which names checkpoints of run folders, but {folder} is a pipeline folder: "
                                 f"drop --which or give run folders")
-            m = ModelConfig(name=family_of_folder(folder), path=str(folder))
+            m = ModelConfig(name=family_of_folder(folder), path=str(folder), options=dict(options or {}))
             plain.append(Checkpoint(name, str(folder), "model", None, m))
     bases: dict[str, Checkpoint] = {}
     out: list[Checkpoint] = []
