@@ -3,6 +3,15 @@
 
     OMP_NUM_THREADS=1 python benchmarks/real_dims.py --out runs/real_dims.json      # ~20 min, < 14 GiB
     python benchmarks/real_dims.py --tiny --out /tmp/real_dims.json                 # the same path, seconds
+    OMP_NUM_THREADS=1 python benchmarks/real_dims.py --family qwen_image --procs 1,2 --modes lora \
+        --size 256 --blocks 1 --updates 1 --out runs/real_dims_qwen_image_lora.json
+
+``--family`` (flux, flux2, qwen_image, sd3, z_image) builds that family's flagship at its real
+widths (:func:`srpo.bench.real_dims.build_model`); ``--procs 1,2`` runs each mode once per process
+count, N > 1 as N ranks of a gloo group (``parallel.strategy=fsdp``: the transformer and the
+reward's image tower sharded), each rank measuring its own peak; a cell reports the largest
+rank's peak and transformer bytes and is planned with ``estimate_for(cfg, sizes, N, "fsdp",
+device="cpu")``. The JSON is written after each cell (``--replan`` plans it again).
 
 Random weights of the real classes at the real widths (:mod:`srpo.bench.real_dims`: transformer
 hidden 3072, 24 heads of 128, joint attention 4096, pooled 768, guidance embedding; FLUX.1-dev's
@@ -46,8 +55,14 @@ GIB = 1024**3
 
 # ---------------------------------------------------------------------- instruments
 
+def _local(t):
+    """This rank's part of a tensor (an FSDP2 DTensor's local shard; a plain tensor itself)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """Bytes this process holds of ``tensors`` (FSDP2: its shards)."""
+    return sum(_local(t).numel() * t.element_size() for t in tensors)
 
 
 class Phases:
@@ -66,7 +81,7 @@ class Phases:
         parts = {"transformer": model.transformer, "VAE decode": model.vae.decoder, "reward": reward.model.visual}
         # weights are not activations (autograd saves views of them: transposes, the reward's
         # projections); autocast's bf16 copies of fp32 weights are new storages and count
-        self.weights = {t.untyped_storage().data_ptr() for m in (model.transformer, model.vae, reward)
+        self.weights = {_local(t).untyped_storage().data_ptr() for m in (model.transformer, model.vae, reward)
                         for t in (*m.parameters(), *m.buffers())}
         for name, m in parts.items():
             self.handles.append(m.register_forward_pre_hook(lambda *_, n=name: self._forward(n)))
@@ -127,6 +142,16 @@ class _Held:
 
 # ---------------------------------------------------------------------- one mode (child process)
 
+def _dims(family: str, tiny: bool, double: int, single: int):
+    """What :mod:`srpo.bench.real_dims` builds: ``family`` at its real (or test) widths with
+    ``double`` (+ ``single``) transformer blocks."""
+    from dataclasses import replace
+
+    from srpo.bench import real_dims as rd
+
+    return replace(rd.TINY if tiny else rd.REAL, model=family).blocks(double, single)
+
+
 def measure(mode: str, args) -> dict:
     """Build, prepare and update in this process; memory relative to the resident set after
     the imports."""
@@ -140,11 +165,10 @@ def measure(mode: str, args) -> dict:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     reset_peak()
     base = status_kb("VmRSS") * 1024
-    dims = rd.TINY if args.tiny else rd.REAL
-    dims = dims.blocks(args.double, args.single)
+    dims = _dims(args.family, args.tiny, args.double, args.single)
     arch = rd.tiny_reward_arch(args.scratch) if args.tiny else dims.reward_arch
     cfg = rd.config(mode, args.size, args.rollout_steps, "cpu", rank=args.rank, tiny=args.tiny,
-                    reward_dtype="bfloat16", reward_autocast="bf16")
+                    reward_dtype="bfloat16", reward_autocast="bf16", family=args.family, procs=args.procs[0])
     ctx = parallel.setup(cfg)
     t0 = time.perf_counter()
     model = rd.build_model(dims, "cpu", torch.bfloat16 if mode == "lora" else torch.float32)
@@ -157,6 +181,7 @@ def measure(mode: str, args) -> dict:
     run = rd.prepare_run(cfg, model, reward, ctx)
     start_peak = status_kb("VmHWM") * 1024 - base  # the text encoders' visit: prepare and encode the prompts
     tr = model.transformer
+    transformer_bytes = _bytes(tr.parameters())  # this rank's: its FSDP shards (base and trainable)
     static = {
         "trainable parameters (fp32)": _bytes(run.params),
         "frozen transformer base": _bytes(p for p in tr.parameters() if not p.requires_grad),
@@ -187,8 +212,11 @@ def measure(mode: str, args) -> dict:
     static["gradients"] = _bytes(p.grad for p in run.params if p.grad is not None)
     static["optimizer state"] = _bytes(state)
     measured = max(max(u["peak_gib"] for u in updates), start_peak / GIB)
+    parallel.teardown(ctx)
     return {
-        "mode": mode, "config": {"blocks": [dims.double, dims.single], "size": args.size,
+        "mode": mode, "rank": ctx.rank, "procs": ctx.world, "family": args.family,
+        "transformer_bytes": transformer_bytes,
+        "config": {"blocks": [dims.double, dims.single], "size": args.size, "procs": args.procs[0],
                                  "rollout_steps": args.rollout_steps, "lora_rank": args.rank if mode == "lora" else None,
                                  "threads": torch.get_num_threads()},
         "transformer_params": sum(p.numel() for p in tr.parameters()), "trainable_params": sum(p.numel() for p in run.params),
@@ -207,13 +235,21 @@ def add_plan(r: dict, tiny: bool) -> None:
     from srpo.bench import real_dims as rd
 
     c = r["config"]
+    family, procs = r.get("family", rd.REAL.model), c.get("procs", 1)
     cfg = rd.config(r["mode"], c["size"], c["rollout_steps"], "cpu", rank=c["lora_rank"] or 64, tiny=tiny,
-                    reward_dtype="bfloat16", reward_autocast="bf16")
-    dims = (rd.TINY if tiny else rd.REAL).blocks(*c["blocks"])
+                    reward_dtype="bfloat16", reward_autocast="bf16", family=family, procs=procs)
+    dims = _dims(family, tiny, *c["blocks"])
     arch = tuple(r["reward_arch"]) if r.get("reward_arch") else None  # none: the registry's HPS entry
-    plan = planner.estimate_for(cfg, rd.plan_sizes(cfg, dims, arch), 1, device="cpu")
+    plan = planner.estimate_for(cfg, rd.plan_sizes(cfg, dims, arch), procs, "fsdp" if procs > 1 else "none",
+                                device="cpu")
     r["planned_gib"] = plan["total"] / GIB
     r["plan_over_measured"] = r["planned_gib"] / r["measured_gib"]
+    # the update alone (the start here holds the transformer built whole beside the text
+    # encoders; the trainer's start from a folder reads it after them: srpo.parallel.skeleton_start)
+    ranks = [x for x in r.get("ranks", []) if "update_peak_gib" in x] or [  # (older JSON: the cell's rank)
+        {"update_peak_gib": max(u["peak_gib"] for u in r["updates"])}]
+    r["update_peak_gib"] = max(x["update_peak_gib"] for x in ranks)
+    r["planned_start_gib"] = plan.get("  peak while they are resident", 0) / GIB
     r["plan_parts_gib"] = {k: v / GIB for k, v in plan.items()}
 
 
@@ -247,8 +283,14 @@ def parse(argv=None):
     p.add_argument("--tiny", action="store_true", help="the same code path at test size (seconds)")
     p.add_argument("--modes", default="lora,full", help="comma list of lora, full")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default 512; --tiny 32)")
-    p.add_argument("--double", type=int, default=1, help="double-stream transformer blocks (default 1)")
-    p.add_argument("--single", type=int, default=1, help="single-stream transformer blocks (default 1)")
+    p.add_argument("--family", default="flux", help="flux (FLUX.1-dev), flux2 (FLUX.2 [dev]), qwen_image "
+                                                     "(Qwen-Image), sd3 (SD3.5 Large), z_image (Z-Image-Turbo)")
+    p.add_argument("--procs", default="1", help="comma list of process counts; N > 1: an N-process gloo "
+                                                "FSDP2 group (parallel.strategy=fsdp), each rank measuring itself")
+    p.add_argument("--blocks", type=int, default=None, help="transformer blocks (FLUX families: N double + "
+                                                            "N single; default 1)")
+    p.add_argument("--double", type=int, default=1, help="double-stream transformer blocks (FLUX families; default 1)")
+    p.add_argument("--single", type=int, default=1, help="single-stream transformer blocks (FLUX families; default 1)")
     p.add_argument("--rank", type=int, default=64, help="LoRA rank (alpha = rank)")
     p.add_argument("--rollout-steps", type=int, default=2, help="Euler steps of the rollout (default 2)")
     p.add_argument("--updates", type=int, default=2, help="updates per mode (the second has AdamW's state)")
@@ -257,6 +299,20 @@ def parse(argv=None):
     p.add_argument("--scratch", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.size = args.size or (32 if args.tiny else 512)
+    from srpo.bench import real_dims as rd
+
+    if args.family not in rd.FAMILIES:
+        p.error(f"unknown family {args.family}: use {', '.join(rd.FAMILIES)}")
+    try:
+        args.procs = [int(n) for n in str(args.procs).split(",") if n.strip()]
+    except ValueError:
+        p.error(f"--procs takes a comma list of process counts (got {args.procs})")
+    if not args.procs or min(args.procs) < 1:
+        p.error(f"--procs must be positive (got {args.procs})")
+    if args.blocks is not None:
+        args.double = args.single = args.blocks
+    if args.family not in rd.DOUBLE_SINGLE:  # one stack of blocks
+        args.double, args.single = args.blocks or args.double, 0
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in ("lora", "full")]
     if bad or not modes:
@@ -274,13 +330,19 @@ def parse(argv=None):
 
 def markdown(result: dict) -> str:
     """BENCHMARKS.md's tables from a result: the modes, their parts, the real model's plans."""
-    lines = ["| mode | blocks | measured GiB | planned GiB | plan / measured | s / update | peak phase |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for mode, r in result["modes"].items():
+    lines = ["| family | mode | procs | blocks | size | measured GiB | planned GiB | plan / measured | "
+             "update peak GiB | plan / update peak | start measured / planned GiB | "
+             "transformer GiB (largest rank) | s / update | peak phase |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["cells"].values():
         u = r["updates"][-1]
         phase = max(u["phase_peaks_gib"], key=u["phase_peaks_gib"].get)
-        lines.append(f"| {mode} | {r['config']['blocks'][0]} + {r['config']['blocks'][1]} | {r['measured_gib']:.2f} | "
-                     f"{r['planned_gib']:.2f} | {r['plan_over_measured']:.3f} | {u['seconds']:.0f} | {phase} |")
+        c = r["config"]
+        lines.append(f"| {r.get('family', 'flux')} | {r['mode']} | {c.get('procs', 1)} | {c['blocks'][0]} + {c['blocks'][1]} "
+                     f"| {c['size']} | {r['measured_gib']:.2f} | {r['planned_gib']:.2f} | {r['plan_over_measured']:.3f} "
+                     f"| {r['update_peak_gib']:.2f} | {r['planned_gib'] / r['update_peak_gib']:.3f} "
+                     f"| {max(x['start_peak_gib'] for x in r.get('ranks') or [r]):.2f} / {r['planned_start_gib']:.2f} "
+                     f"| {r.get('transformer_bytes', 0) / GIB:.3f} | {u['seconds']:.0f} | {phase} |")
     for mode, r in result["modes"].items():
         u = r["updates"][-1]
         lines += ["", f"{mode}, measured (GiB; update {u['update']}, resident before it "
@@ -289,39 +351,85 @@ def markdown(result: dict) -> str:
         lines += [f"- held for backward, {k}: {v:.3f}" for k, v in u["held_for_backward_gib"].items()]
         lines += [f"- peak in phase {k}: {v:.2f}" for k, v in u["phase_peaks_gib"].items()]
         lines += ["", f"{mode}, planned (GiB):", ""] + [f"- {k}: {v:.3f}" for k, v in r["plan_parts_gib"].items()]
-    lines += ["", "| 19 + 38 blocks, 720 x 720 | per-GPU GiB |", "| --- | --- |"]
-    lines += [f"| {k} | {v['total_gib']:.1f} |" for k, v in result["real_plan_720"].items()]
+    if result.get("real_plan_720"):
+        lines += ["", "| 19 + 38 blocks, 720 x 720 | per-GPU GiB |", "| --- | --- |"]
+        lines += [f"| {k} | {v['total_gib']:.1f} |" for k, v in result["real_plan_720"].items()]
     return "\n".join(lines)
 
 
-def _child_argv(args, mode: str, out: str) -> list[str]:
+def _child_argv(args, mode: str, out: str, procs: int = 1) -> list[str]:
     argv = [sys.executable, __file__, "--child", mode, "--out", out, "--scratch", args.scratch,
+            "--family", args.family, "--procs", str(procs),
             "--size", str(args.size), "--double", str(args.double), "--single", str(args.single),
             "--rank", str(args.rank), "--rollout-steps", str(args.rollout_steps), "--updates", str(args.updates)]
     return argv + (["--tiny"] if args.tiny else [])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cell(args, mode: str, out: str, procs: int) -> dict:
+    """One mode on ``procs`` processes: one child (no process group), or ``procs`` ranks of a
+    gloo group (``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR`` / ``MASTER_PORT``, as torchrun sets
+    them; ``parallel.setup`` joins it). The result is the largest rank's: its peak
+    (``measured_gib``) and its transformer bytes; ``ranks`` holds each rank's peak."""
+    if procs == 1:
+        subprocess.run(_child_argv(args, mode, out), check=True)
+        return json.loads(Path(out).read_text())
+    env = dict(os.environ, WORLD_SIZE=str(procs), LOCAL_WORLD_SIZE=str(procs), MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()))
+    ranks = [subprocess.Popen(_child_argv(args, mode, out, procs), env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
+             for r in range(procs)]
+    codes = [r.wait() for r in ranks]
+    if any(codes):
+        raise subprocess.CalledProcessError(max(codes, key=abs), _child_argv(args, mode, out, procs))
+    rows = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(procs)]
+    cell = dict(max(rows, key=lambda r: r["measured_gib"]))
+    cell["transformer_bytes"] = max(r["transformer_bytes"] for r in rows)
+    cell["ranks"] = [{"rank": r["rank"], "measured_gib": r["measured_gib"], "start_peak_gib": r["start_peak_gib"],
+                      "update_peak_gib": max(u["peak_gib"] for u in r["updates"]),
+                      "transformer_bytes": r["transformer_bytes"]} for r in rows]
+    return cell
 
 
 def main(argv=None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse(argv)
     if args.child:
-        Path(args.out).write_text(json.dumps(measure(args.child, args)))
+        rank = os.environ.get("RANK")
+        out = args.out if rank is None else f"{args.out}.rank{rank}"
+        Path(out).write_text(json.dumps(measure(args.child, args)))
         return {}
     from srpo.bench import machine
 
     if args.replan:  # the plan again on measurements already made (the plan is a function of the config)
         result = json.loads(Path(args.replan).read_text())
     else:
-        result = {"machine": machine(), "tiny": args.tiny, "modes": {}}
+        result = {"machine": machine(), "tiny": args.tiny, "family": args.family, "modes": {}, "cells": {}}
         with tempfile.TemporaryDirectory() as tmp:
             args.scratch = tmp
-            for mode in args.modes:  # each in a fresh process: its peak is its own
-                out = str(Path(tmp) / f"{mode}.json")
-                subprocess.run(_child_argv(args, mode, out), check=True)
-                result["modes"][mode] = json.loads(Path(out).read_text())
-    for r in result["modes"].values():
+            for procs in args.procs:
+                for mode in args.modes:  # each in fresh processes: their peaks are their own
+                    out = str(Path(tmp) / f"{mode}-{procs}.json")
+                    cell = run_cell(args, mode, out, procs)
+                    result["cells"][f"{mode} x{procs}"] = cell
+                    if procs == 1:
+                        result["modes"][mode] = cell
+                    if args.out:  # the measurements so far (``--replan`` plans them again)
+                        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    cells = result.get("cells") or {f"{m} x1": r for m, r in result["modes"].items()}
+    for r in cells.values():
         add_plan(r, result.get("tiny", False))
-    result["real_plan_720"] = real_plan()
+    result["cells"] = cells
+    result["modes"] = {r["mode"]: r for r in cells.values() if r["config"].get("procs", 1) == 1}
+    if result.get("family", "flux") == "flux":  # FLUX.1-dev's whole 19 + 38 blocks
+        result["real_plan_720"] = real_plan()
     print(markdown(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ def prepare(model, cfg, sharded: bool = False) -> None:
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing(True)  # every transformer block and the VAE decoder
     if cfg.memory.cache_text or cfg.memory.release_text_encoders:
-        model.encode_prompts = TextCache(model, offload=cfg.memory.offload_frozen)
+        model.encode_prompts = TextCache(model, offload=cfg.memory.offload_frozen, batch=cfg.memory.text_encode_batch)
 
 
 def text_cache_key(cfg) -> str:
@@ -69,8 +69,8 @@ class TextCache:
     memory). With ``offload`` the text encoders live on the CPU and visit the model's device
     only to encode prompts not seen before."""
 
-    def __init__(self, model, offload: bool = False):
-        self.model, self.offload = model, offload
+    def __init__(self, model, offload: bool = False, batch: int = 8):
+        self.model, self.offload, self.batch = model, offload, int(batch)
         self.encode = model.encode_prompts  # the adapter's own method
         self.store: dict[str, dict[str, torch.Tensor]] = {}  # without disk
         self.disk: Path | None = None  # RUN/text_cache when the features are kept on disk
@@ -130,12 +130,21 @@ class TextCache:
             encoders = self.model.text_encoders() if self.offload else []
             for m in encoders:
                 m.to(self.model.device)
+            from .streaming import encode_each, is_streamed
+
+            # streamed encoders: a batch of prompts per pass over the layers (each its own forward)
+            batch = self.batch if any(is_streamed(m) for m in self.model.text_encoders()) else 1
             try:
-                for p in tqdm(missing, desc="encode prompts", disable=not progress or len(missing) < 2,
-                              dynamic_ncols=True):
-                    fresh[p] = {k: v.detach().cpu() for k, v in self.encode([p]).items()}
-                    self.encoded += 1
-                    self._put(p, fresh[p])
+                bar = tqdm(total=len(missing), desc="encode prompts", disable=not progress or len(missing) < 2,
+                           dynamic_ncols=True)
+                for i in range(0, len(missing), batch):
+                    group = missing[i:i + batch]
+                    for p, feats in zip(group, encode_each(self.encode, group)):
+                        fresh[p] = {k: v.detach().cpu() for k, v in feats.items()}
+                        self.encoded += 1
+                        self._put(p, fresh[p])
+                    bar.update(len(group))
+                bar.close()
             finally:
                 for m in encoders:
                     m.to("cpu")

@@ -9,7 +9,8 @@ goes through the small helpers below, so model, algorithm and trainer code never
 - ``ddp``: every rank holds the whole model; gradients are averaged over ranks once per update
   (:class:`GradSync`).
 - ``fsdp``: FSDP2 (``fully_shard``) on every transformer block, then on the root: parameters,
-  gradients and optimizer state are sharded over ranks.
+  gradients and optimizer state are sharded over ranks. A module holding several transformers
+  (Wan2.2-A14B's two experts) declares its inner units with ``fsdp_units()`` (:func:`fsdp_units`).
 """
 
 from __future__ import annotations
@@ -175,18 +176,28 @@ def blocks(module: nn.Module) -> list[nn.Module]:
     return [b for child in module.children() if isinstance(child, nn.ModuleList) for b in child]
 
 
+def fsdp_units(module: nn.Module) -> list[nn.Module]:
+    """The modules FSDP shards as units of their own below ``module``'s root, in sharding order:
+    those ``module.fsdp_units()`` names where it declares them (a module of several transformers:
+    each one's blocks, then that transformer), else its :func:`blocks`."""
+    declared = getattr(module, "fsdp_units", None)
+    return list(declared()) if callable(declared) else blocks(module)
+
+
 def apply(model, cfg, ctx: Context) -> None:
     """Wrap ``model.transformer`` for the configured strategy, in place; a skeleton is
     materialised here (whole, or under FSDP each rank's shards once it is sharded)."""
     from .lora import initial_values
     from .quantize import linear
-    from .shards import fill, is_skeleton
+    from .shards import fill, is_skeleton, skeleton_folders
 
     tr = model.transformer
     if is_skeleton(tr) and ctx.strategy != "fsdp":  # whole, one module at a time (each quantized as read)
         fill(tr, ctx.device, initial_values(cfg.lora, cfg.train.seed), each=lambda m: linear(m, cfg.model.quantize))
     if ctx.strategy == "none":
         return
+    if hasattr(tr, "agree_across_ranks"):  # a module that routes samples: every rank calls what any rank needs
+        tr.agree_across_ranks = ctx.distributed and ctx.world > 1
     if ctx.strategy == "ddp":
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         model.transformer = _DDP(tr, device_ids=ids, forward_sync_buffers=False,
@@ -196,7 +207,7 @@ def apply(model, cfg, ctx: Context) -> None:
 
         from .memory import master_weights
 
-        parts = blocks(tr)
+        parts = fsdp_units(tr)
         if not parts:
             raise UserError(f"parallel.strategy fsdp: {type(tr).__name__} has no block lists to shard; use ddp")
         low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.autocast)
@@ -205,13 +216,16 @@ def apply(model, cfg, ctx: Context) -> None:
         # autocast's cache of float32 weights would; gradients are reduced in float32
         mp = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32, cast_forward_inputs=False) \
             if low else MixedPrecisionPolicy()
+        ids = {id(b) for b in parts}  # a unit holding other units (a transformer inside tr): kept gathered as a root
+        inner = {id(b) for b in parts if any(id(m) in ids for m in b.modules() if m is not b)}
         for b in parts:
             master_weights(b)  # this block in float32, then sharded: one whole block at a time
-            fully_shard(b, reshard_after_forward=cfg.parallel.reshard_after_forward, mp_policy=mp)
+            fully_shard(b, reshard_after_forward=False if id(b) in inner else cfg.parallel.reshard_after_forward,
+                        mp_policy=mp)
         master_weights(tr)  # the root's own weights (embedders, final layer)
         fully_shard(tr, reshard_after_forward=False, mp_policy=mp)  # the root's gather is reused by backward
         if is_skeleton(tr):  # the sharded start: this rank's rows of every weight, from the files
-            folder = tr.weights_folder
+            folder = skeleton_folders(tr)
             held, whole = fill(tr, ctx.device, initial_values(cfg.lora, cfg.train.seed))
             if ctx.is_main:
                 print(f"sharded start: each of {ctx.world} ranks read its shards of {folder} "

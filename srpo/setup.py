@@ -51,8 +51,14 @@ def build(cfg, device: torch.device, ctx=None):
     ``ctx`` (the trainer's), a folder's transformer may start as a skeleton
     (:func:`srpo.parallel.skeleton_start`), which :func:`prepare` fills after the encoding pass."""
     from .parallel import skeleton_start
+    from .streaming import wanted
 
-    model = load_model(cfg.model, device, skeleton=ctx is not None and skeleton_start(cfg, ctx))
+    stream = ctx is not None and wanted(cfg.memory.stream_text_encoders, cfg.memory.release_text_encoders,
+                                        cfg.model.path)
+    model = load_model(cfg.model, device, skeleton=ctx is not None and skeleton_start(cfg, ctx), stream_text=stream)
+    if stream and ctx.rank == 0:
+        print(f"streamed text encoders: {', '.join(type(m).__name__ for m in model.text_encoders())}, read one layer "
+              f"at a time, {cfg.memory.text_encode_batch} prompts a pass", flush=True)
     if cfg.rollout.frames is not None:  # a video family's frame count (image families refuse it)
         model.set_frames(cfg.rollout.frames)
     if hasattr(model, "decode_frames"):  # a video family decodes with gradient only up to the scored frames

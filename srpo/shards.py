@@ -43,7 +43,20 @@ def meta_parameters():
 
 
 def is_skeleton(module: nn.Module) -> bool:
-    return getattr(module, "weights_folder", None) is not None
+    """A skeleton, or a module holding skeletons (Wan2.2-A14B's two experts, each from its folder)."""
+    return bool(skeleton_parts(module))
+
+
+def skeleton_parts(module: nn.Module) -> list[nn.Module]:
+    """``module`` where it is a skeleton itself, else the skeletons inside it (outermost first)."""
+    if getattr(module, "weights_folder", None) is not None:
+        return [module]
+    return [m for m in module.modules() if getattr(m, "weights_folder", None) is not None]
+
+
+def skeleton_folders(module: nn.Module) -> str:
+    """The folders a skeleton (or a module of skeletons) is read from, for messages."""
+    return ", ".join(str(m.weights_folder) for m in skeleton_parts(module))
 
 
 def weight_files(folder: Path, shapes: dict | None = None) -> dict[str, Path]:
@@ -119,6 +132,10 @@ def fill(module: nn.Module, device, initial=None, each=None) -> tuple[int, int]:
     from safetensors import safe_open
     from torch.distributed.tensor import DTensor
 
+    parts = skeleton_parts(module)
+    if parts != [module]:  # a module of skeletons (each expert from its own folder): each one in turn
+        sizes = [fill(m, device, _under(initial, _prefix(module, m)), each) for m in parts]
+        return sum(h for h, _ in sizes), sum(w for _, w in sizes)
     folder = module.weights_folder
     where = weight_files(folder)
     buffers = {n: b for n, b in module.named_buffers()}
@@ -151,3 +168,15 @@ def fill(module: nn.Module, device, initial=None, each=None) -> tuple[int, int]:
                 each(mod)
     module.weights_folder = None
     return held, whole
+
+
+def _prefix(root: nn.Module, part: nn.Module) -> str:
+    return next(n for n, m in root.named_modules() if m is part)
+
+
+def _under(initial, prefix: str):
+    """``initial`` of a part: called with the parameter's name in the whole module (LoRA's
+    initial values are keyed by it, as they are for a one-process load of the whole module)."""
+    if initial is None:
+        return None
+    return lambda name, shape: initial(f"{prefix}.{name}", shape)

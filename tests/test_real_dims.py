@@ -41,3 +41,33 @@ def test_real_dims_bad_input_exits_2(capsys):
     with pytest.raises(SystemExit) as e:
         real_dims.main(["--modes", "lora,half"])
     assert e.value.code == 2 and "unknown mode half" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["qwen_image", "z_image"])
+def test_real_dims_family_on_two_gloo_processes(tmp_path, family):
+    """``--family`` at test size on 1 and 2 processes (a real gloo FSDP2 group): each cell's keys,
+    a positive finite plan and measurement, and the 2-process ranks holding their shards of the
+    transformer (at most 0.6 x the 1-process bytes: sharded before the first update)."""
+    out = tmp_path / "real_dims.json"
+    real_dims.main(["--tiny", "--family", family, "--procs", "1,2", "--modes", "lora", "--updates", "1",
+                    "--rank", "4", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["family"] == family and set(result["cells"]) == {"lora x1", "lora x2"}
+    for cell in result["cells"].values():
+        assert {"measured_gib", "planned_gib", "plan_over_measured", "transformer_bytes", "plan_parts_gib",
+                "family", "procs"} <= set(cell)
+        assert cell["family"] == family
+        for key in ("measured_gib", "planned_gib", "plan_over_measured"):
+            assert math.isfinite(cell[key]) and cell[key] > 0
+        assert math.isfinite(cell["updates"][0]["loss"])
+    one, two = result["cells"]["lora x1"], result["cells"]["lora x2"]
+    assert one["procs"] == 1 and two["procs"] == 2 and [r["rank"] for r in two["ranks"]] == [0, 1]
+    assert two["measured_gib"] == max(r["measured_gib"] for r in two["ranks"])
+    assert 0 < two["transformer_bytes"] <= 0.6 * one["transformer_bytes"]
+    assert "real_plan_720" not in result  # FLUX.1-dev's whole-model plan belongs to --family flux
+
+
+def test_real_dims_unknown_family_exits_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        real_dims.main(["--family", "sdxl"])
+    assert e.value.code == 2 and "unknown family sdxl" in capsys.readouterr().err

@@ -18,9 +18,10 @@ def family(name: str):
     return cls
 
 
-def load_model(m, device, transformer_path: str | None = None, skeleton: bool = False):
+def load_model(m, device, transformer_path: str | None = None, skeleton: bool = False, stream_text: bool = False):
     """The model a ``model:`` config section names; ``transformer_path`` overrides its own;
-    ``skeleton``: its transformer's parameters on the meta device (the sharded start)."""
+    ``skeleton``: its transformer's parameters on the meta device (the sharded start);
+    ``stream_text``: its text encoders streamed from the folder (:mod:`srpo.streaming`)."""
     from .base import resolve_dtype
 
     options = dict(m.options)
@@ -28,6 +29,8 @@ def load_model(m, device, transformer_path: str | None = None, skeleton: bool = 
         options["quantize_timesteps"] = m.quantize_timesteps
     if skeleton:
         options["skeleton"] = True
+    if stream_text:
+        options["stream_text_encoders"] = True
     return family(m.name).load(path=m.path, transformer_path=transformer_path or m.transformer_path,
                                device=device, dtype=resolve_dtype(m.dtype), shift=m.shift, **options)
 

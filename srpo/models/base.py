@@ -282,18 +282,22 @@ class FlowModel:
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def load(cls, path=None, transformer_path=None, device="cpu", dtype=torch.float32, shift=None,
-             skeleton: bool = False, **options) -> FlowModel:
+             skeleton: bool = False, stream_text_encoders: bool = False, components: dict | None = None,
+             **options) -> FlowModel:
         """The model from a local diffusers folder of the family's pipeline, offline and from
         safetensors; ``options`` (the family's :attr:`options`) go to its constructor and
         ``transformer_path`` replaces ``transformer/`` with a folder written by :meth:`save_transformer`.
         ``skeleton``: the transformer's parameters stay on the meta device, for the sharded start
-        (:mod:`srpo.shards`: each rank reads its own shards once the model is sharded)."""
+        (:mod:`srpo.shards`: each rank reads its own shards once the model is sharded).
+        ``stream_text_encoders``: the folder's transformers text encoders are streamed, read one
+        layer at a time as they run (:mod:`srpo.streaming`). ``components``: pipeline components a
+        family's own ``load`` built already (Wan's two skeleton experts)."""
         check_options(cls.family, set(options) - set(cls.options), cls.options)
         if not path:
             raise UserError(f"model '{cls.family}' needs a path: set model.path to a local diffusers "
                             f"{cls.pipeline_class} folder")
         root = cls.check_folder(path, need_transformer=not transformer_path)
-        components = {}
+        components = dict(components or {})
         if skeleton:
             import diffusers
 
@@ -304,6 +308,10 @@ class FlowModel:
             components["transformer"] = build_skeleton(getattr(diffusers, cls.transformer_class), folder,
                                                        resolve_dtype(dtype))
             transformer_path = None
+        if stream_text_encoders:
+            from ..streaming import streamed_components
+
+            components.update(streamed_components(root, resolve_dtype(dtype)))
         pipe = cls.pipeline_from_folder(root, transformer_path, resolve_dtype(dtype), **components)
         return cls.from_pipeline(pipe, shift=shift, **options).to(device)
 

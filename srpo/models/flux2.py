@@ -225,7 +225,7 @@ class Flux2Base(FlowModel):
         """The stacked hidden states ``[B, L, layers x D]`` of the text encoder, as both pipelines
         make them (no mask reaches the transformer: padding tokens are attended to)."""
         enc = self.text_encoder
-        device = next(enc.parameters()).device
+        device = enc.device
         out = enc(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                   output_hidden_states=True, use_cache=False)
         x = torch.stack([out.hidden_states[k] for k in self.text_encoder_out_layers], dim=1).to(enc.dtype)

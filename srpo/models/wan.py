@@ -137,13 +137,25 @@ class WanModel(FlowModel):
                                      boundary_ratio=pipe.config.get("boundary_ratio"), **options)
 
     @classmethod
-    def load(cls, path=None, transformer_path=None, *args, skeleton: bool = False, **kwargs):
-        """As the base class; two experts are read whole even where a skeleton is asked for (the sharded
-        start, srpo.shards, reads one transformer folder): the text encoders are then resident beside
-        them until they are released."""
+    def load(cls, path=None, transformer_path=None, device="cpu", dtype=torch.float32, *args,
+             skeleton: bool = False, **kwargs):
+        """As the base class; with two experts and ``skeleton`` (the sharded start) both experts are
+        skeletons (:mod:`srpo.shards`) of ``transformer/`` and ``transformer_2/`` (of the folder, or of
+        ``transformer_path``: a two-expert run's ``final/``), each rank reading its shards of both."""
         if skeleton and path and (Path(path) / "transformer_2").is_dir():
-            skeleton = False
-        return super().load(path, transformer_path, *args, skeleton=skeleton, **kwargs)
+            import diffusers
+
+            from ..shards import skeleton as build_skeleton
+            from .base import resolve_dtype
+
+            source = Path(transformer_path) if transformer_path else Path(path)
+            parts = {}
+            for name in EXPERTS:
+                check_transformer_folder(source / name, cls.transformer_class)
+                parts[name] = build_skeleton(getattr(diffusers, cls.transformer_class), source / name,
+                                             resolve_dtype(dtype))
+            return super().load(path, None, device, dtype, *args, components=parts, **kwargs)
+        return super().load(path, transformer_path, device, dtype, *args, skeleton=skeleton, **kwargs)
 
     @classmethod
     def pipeline_from_folder(cls, root, transformer_path, dtype, **components):

@@ -15,6 +15,20 @@ sub-folder per expert under those names (each a ``WanTransformer3DModel`` folder
 ``train_experts`` (``model.options``): ``both`` (default), ``transformer`` or ``transformer_2``;
 the other expert is frozen (no adapters, no gradient), and a gradient forward at a level of the
 frozen expert is a one-line error naming the boundary.
+
+Under several processes (``parallel.strategy`` fsdp or ddp) each rank routes its own samples, so
+in one gradient forward rank 0 may need only ``transformer`` and rank 1 only ``transformer_2``;
+FSDP's all-gathers (and reduce-scatters in backward) would then pair up across different
+experts and hang. :func:`srpo.parallel.apply` sets :attr:`WanExperts.agree_across_ranks`: each
+forward all-reduces (MAX) two flags, "some sample here needs expert i", and every rank calls, in
+the same order, each expert that any rank needs. A rank with no sample of that expert runs it on
+one of its own rows and joins the result to its output with value and gradient exactly zero
+(:class:`_Null`; Wan's transformer cannot take a batch of 0), so its backward runs the expert's
+FSDP hooks with zero gradients: the reductions pair up and the gradients equal one process on the
+global batch. :meth:`WanExperts.fsdp_units` shards each expert block by block, then each
+expert's root, then (by :func:`srpo.parallel.apply`) this module. A :class:`WanExperts` of two
+skeletons (:func:`srpo.shards.skeleton` of ``transformer/`` and ``transformer_2/``) is a skeleton
+too: under FSDP each rank reads only its rows of both experts (:func:`srpo.shards.fill`).
 """
 
 from __future__ import annotations
@@ -36,6 +50,20 @@ def experts_folder(path) -> bool:
     return all((Path(path) / name / "config.json").is_file() for name in EXPERTS)
 
 
+class _Null(torch.autograd.Function):
+    """A scalar 0 whose gradient to ``x`` is zeros: ties a forward into the graph without
+    changing the value (not even where ``x`` is not finite) or the gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.shape, ctx.dtype = x.shape, x.dtype
+        return x.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.new_zeros(ctx.shape, dtype=ctx.dtype)
+
+
 class WanExperts(nn.Module):
     """Both experts; ``forward`` takes ``WanTransformer3DModel``'s arguments and routes each sample
     to the expert of its timestep. ``config`` and ``dtype`` are the high-noise expert's (the
@@ -51,6 +79,7 @@ class WanExperts(nn.Module):
         self.transformer, self.transformer_2 = transformer, transformer_2
         self.boundary_timestep = float(boundary_timestep)
         self.trained = EXPERTS if train == "both" else (train,)
+        self.agree_across_ranks = False  # set under several processes (srpo.parallel.apply)
         for name in EXPERTS:
             if name not in self.trained:
                 getattr(self, name).requires_grad_(False)
@@ -78,21 +107,53 @@ class WanExperts(nn.Module):
         t = timestep if timestep.ndim == 1 else timestep[:, 0]  # expand_timesteps: one per token, all equal
         return t >= self.boundary_timestep
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """FSDP2 units inside this module, in sharding order (:func:`srpo.parallel.fsdp_units`):
+        each expert's blocks, then that expert's root (its embedders and output layer)."""
+        from ..parallel import fsdp_units
+
+        return [u for name in EXPERTS for u in (*fsdp_units(getattr(self, name)), getattr(self, name))]
+
+    def needed(self, high: Tensor) -> tuple[bool, bool]:
+        """Which experts this forward calls: those its own samples use, or under
+        :attr:`agree_across_ranks` those any rank's samples use (a collective: every rank's
+        forwards come in the same order)."""
+        flags = torch.stack([high.any(), (~high).any()]).to(torch.int32)
+        if self.agree_across_ranks:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        a, b = flags.tolist()
+        return bool(a), bool(b)
+
     def forward(self, hidden_states: Tensor, timestep: Tensor, encoder_hidden_states: Tensor,
                 return_dict: bool = False, **kwargs):
         high = self.high_noise(timestep)
-        if bool(high.all()) or not bool(high.any()):
-            name = EXPERTS[0] if bool(high.all()) else EXPERTS[1]
-            self._check_trainable(name)
+        need = self.needed(high)
+        for name, on in zip(EXPERTS, need):
+            if on:
+                self._check_trainable(name)
+        local = (bool(high.any()), bool((~high).any()))
+        if local == need and need.count(True) == 1:  # one expert, for every sample: the whole batch
+            name = EXPERTS[need.index(True)]
             return getattr(self, name)(hidden_states=hidden_states, timestep=timestep,
                                        encoder_hidden_states=encoder_hidden_states, return_dict=False, **kwargs)
-        out = None
-        for name, rows in zip(EXPERTS, (high.nonzero()[:, 0], (~high).nonzero()[:, 0])):
-            self._check_trainable(name)
+        out, nulls = None, []
+        for name, rows, on, mine in zip(EXPERTS, (high.nonzero()[:, 0], (~high).nonzero()[:, 0]), need, local):
+            if not on:
+                continue
+            if not mine:  # another rank's samples need it: run it on one row here, joined as an exact 0
+                rows = torch.zeros(1, dtype=torch.long, device=hidden_states.device)
             v = getattr(self, name)(hidden_states=hidden_states[rows], timestep=timestep[rows],
                                     encoder_hidden_states=encoder_hidden_states[rows], return_dict=False, **kwargs)[0]
+            if not mine:
+                nulls.append(_Null.apply(v))
+                continue
             out = v.new_zeros((hidden_states.shape[0], *v.shape[1:])) if out is None else out
             out = out.index_copy(0, rows, v)
+        for z in nulls:
+            out = out + z.to(out.dtype)
         return (out,)
 
     def _check_trainable(self, name: str) -> None:

@@ -151,11 +151,11 @@ class ZImageModel(FlowModel):
     # ---- construction ---------------------------------------------------------------------
     @classmethod
     def load(cls, path=None, transformer_path=None, device="cpu", dtype=torch.float32, shift=None,
-             skeleton: bool = False, **options) -> ZImageModel:
+             skeleton: bool = False, stream_text_encoders: bool = False, **options) -> ZImageModel:
         """A local ZImagePipeline folder: Z-Image-Turbo with ``variant: turbo`` (the default),
         Z-Image with ``variant: base`` (checked before any weight is read)."""
         _check_variant(options.get("variant", "turbo"), cls.family)
-        return super().load(path, transformer_path, device, dtype, shift, skeleton, **options)
+        return super().load(path, transformer_path, device, dtype, shift, skeleton, stream_text_encoders, **options)
 
     @classmethod
     def plan_parts(cls, path, options: dict, height: int, width: int) -> PlanParts:
