@@ -59,21 +59,24 @@ def skeleton_folders(module: nn.Module) -> str:
     return ", ".join(str(m.weights_folder) for m in skeleton_parts(module))
 
 
-def weight_files(folder: Path, shapes: dict | None = None) -> dict[str, Path]:
+def weight_files(folder: Path, shapes: dict | None = None, index_name: str = INDEX,
+                 what: str = "transformer") -> dict[str, Path]:
     """Weight name -> the safetensors file of ``folder`` that holds it (every file opened, so an
-    unreadable or truncated one is a one-line error here); ``shapes`` gets each weight's shape."""
+    unreadable or truncated one is a one-line error here); ``shapes`` gets each weight's shape.
+    ``index_name``: the folder's sharded-weights index (diffusers' by default); ``what``: the
+    component, for messages."""
     from safetensors import SafetensorError, safe_open
 
-    index = folder / INDEX
+    index = folder / index_name
     if index.is_file():
         try:
             files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{index}: not a readable safetensors index ({e}): copy the transformer folder again") from None
+            raise UserError(f"{index}: not a readable safetensors index ({e}): copy the {what} folder again") from None
     else:
         files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise UserError(f"{folder} holds no .safetensors weights: the sharded start reads the transformer from them")
+        raise UserError(f"{folder} holds no .safetensors weights: srpo reads the {what} from them")
     where: dict[str, Path] = {}
     for f in files:
         try:

@@ -334,27 +334,9 @@ def stream(model_cls: type, folder, dtype: torch.dtype) -> nn.Module:
 
 def _weight_files(folder: Path, index, shapes: dict) -> dict[str, Path]:
     """:func:`srpo.shards.weight_files` of a transformers folder (``model.safetensors.index.json``)."""
-    import json
-
-    from safetensors import SafetensorError, safe_open
-
     if index is None:
         return weight_files(folder, shapes)
-    try:
-        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{index}: not a readable safetensors index ({e}): copy the text encoder folder again") from None
-    where: dict[str, Path] = {}
-    for f in files:
-        try:
-            with safe_open(str(f), "pt") as h:
-                for k in h.keys():
-                    where[k] = f
-                    shapes[k] = tuple(h.get_slice(k).get_shape())
-        except (OSError, SafetensorError) as e:
-            raise UserError(f"{f}: cannot read its weights ({' '.join(str(e).split())}): the file is missing, "
-                            f"truncated or not safetensors; copy it again") from None
-    return where
+    return weight_files(folder, shapes, index_name=Path(index).name, what="text encoder")
 
 
 def encode_each(encode, prompts: list[str]) -> list:
