@@ -44,3 +44,11 @@ def open_page(driver, page: Path) -> list[dict]:
     driver.get(page.resolve().as_uri())
     driver.execute_script("return document.readyState")  # get() returns after the load event
     return driver.get_log("browser")
+
+
+def preview_images(driver) -> list:
+    """[src, loaded, natural width, natural height] of every ``img.preview`` (the animated
+    video previews of report.html and eval.html) on the open page."""
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll('img.preview')).map("
+        "i => [i.getAttribute('src'), i.complete, i.naturalWidth, i.naturalHeight]);")

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from browser import chromium, needs_browser, open_page
+from browser import chromium, needs_browser, open_page, preview_images
 from srpo.cli import main as cli
 from srpo.config import load_config
 from srpo.data import load_prompts
@@ -137,9 +137,7 @@ def driver(tmp_path_factory):
 @needs_browser
 def test_eval_html_plays_the_videos_in_a_real_browser(evaluated, driver):
     log = open_page(driver, evaluated / "eval.html")
-    previews = driver.execute_script(
-        "return Array.from(document.querySelectorAll('img.preview')).map("
-        "i => [i.getAttribute('src'), i.complete, i.naturalWidth, i.naturalHeight]);")
+    previews = preview_images(driver)
     d = _data(evaluated)
     assert len(previews) == len(d["checkpoints"]) * (1 + 4 * SEEDS)  # grid.gif and one per video
     for src, complete, w, h in previews:

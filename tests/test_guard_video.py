@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from browser import chromium, needs_browser, open_page
+from browser import chromium, needs_browser, open_page, preview_images
 from srpo.config import load_config
 from srpo.errors import UserError
 from srpo.guard.monitor import Guard
@@ -240,9 +240,7 @@ def driver(tmp_path_factory):
 @needs_browser
 def test_the_video_report_loads_in_a_real_browser(run, driver):
     log = open_page(driver, run / "report.html")
-    previews = driver.execute_script(
-        "return Array.from(document.querySelectorAll('img.preview')).map("
-        "i => [i.getAttribute('src'), i.complete, i.naturalWidth, i.naturalHeight]);")
+    previews = preview_images(driver)
     assert len(previews) == 2 * (len(GUARD_STEPS) - 1)  # base beside each later guard step
     assert {p[0] for p in previews} == {"samples/before.gif", "samples/step-000002.gif", "samples/after.gif"}
     for src, complete, w, h in previews:
