@@ -55,10 +55,13 @@ class Sizes:
     untrained: int = 0  # of ``transformer``'s parameters, those of experts that do not train (frozen)
     frames: int = 1  # video: frames the decoder makes per sample
     reward_images: int = 1  # video: frames the reward scores per sample
-    # a family that counts its own decode with gradient (``plan_decode``: Wan's chunked,
-    # checkpointed decode): elements per sample held from the decode to its backward, and live
+    # a family that counts its own decode with gradient (``plan_decode``: Wan's chunked and
+    # checkpointed decode, Qwen-Image's causal 3-D decoder): elements per sample held from the decode to its backward, and live
     # besides them at the backward's peak; None: the per-frame decoder formula (_vae_parts)
     decode: tuple[int, int] | None = None
+    # streamed text encoders (PlanParts.text_stream): (parameters resident at once, activation
+    # elements per prompt); None: each encoder counted whole, its activations not counted
+    text_stream: tuple[int, int] | None = None
 
 
 def _lora_params(transformer: nn.Module, rank: int, target_modules: list[str]) -> tuple[int, int]:
@@ -113,10 +116,11 @@ def model_sizes(cfg, parts=None) -> Sizes:
         vae_resnets=vae_cfg["layers_per_block"] + 1, text_tokens=parts.text_tokens, image_tokens=parts.image_tokens,
         gradient_passes=2 if (parts.guidance_mode or fam.guidance_mode) == "cfg" and cfg.train.guidance > 1
         and cfg.train.cfg_gradient == "both" else 1, vae_checkpointing=parts.vae_checkpointing,
+        text_stream=parts.text_stream,
     )
     _reward_sizes(cfg, sizes)
     plan_decode = getattr(fam, "plan_decode", None)
-    if plan_decode is not None and parts.frames > 1:
+    if plan_decode is not None:
         sizes.decode = plan_decode(parts.vae, dict(m.options), cfg.rollout.height, cfg.rollout.width, parts.frames,
                                    _scored_indices(cfg, parts.frames))
     return sizes
@@ -218,7 +222,8 @@ def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, heig
              model_bytes: int, reward_bytes: int = 4, act_bytes: int = 2, checkpointing: bool = True,
              offload_text: bool = False, release_text: bool = False, device: str = "cuda",
              optimizer: str = "adamw", sync_once: bool = False, quantize: str = "none",
-             fused_adamw: bool = False, shard_reward: bool = False) -> dict[str, float]:
+             fused_adamw: bool = False, shard_reward: bool = False, stream_text: bool = False,
+             text_batch: int = 1) -> dict[str, float]:
     """Expected peak bytes per device by component (and ``total``); ``device``: ``cuda`` (a
     CUDA context, foreach AdamW, the caching allocator) or ``cpu`` (process memory).
 
@@ -233,7 +238,10 @@ def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, heig
     ``quantize``: the frozen LoRA base's storage (``model.quantize``; its bytes per weight).
     ``fused_adamw``: AdamW's fused kernel (``train.adamw``), which allocates no step temporaries.
     ``shard_reward``: under FSDP the reward's image tower is sharded too (``parallel.shard_reward``):
-    each rank holds its share and gathers two of its blocks at a time (one prefetched)."""
+    each rank holds its share and gathers two of its blocks at a time (one prefetched).
+    ``stream_text``: released encoders are streamed at the start (``memory.stream_text_encoders``):
+    they hold their parts outside the layers and one layer, and ``text_batch`` prompts'
+    activations (``memory.text_encode_batch``), not the whole encoders."""
     shard = gpus if strategy == "fsdp" else 1
     trainable = s.lora_params if lora else s.transformer - s.untrained
     adamw = optimizer == "adamw"
@@ -258,8 +266,14 @@ def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, heig
     elif s.untrained:
         out["frozen experts (not trained)"] = model_bytes * s.untrained / shard
     if strategy == "fsdp":  # under autocast FSDP gathers in the compute dtype (parallel.apply's MixedPrecisionPolicy)
+        # FSDP2 all-gathers a block into one flat buffer and copies it out into the block's
+        # unsharded weights; in forward it keeps that buffer until the next block's copy-out
+        # (FSDPParamGroup.wait_for_unshard), so with one block prefetched four blocks' bytes are
+        # live: two buffers, two unsharded. In backward the buffer is freed at once: three, and
+        # the block's gradients.
         block_bytes = min(act_bytes, model_bytes if lora else 4)
-        out["FSDP gathered blocks (2) + block grads"] = s.largest_block * (2 * block_bytes + (0 if lora else 4))
+        out["FSDP gathered blocks (2) with their all-gather buffers + block grads"] = s.largest_block * max(
+            4 * block_bytes, 3 * block_bytes + (0 if lora else 4))
         out["FSDP unsharded root"] = s.root * (model_bytes if lora else 4)
     text = model_bytes * s.text_encoders
     out["text encoders"] = 0 if offload_text or release_text else text
@@ -298,6 +312,11 @@ def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, heig
         static += OVERHEAD
     subtotal = sum(out.values())
     start = None
+    streamed = release_text and stream_text and s.text_stream is not None
+    if streamed:  # one layer and the parts outside the layers, text_batch prompts at a time (srpo.streaming)
+        text = model_bytes * (s.text_stream[0] + text_batch * s.text_stream[1])
+    elif release_text and s.text_stream is not None:  # the whole encoders, one prompt a forward
+        text += model_bytes * s.text_stream[1]
     if release_text:  # encoded at the start while the transformer is a skeleton (srpo.shards: read after)
         start = model_bytes * s.vae + reward_bytes * s.reward + text + (OVERHEAD if device == "cuda" else 0)
     elif offload_text:  # a new prompt brings the encoders over between updates: gradients freed
@@ -309,7 +328,8 @@ def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, heig
         out[f"fragmentation ({round(100 * (frag - 1))} %)"] = subtotal * (frag - 1)
     out["total"] = subtotal * frag
     if start is not None:
-        out["  of which text encoders, at the start only" if release_text else
+        out[f"  of which text encoders, streamed at the start ({text_batch} prompts a pass)" if streamed else
+            "  of which text encoders, at the start only" if release_text else
             "  of which text encoders, while encoding new prompts"] = text
         out["  peak while they are resident"] = start * frag
     return out
@@ -319,6 +339,7 @@ def estimate_for(cfg, s: Sizes, gpus: int, strategy: str | None = None, lora: bo
                  device: str = "cuda", optimizer: str = "adamw") -> dict[str, float]:
     """:func:`estimate` with the config's settings (strategy and LoRA overridable)."""
     from .setup import adamw_kernel
+    from .streaming import wanted
 
     strategy = strategy or cfg.parallel.strategy
     lora = cfg.lora.enabled if lora is None else lora
@@ -334,4 +355,7 @@ def estimate_for(cfg, s: Sizes, gpus: int, strategy: str | None = None, lora: bo
                     sync_once=grad_sync_mode(cfg.parallel.grad_sync, strategy, lora) == "update",
                     quantize=cfg.model.quantize if lora else "none",
                     fused_adamw=optimizer == "adamw" and adamw_kernel(cfg, device) == "fused",
-                    shard_reward=cfg.parallel.shard_reward)
+                    shard_reward=cfg.parallel.shard_reward,
+                    stream_text=wanted(cfg.memory.stream_text_encoders, cfg.memory.release_text_encoders,
+                                       cfg.model.path),
+                    text_batch=cfg.memory.text_encode_batch)

@@ -234,6 +234,29 @@ def _units(model: nn.Module) -> list[nn.Module]:
     return found
 
 
+def plan_counts(encoders: list[nn.Module], tokens: int) -> tuple[int, int]:
+    """For ``srpo plan``, of text encoders built on the meta device (shapes only): (parameters
+    their streamed copies hold at once: every part outside the repeated layers, read at its
+    first call and kept, plus the largest layer, the one resident; elements one prompt of
+    ``tokens`` tokens holds in a forward: every hidden state (the families read several), one
+    layer's MLP temporaries and, where the model has an LM head, its logits). Counting every
+    non-layer part (a vision tower's embeddings too, never read) errs on the safe side."""
+    resident, layer, acts = 0, 0, 0
+    for enc in encoders:
+        units = _units(enc)
+        in_units = {id(p) for u in units for p in u.parameters()}
+        resident += sum(p.numel() for p in enc.parameters() if id(p) not in in_units)
+        layer = max([layer] + [sum(p.numel() for p in u.parameters()) for u in units])
+        c = enc.config.get_text_config() if hasattr(enc.config, "get_text_config") else enc.config
+        hidden = getattr(c, "hidden_size", None) or c.d_model
+        depth = getattr(c, "num_hidden_layers", None) or c.num_layers
+        inner = getattr(c, "intermediate_size", None) or getattr(c, "d_ff", None) or 4 * hidden
+        head = enc.get_output_embeddings() if hasattr(enc, "get_output_embeddings") else None
+        logits = tokens * c.vocab_size if head is not None else 0
+        acts = max(acts, tokens * ((depth + 1) * hidden + 3 * inner) + logits)
+    return resident + layer, acts
+
+
 def _streamed_class(cls: type) -> type:
     def device(self):
         return self._stream.device

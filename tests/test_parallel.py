@@ -185,14 +185,40 @@ def test_plan_flux_dev_full_needs_fsdp_on_8_gpus_lora_fits_one():
 def test_plan_start_is_the_encoders_beside_the_vae_and_reward_alone():
     """With the text encoders released, the prompts are encoded while the transformer is still a
     skeleton (srpo/shards.py; tests/test_sharded_start.py checks the order): the start holds the
-    encoders, the VAE, the reward and the CUDA context only, whatever the layout."""
-    cfg = load_config(FLUX_DEV_CFG)
+    encoders (and one prompt's activations), the VAE, the reward and the CUDA context only,
+    whatever the layout."""
+    cfg = load_config(FLUX_DEV_CFG)  # no model.path: nothing to stream from
     s = plan.model_sizes(cfg)
-    start = (2 * s.text_encoders + 2 * s.vae + 4 * s.reward + plan.OVERHEAD) * plan.FRAGMENTATION["cuda"]
+    t5_prompt = 512 * (25 * 4096 + 3 * 10240)  # T5-XXL, 512 tokens: 25 hidden states, the gated MLP's 3 maps
+    assert s.text_stream[1] == t5_prompt
+    start = (2 * (s.text_encoders + t5_prompt) + 2 * s.vae + 4 * s.reward + plan.OVERHEAD) * plan.FRAGMENTATION["cuda"]
     for gpus, strategy, lora in ((1, "none", True), (8, "fsdp", True), (8, "fsdp", False), (2, "ddp", True)):
         parts = plan.estimate_for(cfg, s, gpus, strategy, lora)
         assert parts["  peak while they are resident"] == pytest.approx(start), (gpus, strategy, lora)
         assert parts["total"] >= start
+
+
+def test_plan_start_with_streamed_encoders_holds_one_layer_and_the_parts_outside_them():
+    """memory.stream_text_encoders (srpo/streaming.py): the start holds CLIP-L's and T5-XXL's
+    embeddings and final norms, one T5 layer (the largest) and text_encode_batch prompts'
+    activations, counted here by hand from the two architectures."""
+    cfg = load_config({**FLUX_DEV_CFG, "model": {**FLUX_DEV_CFG["model"], "path": "/nowhere/FLUX.1-dev"},
+                       "memory": {"text_encode_batch": 4}})
+    s = plan.model_sizes(cfg)
+    clip_outside = 49408 * 768 + 77 * 768 + 2 * 768  # token + position embeddings, final layer norm
+    t5_outside = 32128 * 4096 + 4096  # shared embedding, final layer norm
+    t5_layer = 4 * 4096 * 4096 + 3 * 4096 * 10240 + 2 * 4096 + 32 * 64  # attention, gated MLP, 2 norms, block 0's bias
+    t5_prompt = 512 * (25 * 4096 + 3 * 10240)
+    assert s.text_stream == (clip_outside + t5_outside + t5_layer, t5_prompt)
+    start = (2 * (s.text_stream[0] + 4 * t5_prompt) + 2 * s.vae + 4 * s.reward + plan.OVERHEAD) * 1.1
+    for gpus, strategy, lora in ((1, "none", True), (8, "fsdp", True), (8, "fsdp", False)):
+        parts = plan.estimate_for(cfg, s, gpus, strategy, lora)
+        assert parts["  peak while they are resident"] == pytest.approx(start), (gpus, strategy, lora)
+        assert parts["  of which text encoders, streamed at the start (4 prompts a pass)"] == pytest.approx(
+            2 * (s.text_stream[0] + 4 * t5_prompt))
+    off = load_config({**FLUX_DEV_CFG, "model": {**FLUX_DEV_CFG["model"], "path": "/nowhere/FLUX.1-dev"},
+                       "memory": {"stream_text_encoders": False}})
+    assert plan.estimate_for(off, s, 1, "none", True)["  peak while they are resident"] > 2 * s.text_encoders
 
 
 def test_plan_cli_prints_a_breakdown(tmp_path, capsys):

@@ -92,6 +92,9 @@ def test_streamed_features_equal_the_whole_encoders_holding_one_layer(folders, k
         assert seen["layers"] == 1  # never two layers at once
         assert seen["peak"] <= rest + layer < _bytes(ref_enc.parameters())
         assert enc._stream.peak <= rest + layer
+        # srpo plan's count of the same (streaming.plan_counts: every part outside the layers + the largest)
+        planned = streaming.plan_counts([ref_enc], 8)[0] * next(ref_enc.parameters()).element_size()
+        assert seen["peak"] <= planned < _bytes(ref_enc.parameters())
         assert before == len(layers) * len(PROMPTS)  # alone: every layer once per prompt
         assert enc._stream.reads - before == len(layers)  # a batch: every layer once
         assert all(p.is_meta for u in streaming._units(enc) for p in u.parameters())  # freed after the pass

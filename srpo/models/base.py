@@ -132,17 +132,58 @@ def folder_configs(root: Path | None, *components: str) -> list[dict | None]:
     return [read_config(Path(root) / c) if root else None for c in components]
 
 
+def meta_encoder(config: dict, model_class: str) -> nn.Module:
+    """The transformers model ``model_class`` built from ``config`` on the meta device."""
+    import transformers
+
+    cls = getattr(transformers, model_class)
+    with torch.device("meta"):
+        return cls(cls.config_class.from_dict({k: v for k, v in config.items() if not k.startswith("_")}))
+
+
 def encoder_params(config: dict | None, model_class: str, default: int) -> int:
     """Parameters of the transformers model ``model_class`` built from a folder's ``config`` on the
     meta device (``default``, the flagship's count, without a config)."""
     if config is None:
         return int(default)
-    import transformers
+    return sum(p.numel() for p in meta_encoder(config, model_class).parameters())
 
-    cls = getattr(transformers, model_class)
-    with torch.device("meta"):
-        model = cls(cls.config_class.from_dict({k: v for k, v in config.items() if not k.startswith("_")}))
-    return sum(p.numel() for p in model.parameters())
+
+def text_stream_plan(encoders: list[tuple[dict | None, str]], tokens: int) -> tuple[int, int] | None:
+    """:attr:`PlanParts.text_stream` of a family's text encoders, each given as (its config,
+    the transformers class): :func:`srpo.streaming.plan_counts` of them built on the meta
+    device; None when a config is unknown (the plan then counts each encoder whole)."""
+    if any(config is None for config, _ in encoders):
+        return None
+    from ..streaming import plan_counts
+
+    return plan_counts([meta_encoder(config, cls) for config, cls in encoders], tokens)
+
+
+def saved_by(module: nn.Module, fn, *args) -> tuple[tuple[int, int], Any]:
+    """((elements autograd saves for backward running ``fn(*args)`` with gradient, its largest
+    saved tensor), ``fn``'s result): distinct storages that are not ``module``'s parameters
+    (frozen meanwhile, as training holds a VAE), counted as they are packed. On the meta device
+    this counts shapes only: ``srpo plan``'s decoder counts (``plan_decode``)."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    params = {p.untyped_storage()._cdata for p in module.parameters()}
+    seen: dict = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st._cdata not in params:
+            seen[st._cdata] = st.nbytes() // t.element_size()
+        return t
+
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn(*args)
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+    return (sum(seen.values()), max(seen.values(), default=0)), out
 
 
 def vae_sizes(vae) -> dict:
@@ -178,6 +219,9 @@ class PlanParts:
     frames: int = 1  # video families: frames the decoder makes per sample (image_tokens counts their latents)
     experts: int = 1  # transformers of ``transformer``'s size the model holds (Wan2.2-A14B: 2), one per forward
     trained_experts: int | None = None  # of them, how many train (None: all)
+    # streamed text encoders (memory.stream_text_encoders): (parameters resident at once,
+    # activation elements per prompt), base.text_stream_plan; None: unknown, counted whole
+    text_stream: tuple[int, int] | None = None
 
 
 class derived:

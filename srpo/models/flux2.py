@@ -39,6 +39,7 @@ from torch import Tensor
 
 from ..errors import UserError
 from .base import MODELS, Cond, FlowModel, PlanParts, check_fit, check_image_size, vae_sizes
+from ..streaming import plan_counts
 from .folders import read_config, read_model_index
 
 MAX_SEQUENCE_LENGTH = 512  # both pipelines' default
@@ -202,14 +203,18 @@ class Flux2Base(FlowModel):
             with torch.device("meta"):
                 transformer = Flux2Transformer2DModel(**cls.flagship_transformer)
                 vae = AutoencoderKLFlux2(**FLUX2_VAE)
-            return cls.plan_of(cls.flagship_title, transformer, vae, cls.flagship_text_params, max_len, height, width)
-        root = cls.check_folder(path)
-        with torch.device("meta"):
-            transformer = Flux2Transformer2DModel.from_config(read_config(root / "transformer", required="FLUX.2"))
-            vae = AutoencoderKLFlux2.from_config(read_config(root / "vae", required="FLUX.2"))
-            encoder = cls.text_encoder_from_config(read_config(root / "text_encoder", required="FLUX.2"))
-        return cls.plan_of(f"{cls.pipeline_class} ({root.name})", transformer, vae, _param_count(encoder), max_len,
-                           height, width, distilled=bool(read_model_index(root).get("is_distilled", False)))
+                encoder = cls.text_encoder_from_config(cls.flagship_text_encoder[1])
+            parts = cls.plan_of(cls.flagship_title, transformer, vae, cls.flagship_text_params, max_len, height, width)
+        else:
+            root = cls.check_folder(path)
+            with torch.device("meta"):
+                transformer = Flux2Transformer2DModel.from_config(read_config(root / "transformer", required="FLUX.2"))
+                vae = AutoencoderKLFlux2.from_config(read_config(root / "vae", required="FLUX.2"))
+                encoder = cls.text_encoder_from_config(read_config(root / "text_encoder", required="FLUX.2"))
+            parts = cls.plan_of(f"{cls.pipeline_class} ({root.name})", transformer, vae, _param_count(encoder), max_len,
+                                height, width, distilled=bool(read_model_index(root).get("is_distilled", False)))
+        parts.text_stream = plan_counts([encoder], max_len)
+        return parts
 
     @classmethod
     def text_encoder_from_config(cls, config: dict):

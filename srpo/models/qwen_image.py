@@ -37,10 +37,11 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
 from .base import (MODELS, Cond, FlowModel, PlanParts, channel_stats, check_fit, check_image_size, encoder_params, folder_configs,
-                   meta_module, pack, unpack)
+                   meta_module, pack, saved_by, text_stream_plan, unpack)
 
 # QwenImagePipeline.__init__ (diffusers 0.42): the template, the tokens it drops, the tokenizer limit
 PROMPT_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, "
@@ -88,7 +89,7 @@ class QwenImageModel(FlowModel):
 
     pipeline_class = "QwenImagePipeline"
     title = "Qwen-Image"
-    options = ("max_sequence_length", "negative_prompt", "quantize_timesteps")
+    options = ("max_sequence_length", "negative_prompt", "quantize_timesteps", "decode_checkpointing")
     # diffusers' examples/dreambooth/train_dreambooth_lora_qwen_image.py default (--lora_layers unset):
     # the image stream's attention projections of every block
     lora_targets = ("to_k", "to_q", "to_v", "to_out.0")
@@ -98,7 +99,8 @@ class QwenImageModel(FlowModel):
 
     def __init__(self, transformer, vae, text_encoder, tokenizer, scheduler,
                  max_sequence_length: int = MAX_SEQUENCE_LENGTH, negative_prompt: str = NEGATIVE_PROMPT,
-                 shift: float | None = None, quantize_timesteps: bool | None = None):
+                 shift: float | None = None, quantize_timesteps: bool | None = None,
+                 decode_checkpointing: bool = True):
         self.hold(transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
         if not 1 <= int(max_sequence_length) <= 1024:
             raise UserError(f"max_sequence_length {max_sequence_length} is out of range: QwenImagePipeline "
@@ -109,6 +111,9 @@ class QwenImageModel(FlowModel):
         # off by default: QwenImagePipeline feeds the unquantised t / 1000
         self.quantize_timesteps = bool(quantize_timesteps)
         self.vae_scale_factor = 2 ** len(vae.temperal_downsample)
+        # decode with gradient block by block under activation checkpointing (decode_checkpointed);
+        # off: AutoencoderKLQwenImage.decode with every activation kept for the backward
+        self.decode_checkpointing = decode_option(decode_checkpointing)
         self._check_compatible()
 
     def _check_compatible(self) -> None:
@@ -134,10 +139,13 @@ class QwenImageModel(FlowModel):
         max_len, _ = cls.plan_options(options, MAX_SEQUENCE_LENGTH)
         root = Path(path) if path else None
         t_cfg, v_cfg, e_cfg = folder_configs(root, "transformer", "vae", "text_encoder")
-        return cls.plan_of(f"Qwen-Image ({root.name})" if t_cfg else "Qwen-Image",
-                           meta_module(QwenImageTransformer2DModel, t_cfg, QWEN_IMAGE_TRANSFORMER),
-                           meta_module(AutoencoderKLQwenImage, v_cfg, QWEN_IMAGE_VAE),
-                           encoder_params(e_cfg, "Qwen2_5_VLForConditionalGeneration", TEXT_ENCODER_PARAMS), max_len, height, width)
+        parts = cls.plan_of(f"Qwen-Image ({root.name})" if t_cfg else "Qwen-Image",
+                            meta_module(QwenImageTransformer2DModel, t_cfg, QWEN_IMAGE_TRANSFORMER),
+                            meta_module(AutoencoderKLQwenImage, v_cfg, QWEN_IMAGE_VAE),
+                            encoder_params(e_cfg, "Qwen2_5_VLForConditionalGeneration", TEXT_ENCODER_PARAMS),
+                            max_len, height, width)
+        parts.text_stream = text_stream_plan([(e_cfg, "Qwen2_5_VLForConditionalGeneration")], max_len)
+        return parts
 
     @classmethod
     def plan_of(cls, name, transformer, vae, text_params: int, max_len: int, height: int, width: int) -> PlanParts:
@@ -149,8 +157,16 @@ class QwenImageModel(FlowModel):
                         "layers_per_block": vc.num_res_blocks, "latent_channels": vc.z_dim},
             text_encoders=int(text_params), text_tokens=int(max_len),  # at most: the batch's longest prompt
             image_tokens=(height // n) * (width // n),
-            vae_checkpointing=False,  # AutoencoderKLQwenImage keeps a causal cache: no decoder checkpointing
+            vae_checkpointing=False,  # the per-level formula does not apply: plan_decode counts its decode
         )
+
+    @classmethod
+    def plan_decode(cls, vae, options: dict, height: int, width: int, frames: int,
+                    scored: list[int]) -> tuple[int, int]:
+        """Elements per sample of :meth:`decode` with gradient at ``height x width``: (held from
+        the decode to its backward, live besides them at the backward's peak), as it runs with
+        ``options.decode_checkpointing`` (default on): see :func:`decode_plan`."""
+        return decode_plan(vae, height, width, decode_option(options.get("decode_checkpointing", True)))
 
     # ---- FlowModel hooks ------------------------------------------------------------------
     @torch.no_grad()
@@ -225,11 +241,19 @@ class QwenImageModel(FlowModel):
         return sched.sigmas.to(torch.float64)
 
     def decode(self, latents: Tensor) -> Tensor:
-        """Normalised ``[B, C, h, w]`` latents -> pixels in [0, 1] (one VAE frame); differentiable."""
+        """Normalised ``[B, C, h, w]`` latents -> pixels in [0, 1] (one VAE frame); differentiable.
+        With gradient (and ``decode_checkpointing``) the decoder's mid block, residual blocks,
+        upsamplers and head run each under activation checkpointing (:func:`decode_checkpointed`:
+        the same image and gradient); without, ``AutoencoderKLQwenImage.decode`` itself, as the
+        pipeline decodes."""
         z = latents.unsqueeze(2).to(self.vae.device, self.vae.dtype)
         mean, inv_std = channel_stats(self.vae.config, z)
-        x = self.vae.decode(z / inv_std + mean, return_dict=False)[0][:, :, 0]
-        return (x * 0.5 + 0.5).clamp(0, 1).to(latents.dtype)
+        z = z / inv_std + mean
+        if self.decode_checkpointing and torch.is_grad_enabled() and z.requires_grad and checkpointable(self.vae, z):
+            x = decode_checkpointed(self.vae, z)
+        else:
+            x = self.vae.decode(z, return_dict=False)[0]
+        return (x[:, :, 0] * 0.5 + 0.5).clamp(0, 1).to(latents.dtype)
 
     @torch.no_grad()
     def encode(self, pixels: Tensor) -> Tensor:
@@ -246,7 +270,8 @@ class QwenImageModel(FlowModel):
 
     def gradient_checkpointing(self, enabled: bool = True) -> None:
         """Activation checkpointing on every transformer block (diffusers' AutoencoderKLQwenImage
-        supports none: its decoder keeps a causal feature cache)."""
+        supports none of its own: :meth:`decode` checkpoints its decoder's blocks,
+        ``options.decode_checkpointing``)."""
         t = self.transformer
         t.enable_gradient_checkpointing() if enabled else t.disable_gradient_checkpointing()
 
@@ -267,3 +292,97 @@ class QwenImageModel(FlowModel):
         return images.float()
 
 
+# ---- the decode with gradient, unit by unit -------------------------------------------------
+
+def decode_option(value) -> bool:
+    """``options.decode_checkpointing``: true or false (a one-line error otherwise)."""
+    if not isinstance(value, bool):
+        raise UserError(f"options.decode_checkpointing must be true or false, got {value!r}")
+    return value
+
+
+def checkpointable(vae, z: Tensor) -> bool:
+    """Whether :func:`decode_checkpointed` reproduces ``vae.decode(z)``: one latent frame, not
+    where it would tile, nor for a VAE under accelerate's offload hooks (decode then runs as
+    diffusers runs it)."""
+    if getattr(vae, "_hf_hook", None) is not None or z.shape[2] != 1:
+        return False
+    ratio = vae.spatial_compression_ratio
+    return not (vae.use_tiling and (z.shape[-1] > vae.tile_sample_min_width // ratio
+                                    or z.shape[-2] > vae.tile_sample_min_height // ratio))
+
+
+def _decoder_pieces(vae) -> tuple:
+    """``vae``'s one-frame decode as (its opening: post_quant_conv and the decoder's conv_in; the
+    units :func:`decode_checkpointed` checkpoints: the mid block, each residual block and
+    upsampler of each up block in turn (what ``QwenImageUpBlock.forward`` runs), the head: norm,
+    activation, conv_out). Run without a feature cache, every causal convolution pads with zeros
+    and the upsamplers skip their time_conv, which is what ``_decode``'s first (here only) chunk
+    does with its empty cache: the same frame, from units without side effects, which a
+    checkpoint may recompute."""
+    d = vae.decoder
+
+    def opening(z):
+        return d.conv_in(vae.post_quant_conv(z))
+
+    def head(x):
+        return d.conv_out(d.nonlinearity(d.norm_out(x)))
+
+    units = [d.mid_block]
+    for up in d.up_blocks:
+        units += [*up.resnets, *(up.upsamplers or ())]
+    return opening, [*units, head]
+
+
+def decode_checkpointed(vae, z: Tensor) -> Tensor:
+    """``AutoencoderKLQwenImage.decode(z)`` (un-normalised one-frame latents ``[B, C, 1, h, w]`` ->
+    ``[B, 3, 1, H, W]`` in [-1, 1]) for a decode with gradient: the decoder's units
+    (:func:`_decoder_pieces`) each under activation checkpointing (``use_reentrant=False``), so
+    that the backward holds their inputs and one unit's activations at a time instead of every
+    unit's. Per sample where the VAE slices its batch (``use_slicing``), as ``decode`` does. Same
+    values and gradient; the decoder runs twice forward."""
+    if vae.use_slicing and z.shape[0] > 1:
+        return torch.cat([decode_checkpointed(vae, s) for s in z.split(1)])
+    opening, units = _decoder_pieces(vae)
+    x = opening(z)
+    for unit in units:
+        x = checkpoint(unit, x, use_reentrant=False)
+    return x.clamp(-1.0, 1.0)
+
+
+def _saved_anew(vae, fn, x: Tensor) -> tuple[tuple[int, int], Tensor]:
+    """:func:`~srpo.models.base.saved_by` of ``fn(x)`` less ``x`` itself where ``fn`` saves it
+    (a checkpoint's input, held already): ``x`` counted as one of the frozen parameters."""
+    owner = torch.nn.Module()
+    owner.vae = vae
+    owner.held = torch.nn.Parameter(x.detach(), requires_grad=False)  # x's storage
+    return saved_by(owner, fn, x)
+
+
+def decode_plan(vae, height: int, width: int, checkpointing: bool = True) -> tuple[int, int]:
+    """Elements per sample of a one-frame decode with gradient at ``height x width``: (held from
+    the decode to its backward, live besides them at the backward's peak), counted by running
+    ``vae`` (a meta-device AutoencoderKLQwenImage: shapes only; or any) on one latent and counting
+    what autograd saves (:func:`~srpo.models.base.saved_by`). Both hold the video twice (the
+    inputs of ``_decode``'s clamp and of :meth:`QwenImageModel.decode`'s). Checkpointed
+    (:func:`decode_checkpointed`): held are what the opening saves and each checkpointed unit's
+    input; at the peak, the largest unit's activations recomputed (less its input, held already)
+    and its two largest gradient maps. Without: everything the decoder saves (its causal
+    convolutions keep time-padded copies of their inputs, three frames for one, which
+    AutoencoderKL's per-level formula undercounts by about 1.75 x), and at the peak the two
+    largest gradient maps."""
+    weight = next(vae.parameters())
+    f = vae.spatial_compression_ratio
+    z = torch.zeros(1, vae.config.z_dim, 1, height // f, width // f, device=weight.device, dtype=weight.dtype,
+                    requires_grad=True)
+    if not checkpointing:
+        (saved, largest), video = saved_by(vae, lambda x: vae.decode(x, return_dict=False)[0], z)
+        return saved + video.numel(), 2 * largest
+    opening, units = _decoder_pieces(vae)
+    (held, _), x = saved_by(vae, opening, z)
+    peak = 0
+    for unit in units:
+        held += x.numel()  # its checkpoint keeps its input
+        (saved, largest), x = _saved_anew(vae, unit, x)
+        peak = max(peak, saved + 2 * largest)
+    return held + 2 * x.numel(), peak

@@ -91,7 +91,8 @@ def _tiny_modules(*, latent_channels: int = 4, vae_base_dim: int = 8, vae_dim_mu
 
 
 def _build_tiny(cls, seed: int = 0, max_sequence_length: int = 64, negative_prompt: str = NEGATIVE_PROMPT,
-                shift: float | None = None, quantize_timesteps: bool | None = None, **sizes) -> QwenImageModel:
+                shift: float | None = None, quantize_timesteps: bool | None = None, decode_checkpointing: bool = True,
+                **sizes) -> QwenImageModel:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     tokenizer = tiny_tokenizer()
@@ -99,7 +100,7 @@ def _build_tiny(cls, seed: int = 0, max_sequence_length: int = 64, negative_prom
     scheduler = FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER)  # Qwen-Image's own
     return cls(m["transformer"], m["vae"], m["text_encoder"], tokenizer, scheduler,
                max_sequence_length=max_sequence_length, negative_prompt=negative_prompt, shift=shift,
-               quantize_timesteps=quantize_timesteps)
+               quantize_timesteps=quantize_timesteps, decode_checkpointing=decode_checkpointing)
 
 
 @MODELS.register("tiny_qwen_image")
@@ -109,8 +110,10 @@ class TinyQwenImageModel(TinyTwin, QwenImageModel):
     The VAE downsamples by ``2 ** len(vae_temporal_downsample)`` (4 by default, so 32x48 pixels are
     8x12 latents, 4x6 packed tokens; sizes must be multiples of 8); ``text_dim`` is the Qwen2.5-VL
     width and the transformer's joint attention width. Also takes ``max_sequence_length`` (64),
-    ``negative_prompt`` (" "), ``shift`` (a fixed-shift override) and ``quantize_timesteps``."""
+    ``negative_prompt`` (" "), ``shift`` (a fixed-shift override), ``quantize_timesteps`` and
+    ``decode_checkpointing``."""
 
+    plan_ignore = ("decode_checkpointing",)  # planned by plan_decode, from the config's options
     build = staticmethod(_build_tiny)
     tiny_modules = staticmethod(_tiny_modules)
 

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..errors import UserError
 from .base import (MODELS, Cond, FlowModel, PlanParts, check_fit, check_image_size, encoder_params, folder_configs,
-                   meta_module, scheduler_sigmas, vae_sizes)
+                   meta_module, scheduler_sigmas, text_stream_plan, vae_sizes)
 from .folders import read_model_index
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -126,13 +126,15 @@ class SD3Model(FlowModel):
         root = Path(path) if path else None
         t_cfg, v_cfg = folder_configs(root, "transformer", "vae")
         transformer = meta_module(SD3Transformer2DModel, t_cfg, SD35_LARGE_TRANSFORMER)
-        encoders = {c: encoder_params(e, ENCODER_CLASSES[c], TEXT_ENCODER_PARAMS[c])
-                    for c, e in zip(ENCODER_CLASSES, folder_configs(root, *ENCODER_CLASSES))}
+        configs = dict(zip(ENCODER_CLASSES, folder_configs(root, *ENCODER_CLASSES)))
         if root and _is_null(read_model_index(root).get("text_encoder_3", "")):
-            encoders.pop("text_encoder_3")
+            configs.pop("text_encoder_3")
+        encoders = {c: encoder_params(e, ENCODER_CLASSES[c], TEXT_ENCODER_PARAMS[c]) for c, e in configs.items()}
         name = f"SD3 ({root.name})" if t_cfg else "SD3.5 Large"
-        return cls.plan_of(name, transformer, meta_module(AutoencoderKL, v_cfg, SD3_VAE), sum(encoders.values()),
-                           max_len, height, width)
+        parts = cls.plan_of(name, transformer, meta_module(AutoencoderKL, v_cfg, SD3_VAE), sum(encoders.values()),
+                            max_len, height, width)
+        parts.text_stream = text_stream_plan([(e, ENCODER_CLASSES[c]) for c, e in configs.items()], max_len)
+        return parts
 
     @classmethod
     def plan_of(cls, name, transformer, vae, text_params: int, max_len: int, height: int, width: int) -> PlanParts:

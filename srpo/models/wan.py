@@ -52,7 +52,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import UserError
 from ..rewards.objective import frame_indices
 from .base import (MODELS, Cond, FlowModel, PlanParts, channel_stats, check_fit, check_image_size, encoder_params, folder_configs,
-                   meta_module, scheduler_sigmas)
+                   meta_module, saved_by, scheduler_sigmas, text_stream_plan)
 from .folders import check_transformer_folder, load_error
 from .wan_experts import EXPERTS, WanExperts, experts_folder, split_state
 
@@ -232,10 +232,12 @@ class WanModel(FlowModel):
         two = (root / "transformer_2").is_dir() if root else bool({"train_experts", "guidance_scale_2"} & set(rest))
         t_cfg, v_cfg, e_cfg = folder_configs(root, "transformer", "vae", "text_encoder")
         name = f"Wan ({root.name})" if t_cfg else "Wan2.2-T2V-A14B" if two else cls.title
-        return cls.plan_of(name, meta_module(WanTransformer3DModel, t_cfg, WAN_14B_TRANSFORMER if two else WAN_TRANSFORMER),
-                           meta_module(AutoencoderKLWan, v_cfg, WAN_VAE),
-                           encoder_params(e_cfg, "UMT5EncoderModel", UMT5_XXL_PARAMS), max_len, height, width,
-                           frames=frames, experts=2 if two else 1, train_experts=rest.get("train_experts"))
+        parts = cls.plan_of(name, meta_module(WanTransformer3DModel, t_cfg, WAN_14B_TRANSFORMER if two else WAN_TRANSFORMER),
+                            meta_module(AutoencoderKLWan, v_cfg, WAN_VAE),
+                            encoder_params(e_cfg, "UMT5EncoderModel", UMT5_XXL_PARAMS), max_len, height, width,
+                            frames=frames, experts=2 if two else 1, train_experts=rest.get("train_experts"))
+        parts.text_stream = text_stream_plan([(e_cfg, "UMT5EncoderModel")], max_len)
+        return parts
 
     @classmethod
     def plan_of(cls, name, transformer, vae, text_params: int, max_len: int, height: int, width: int,
@@ -515,39 +517,16 @@ def _chunk_counts(vae, height: int, width: int, chunks: int) -> list[tuple[int, 
     from the second on): (elements autograd saves decoding it with gradient, its largest saved
     tensor, elements of the cache it leaves, elements of its frames), by running ``vae``'s
     decoder (its weights frozen, as training holds them) on one sample on its device (the meta
-    device: shapes only) and counting the distinct non-parameter storages autograd saves."""
-    frozen = [p for p in vae.parameters() if p.requires_grad]
-    params = {p.untyped_storage()._cdata for p in vae.parameters()}
+    device: shapes only) and counting the distinct non-parameter storages autograd saves
+    (:func:`~srpo.models.base.saved_by`)."""
     weight = next(vae.parameters())
     x = torch.zeros(1, vae.config.z_dim, min(chunks, 2), height // vae.spatial_compression_ratio,
                     width // vae.spatial_compression_ratio, device=weight.device, dtype=weight.dtype, requires_grad=True)
     cache, out = (None,) * vae._cached_conv_counts["decoder"], []
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        for i in range(x.shape[2]):
-            out.append(_saved_by_chunk(vae, x[:, :, i:i + 1], cache, i == 0, params))
-            cache = out[-1][-1]
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-    return [o[:-1] for o in out]
-
-
-def _saved_by_chunk(vae, x: Tensor, cache: tuple, first: bool, params: set):
-    """(saved elements, largest saved, cache elements, frame elements, the cache) of one chunk."""
-    seen: dict = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st._cdata not in params:
-            seen[st._cdata] = st.nbytes() // t.element_size()
-        return t
-
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        frames, cache = _decode_chunk(vae.decoder, x, cache, first)
-    return (sum(seen.values()), max(seen.values(), default=0), sum(c.numel() for c in cache if torch.is_tensor(c)),
-            frames.numel(), cache)
+    for i in range(x.shape[2]):
+        (saved, largest), (frames, cache) = saved_by(vae, _decode_chunk, vae.decoder, x[:, :, i:i + 1], cache, i == 0)
+        out.append((saved, largest, sum(c.numel() for c in cache if torch.is_tensor(c)), frames.numel()))
+    return out
 
 
 def decode_plan(vae, height: int, width: int, chunks: int, grad_chunks: int | None = None,

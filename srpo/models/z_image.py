@@ -52,7 +52,7 @@ from torch import Tensor
 
 from ..errors import UserError
 from .base import (MODELS, Cond, FlowModel, PlanParts, check_fit, check_image_size, encoder_params, folder_configs,
-                   meta_module, vae_sizes)
+                   meta_module, text_stream_plan, vae_sizes)
 
 VARIANTS = ("turbo", "base")
 SEQ_MULTI_OF = 32  # the transformer pads captions and image tokens to multiples of 32
@@ -171,9 +171,11 @@ class ZImageModel(FlowModel):
         # Z-Image (base) and Z-Image-Turbo share the architecture
         name = f"Z-Image ({root.name})" if t_cfg else ("Z-Image-Turbo" if variant == "turbo" else "Z-Image")
         text = encoder_params(e_cfg, "Qwen3Model", QWEN3_4B_PARAMS)
-        return cls.plan_of(name, meta_module(ZImageTransformer2DModel, t_cfg, Z_IMAGE_TRANSFORMER),
-                           meta_module(AutoencoderKL, v_cfg, Z_IMAGE_VAE), text, max_len, height, width,
-                           guidance_mode="cfg" if variant == "base" else "none")
+        parts = cls.plan_of(name, meta_module(ZImageTransformer2DModel, t_cfg, Z_IMAGE_TRANSFORMER),
+                            meta_module(AutoencoderKL, v_cfg, Z_IMAGE_VAE), text, max_len, height, width,
+                            guidance_mode="cfg" if variant == "base" else "none")
+        parts.text_stream = text_stream_plan([(e_cfg or QWEN3_4B, "Qwen3Model")], parts.text_tokens)
+        return parts
 
     @classmethod
     def plan_of(cls, name, transformer, vae, text_params: int, max_len: int, height: int, width: int,
