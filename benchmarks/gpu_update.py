@@ -1,10 +1,20 @@
-"""One SRPO update of FLUX.1-dev + HPSv2.1 at their real sizes on one GPU: seconds per update,
-the gradient step's model FLOPs utilisation, peak memory against ``srpo plan``.
+"""One SRPO update of a family (FLUX.1-dev by default) + HPSv2.1 at their real sizes on one GPU
+or under torchrun on N: seconds per update, the gradient step's model FLOPs utilisation, peak
+memory (the largest rank's) against ``srpo plan``.
 
     python benchmarks/gpu_update.py                     # GPU: 19 + 38 blocks, 720x720, LoRA r64, bf16 (minutes: not yet run)
     python benchmarks/gpu_update.py --tiny              # CPU dry run of the same code path, seconds
     python benchmarks/gpu_update.py --modes lora,full --steps 3 --out bench.json
     python benchmarks/gpu_update.py --compile none,blocks   # eager and compiled (train.compile), one run each
+    python benchmarks/gpu_update.py --family flux2 --double 8 --single 48 --quantize int8   # FLUX.2 [dev] LoRA
+    torchrun --nproc-per-node 8 benchmarks/gpu_update.py --family qwen_image --modes full   # FSDP2 over 8 GPUs
+
+``--family`` builds flux, flux2, qwen_image, sd3 or z_image at its flagship's widths (the builds
+of ``benchmarks/real_dims.py``, :mod:`srpo.models.real_dims`), by default at the flagship's depth
+(``--double`` / ``--single`` set it: FLUX families' double- and single-stream blocks, the others'
+blocks in ``--double``). Under torchrun (``WORLD_SIZE`` > 1) the run is FSDP2 over the ranks
+(``parallel.strategy: fsdp``, the reward's image tower sharded too) and the plan is for that many
+GPUs; rank 0 prints and writes the results.
 
 The components are :mod:`srpo.bench.real_dims`' (the builder ``benchmarks/real_dims.py``
 measures on the CPU): random weights of the real classes at FLUX.1-dev's sizes (19 double + 38
@@ -22,13 +32,18 @@ Modes:
 
 MFU counts the transformer's model FLOPs of the gradient step (both branches, forward and
 backward, no recompute; frozen LoRA bases get no weight gradients) over the measured time of
-the gradient step (VAE decode and reward included) at the GPU's dense bf16 peak. The plan is
-:func:`srpo.plan.estimate_for` for exactly this build (``model_sizes(cfg, parts)``).
+the gradient step (VAE decode and reward included) at the GPU's dense bf16 peak, per GPU. FLUX.1:
+the exact per-layer formula below (:func:`transformer_flops`); other families: one forward
+counted by torch's FlopCounterMode (math attention, so attention's matmuls count) times 3 for a
+full fine-tune (weight and input gradients) or 2 for LoRA (input gradients) plus the adapters'
+weight gradients. The plan is :func:`srpo.plan.estimate_for` for exactly this
+build (``model_sizes(cfg, parts)``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -109,32 +124,77 @@ def transformer_flops(transformer, image_tokens: int, text_tokens: int) -> dict:
     return out
 
 
+def counted_flops(model, cfg, mode: str) -> dict:
+    """Model FLOPs of one forward of the built transformer per sample, counted by torch's
+    FlopCounterMode on the device (no gradient; math attention, whose matmuls it counts), and
+    the backward as 2 x forward (full: weight and input gradients) or forward plus the adapters'
+    own (LoRA: input gradients, and the adapters' weight gradients): any family's, where
+    :func:`transformer_flops` is FLUX.1's formula (tests/test_gpu_benchmark.py: the forward
+    equal to it, the step within 10 %)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = next(model.transformer.parameters()).device
+    latents = torch.randn(model.latent_shape(1, cfg.rollout.height, cfg.rollout.width), device=device)
+    cond = model.encode_prompts(list(cfg.data.prompts[:1]))  # the run's text cache
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model.velocity(latents, torch.tensor([0.5], device=device), cond, cfg.rollout.guidance)
+    forward = counter.get_total_flops()
+    adapters = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items()
+                   if name.rsplit(".", 2)[-2:-1] in (["lora_A"], ["lora_B"]))
+    return {"forward": forward, "backward": 2 * forward if mode == "full" else forward + adapters,
+            "counted": "FlopCounterMode"}
+
+
 # ---------------------------------------------------------------------- one mode
 
-def make_config(tiny: bool, mode: str, size: int, rollout_steps: int, device: str, rank: int = 64):
+def world() -> int:
+    """Processes of this run: torchrun's ``WORLD_SIZE`` (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def make_config(tiny: bool, mode: str, size: int, rollout_steps: int, device: str, rank: int = 64,
+                family: str = "flux"):
     from srpo.bench import real_dims as rd
 
-    return rd.config(mode, size, rollout_steps, device, rank=rank, tiny=tiny)
+    return rd.config(mode, size, rollout_steps, device, rank=rank, tiny=tiny, family=family, procs=world())
+
+
+def flagship_depth(family: str) -> tuple[int, int]:
+    """(double-stream or only blocks, single-stream blocks) of the family's flagship transformer,
+    from its plan parts (meta device)."""
+    from srpo.bench import real_dims as rd
+    from srpo.models import family as family_cls
+    from srpo.parallel import blocks
+
+    tr = family_cls(family).plan_parts(None, {}, 64, 64).transformer
+    if family in rd.DOUBLE_SINGLE:
+        return len(tr.transformer_blocks), len(tr.single_transformer_blocks)
+    return len(blocks(tr)), 0
 
 
 def run_mode(mode: str, args, compile: str = "none") -> dict:
     from srpo import parallel, step as steps
     from srpo.bench import real_dims as rd
 
-    cfg = make_config(args.tiny, mode, args.size, args.rollout_steps, "cpu" if args.tiny else "cuda", args.rank)
+    cfg = make_config(args.tiny, mode, args.size, args.rollout_steps, "cpu" if args.tiny else "cuda", args.rank,
+                      args.family)
     cfg.train.compile = compile  # srpo.setup.prepare compiles the transformer (its first update pays the compile)
     if mode == "lora":
         cfg.model.quantize = args.quantize  # the frozen base (srpo.setup.prepare quantizes it; the plan counts it)
     ctx = parallel.setup(cfg)
     device = ctx.device
-    dims = (rd.TINY if args.tiny else rd.REAL).blocks(args.double, args.single)
+    dims = dataclasses.replace(rd.TINY if args.tiny else rd.REAL, model=args.family).blocks(args.double, args.single)
     t_build = time.perf_counter()
     model = rd.build_model(dims, device, torch.bfloat16 if mode == "lora" else torch.float32)
     reward = rd.build_reward(dims, device, arch=args.reward_arch)
     sgd = mode == "full" and args.full_optimizer == "sgd"
     run = rd.prepare_run(cfg, model, reward, ctx,
                          optimizer=(lambda ps: torch.optim.SGD(ps, lr=cfg.train.lr)) if sgd else None)
-    flops = transformer_flops(model.transformer, *_tokens(model, cfg))
+    if args.family == "flux":
+        flops = transformer_flops(model.transformer, *_tokens(model, cfg))
+    else:
+        flops = counted_flops(model, cfg, mode)
     steps._sync(device)
     build_s = time.perf_counter() - t_build
 
@@ -146,8 +206,8 @@ def run_mode(mode: str, args, compile: str = "none") -> dict:
         row = {"rollout_s": r["rollout_s"], "grad_step_s": r["grad_s"], "optimizer_s": r["optimizer_s"],
                "update_s": r["seconds"], "loss": r["loss"], "grad_norm": r["grad_norm"]}
         if device.type == "cuda":
-            row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            row["reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+            row["peak_gib"] = _largest(torch.cuda.max_memory_allocated(device) / 2**30, ctx)
+            row["reserved_gib"] = _largest(torch.cuda.max_memory_reserved(device) / 2**30, ctx)
         rows.append(row)
         print(f"[{mode}] update {step + 1}: {r['seconds']:.2f} s", file=sys.stderr, flush=True)
     timed = rows[args.warmup:]
@@ -155,9 +215,9 @@ def run_mode(mode: str, args, compile: str = "none") -> dict:
     mean = {k: sum(r[k] for r in timed) / len(timed) for k in timed[0]}
     grad_flops = 2 * (flops["forward"] + flops["backward"])  # two branches, batch 1
     peak = args.peak_tflops or _peak_tflops(device)
-    plan = _plan(cfg, dims, rd.reward_arch_of(reward), sgd)
+    plan = _plan(cfg, dims, rd.reward_arch_of(reward), sgd, ctx.world)
     result = {
-        "mode": mode, "compile": compile, "first_update_s": first_update_s, "device": _device_name(device), "size": args.size, "blocks": [dims.double, dims.single],
+        "family": args.family, "procs": ctx.world, "mode": mode, "compile": compile, "first_update_s": first_update_s, "device": _device_name(device), "size": args.size, "blocks": [dims.double, dims.single],
         "rollout_steps": args.rollout_steps, "lora_rank": args.rank if mode == "lora" else None,
         "optimizer": type(run.optimizer).__name__, "quantize": cfg.model.quantize, "trainable_params": sum(p.numel() for p in run.params),
         "transformer_params": sum(p.numel() for p in model.transformer.parameters()),
@@ -185,13 +245,24 @@ def _tokens(model, cfg) -> tuple[int, int]:
     return (h // 2) * (w // 2), model.max_sequence_length
 
 
-def _plan(cfg, dims, reward_arch, sgd: bool) -> dict:
-    """``srpo plan``'s one-GPU estimate for exactly this build (SGD: no optimizer state)."""
+def _largest(value: float, ctx) -> float:
+    """The largest rank's ``value`` (this process's without a group)."""
+    if ctx.world <= 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def _plan(cfg, dims, reward_arch, sgd: bool, gpus: int = 1) -> dict:
+    """``srpo plan``'s estimate per GPU on ``gpus`` for exactly this build (SGD: no optimizer state)."""
     from srpo.bench import real_dims as rd
     from srpo.plan import estimate_for
 
     sizes = rd.plan_sizes(cfg, dims, reward_arch)
-    return estimate_for(cfg, sizes, gpus=1, device="cuda", optimizer="sgd" if sgd else "adamw")
+    return estimate_for(cfg, sizes, gpus=gpus, device="cuda", optimizer="sgd" if sgd else "adamw")
 
 
 def _device_name(device) -> str:
@@ -208,10 +279,14 @@ def _peak_tflops(device) -> float | None:
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="CPU dry run at tiny dims (seconds)")
+    p.add_argument("--family", default="flux", help="flux (FLUX.1-dev, default), flux2, qwen_image, sd3, z_image")
     p.add_argument("--modes", default="lora", help="comma list of lora, full (default lora)")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default 720; --tiny 32)")
-    p.add_argument("--double", type=int, default=None, help="double-stream blocks (default 19; --tiny 1)")
-    p.add_argument("--single", type=int, default=None, help="single-stream blocks (default 38; --tiny 1)")
+    p.add_argument("--double", type=int, default=None,
+                   help="double-stream blocks, or the blocks of a family without single-stream ones "
+                        "(default: the flagship's, FLUX.1-dev 19; --tiny 1)")
+    p.add_argument("--single", type=int, default=None,
+                   help="single-stream blocks of FLUX families (default: the flagship's, FLUX.1-dev 38; --tiny 1)")
     p.add_argument("--rank", type=int, default=64, help="LoRA rank (alpha = rank; default 64)")
     p.add_argument("--rollout-steps", type=int, default=None, help="Euler steps of the rollout (default 25; --tiny 2)")
     p.add_argument("--steps", type=int, default=2, help="timed updates per mode")
@@ -227,8 +302,13 @@ def parse(argv=None):
     args = p.parse_args(argv)
     args.size = args.size or (32 if args.tiny else 720)
     args.rollout_steps = args.rollout_steps or (2 if args.tiny else 25)
-    args.double = (1 if args.tiny else 19) if args.double is None else args.double
-    args.single = (1 if args.tiny else 38) if args.single is None else args.single
+    from srpo.bench import real_dims as rd
+
+    if args.family not in rd.FAMILIES:
+        p.error(f"--family {args.family}: use one of {', '.join(rd.FAMILIES)}")
+    depth = (1, 1 if args.family in rd.DOUBLE_SINGLE else 0) if args.tiny else flagship_depth(args.family)
+    args.double = depth[0] if args.double is None else args.double
+    args.single = (depth[1] if args.single is None else args.single) if args.family in rd.DOUBLE_SINGLE else 0
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in ("lora", "full")]
     if bad or not modes:
@@ -250,7 +330,7 @@ def main(argv=None) -> list[dict]:
     if not args.tiny and not torch.cuda.is_available():
         print("gpu_update.py: no CUDA device: run with --tiny for the CPU dry run", file=sys.stderr)
         raise SystemExit(2)
-    results = []
+    results, lead = [], int(os.environ.get("RANK", "0")) == 0
     with tempfile.TemporaryDirectory() as tmp:
         from srpo.bench import real_dims as rd
 
@@ -263,7 +343,11 @@ def main(argv=None) -> list[dict]:
                 if compile != "none" and eager is not None:
                     r["speedup_over_eager"] = eager["update_s"] / r["update_s"]
                 results.append(r)
-                print(json.dumps(r), flush=True)
+                if lead:
+                    print(json.dumps(r), flush=True)
+    if not lead:  # rank 0 reports (every rank measured: peaks are the largest rank's)
+        return results
+    print(f"\n{args.family}, {world()} process(es)")
     print("\n| mode | compile | optimizer | peak GiB (plan) | update s | first update s | rollout s | grad step s | "
           "grad step TFLOP/s | MFU | speed over eager |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")

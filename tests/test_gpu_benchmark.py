@@ -109,3 +109,45 @@ def test_benchmark_tiny_dry_run_on_an_int8_base():
                             "--rank", "4", "--quantize", "int8"])
     assert r["quantize"] == "int8" and math.isfinite(r["loss"]) and r["grad_norm"] > 0
     assert "frozen transformer base (int8)" in r["plan_parts_gib"]  # the plan counts the int8 base
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_counted_flops_of_any_family_agree_with_the_flux_formula(mode):
+    """The other families' count (FlopCounterMode on one forward, the backward from it) on FLUX.1
+    at test size: the forward equals the exact formula's, the gradient step is within 10 %."""
+    from srpo import lora
+    from srpo.bench import real_dims as rd
+
+    model = rd.build_model(rd.TINY, base_dtype=torch.float32, frozen_dtype=torch.float32)
+    cfg = gpu_update.make_config(True, mode, 32, 1, "cpu", rank=4)
+    if mode == "lora":
+        lora.apply(model, cfg.lora, seed=0)
+    counted = gpu_update.counted_flops(model, cfg, mode)
+    exact = gpu_update.transformer_flops(model.transformer, *gpu_update._tokens(model, cfg))
+    assert counted["forward"] == exact["forward"]
+    ratio = (counted["forward"] + counted["backward"]) / (exact["forward"] + exact["backward"])
+    assert 0.9 < ratio < 1.1, ratio
+
+
+def test_benchmark_tiny_dry_run_of_another_family_under_torchrun(tmp_path):
+    """--family z_image under torchrun with two gloo ranks: FSDP2 over them, the plan for 2 GPUs,
+    rank 0 writes the results."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "gu.json"
+    script = Path(gpu_update.__file__)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script), "--tiny",
+                    "--family", "z_image", "--modes", "lora", "--steps", "1", "--warmup", "0", "--rollout-steps", "1",
+                    "--rank", "4", "--out", str(out)], env=env, check=True, capture_output=True, text=True,
+                   cwd=tmp_path, timeout=600)
+    (r,) = json.loads(out.read_text())
+    assert (r["family"], r["procs"], r["blocks"]) == ("z_image", 2, [1, 0])
+    assert math.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["grad_step_tflop"] > 0
+    assert "FSDP unsharded root" in r["plan_parts_gib"]  # planned for FSDP over the 2 ranks
+    with pytest.raises(SystemExit):
+        gpu_update.parse(["--tiny", "--family", "nope"])

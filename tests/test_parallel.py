@@ -332,3 +332,27 @@ def test_fsdp_casts_and_shards_block_by_block_and_gathers_in_the_compute_dtype()
         assert moved > 0
     finally:
         parallel.teardown(ctx)
+
+
+def test_flagship_text_encoder_configs_count_the_families_constants():
+    """srpo/models/text_encoders.py: each flagship encoder's architecture, built on the meta
+    device, has exactly the parameters its family's constant holds (counted from the published
+    checkpoints' configs), so the plan's streamed count is of the same encoder."""
+    from srpo.models import text_encoders as flagship
+    from srpo.models.base import encoder_params
+    from srpo.models.flux import CLIP_L, T5_XXL
+    from srpo.models.qwen_image import TEXT_ENCODER_PARAMS as QWEN_VL
+    from srpo.models.sd3 import TEXT_ENCODER_PARAMS as SD3
+    from srpo.models.wan import UMT5_XXL_PARAMS
+
+    for config, cls, params in [(flagship.CLIP_L, "CLIPTextModel", CLIP_L), (flagship.T5_XXL, "T5EncoderModel", T5_XXL),
+                                (flagship.CLIP_L, "CLIPTextModelWithProjection", SD3["text_encoder"]),
+                                (flagship.CLIP_G, "CLIPTextModelWithProjection", SD3["text_encoder_2"]),
+                                (flagship.UMT5_XXL, "UMT5EncoderModel", UMT5_XXL_PARAMS),
+                                (flagship.QWEN25_VL_7B, "Qwen2_5_VLForConditionalGeneration", QWEN_VL)]:
+        assert encoder_params(config, cls, 0) == params, cls
+    for name in ("flux", "flux2", "flux2_klein", "qwen_image", "sd3", "z_image", "wan"):
+        cfg = load_config({**FLUX_DEV_CFG, "model": {"name": name, "dtype": "bfloat16"},
+                           "parallel": {"strategy": "fsdp"}})
+        s = plan.model_sizes(cfg)
+        assert s.text_stream is not None and s.text_stream[0] < s.text_encoders / 4, name

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..method import time_shift
+from . import text_encoders as flagship
 from .base import (MODELS, Cond, FlowModel, PlanParts, check_fit, check_image_size, encoder_params, folder_configs,
                    meta_module, pack, text_stream_plan, unpack, vae_sizes)
 
@@ -33,13 +34,6 @@ FLUX_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlo
                 scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
                 use_post_quant_conv=False)  # FLUX.1-dev's vae/config.json
 T5_XXL, CLIP_L = 4_762_310_656, 123_060_480  # encoder parameters (FLUX.1's text_encoder_2 / text_encoder)
-# their configs (FLUX.1-dev's text_encoder_2/ and text_encoder/ config.json; built on the meta device
-# they count T5_XXL and CLIP_L): what srpo plan reads of their layers to count them streamed
-T5_XXL_CONFIG = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
-                     feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
-                     relative_attention_max_distance=128, tie_word_embeddings=False)
-CLIP_L_CONFIG = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                     vocab_size=49408, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
 CLIP_VOCAB = 49408  # the offline CLIP BPE's (srpo.tokenizer.clip_tokenizer)
 
 # FluxModel.real_dims: FLUX.1-dev's widths with T5-XXL's encoder (gated GELU) and CLIP-L's text model;
@@ -123,8 +117,8 @@ class FluxModel(FlowModel):
         text = encoder_params(clip, "CLIPTextModel", CLIP_L) + encoder_params(t5, "T5EncoderModel", T5_XXL)
         parts = cls.plan_of(str(path) if t_cfg else "FLUX.1-dev dimensions", transformer,
                             meta_module(AutoencoderKL, v_cfg, FLUX_VAE), text, max_len, height, width)
-        parts.text_stream = text_stream_plan([(clip or CLIP_L_CONFIG, "CLIPTextModel"),
-                                              (t5 or T5_XXL_CONFIG, "T5EncoderModel")], max_len)
+        parts.text_stream = text_stream_plan([(clip or flagship.CLIP_L, "CLIPTextModel"),
+                                              (t5 or flagship.T5_XXL, "T5EncoderModel")], max_len)
         return parts
 
     @classmethod

@@ -40,6 +40,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
+from . import text_encoders as flagship
 from .base import (MODELS, Cond, FlowModel, PlanParts, channel_stats, check_fit, check_image_size, encoder_params, folder_configs,
                    meta_module, pack, saved_by, text_stream_plan, unpack)
 
@@ -144,7 +145,8 @@ class QwenImageModel(FlowModel):
                             meta_module(AutoencoderKLQwenImage, v_cfg, QWEN_IMAGE_VAE),
                             encoder_params(e_cfg, "Qwen2_5_VLForConditionalGeneration", TEXT_ENCODER_PARAMS),
                             max_len, height, width)
-        parts.text_stream = text_stream_plan([(e_cfg, "Qwen2_5_VLForConditionalGeneration")], max_len)
+        parts.text_stream = text_stream_plan([(e_cfg or flagship.QWEN25_VL_7B, "Qwen2_5_VLForConditionalGeneration")],
+                                             max_len)
         return parts
 
     @classmethod

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import UserError
+from . import text_encoders as flagship
 from .base import (MODELS, Cond, FlowModel, PlanParts, check_fit, check_image_size, encoder_params, folder_configs,
                    meta_module, scheduler_sigmas, text_stream_plan, vae_sizes)
 from .folders import read_model_index
@@ -50,6 +51,7 @@ TEXT_ENCODER_PARAMS = {"text_encoder": 123_650_304, "text_encoder_2": 694_659_84
                        "text_encoder_3": 4_762_310_656}
 ENCODER_CLASSES = {"text_encoder": "CLIPTextModelWithProjection", "text_encoder_2": "CLIPTextModelWithProjection",
                    "text_encoder_3": "T5EncoderModel"}
+FLAGSHIP_ENCODERS = {"text_encoder": flagship.CLIP_L, "text_encoder_2": flagship.CLIP_G, "text_encoder_3": flagship.T5_XXL}
 CLIP_TOKENS = 77
 
 
@@ -126,7 +128,7 @@ class SD3Model(FlowModel):
         root = Path(path) if path else None
         t_cfg, v_cfg = folder_configs(root, "transformer", "vae")
         transformer = meta_module(SD3Transformer2DModel, t_cfg, SD35_LARGE_TRANSFORMER)
-        configs = dict(zip(ENCODER_CLASSES, folder_configs(root, *ENCODER_CLASSES)))
+        configs = {c: e or FLAGSHIP_ENCODERS[c] for c, e in zip(ENCODER_CLASSES, folder_configs(root, *ENCODER_CLASSES))}
         if root and _is_null(read_model_index(root).get("text_encoder_3", "")):
             configs.pop("text_encoder_3")
         encoders = {c: encoder_params(e, ENCODER_CLASSES[c], TEXT_ENCODER_PARAMS[c]) for c, e in configs.items()}

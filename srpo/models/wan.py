@@ -51,6 +51,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
 from ..rewards.objective import frame_indices
+from . import text_encoders as flagship
 from .base import (MODELS, Cond, FlowModel, PlanParts, channel_stats, check_fit, check_image_size, encoder_params, folder_configs,
                    meta_module, saved_by, scheduler_sigmas, text_stream_plan)
 from .folders import check_transformer_folder, load_error
@@ -236,7 +237,7 @@ class WanModel(FlowModel):
                             meta_module(AutoencoderKLWan, v_cfg, WAN_VAE),
                             encoder_params(e_cfg, "UMT5EncoderModel", UMT5_XXL_PARAMS), max_len, height, width,
                             frames=frames, experts=2 if two else 1, train_experts=rest.get("train_experts"))
-        parts.text_stream = text_stream_plan([(e_cfg, "UMT5EncoderModel")], max_len)
+        parts.text_stream = text_stream_plan([(e_cfg or flagship.UMT5_XXL, "UMT5EncoderModel")], max_len)
         return parts
 
     @classmethod
