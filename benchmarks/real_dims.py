@@ -152,6 +152,26 @@ def _dims(family: str, tiny: bool, double: int, single: int):
     return replace(rd.TINY if tiny else rd.REAL, model=family).blocks(double, single)
 
 
+def skeleton_start(model, folder: Path, ctx) -> None:
+    """The trainer's start from a folder (:func:`srpo.parallel.skeleton_start`): the built
+    transformer's random weights written as a diffusers folder (rank 0; the others wait), then
+    replaced by a skeleton of it (:func:`srpo.shards.skeleton`), so that ``setup.prepare``
+    encodes the prompts first and only then reads the transformer, each rank its FSDP shards."""
+    import gc
+
+    from srpo import parallel
+    from srpo.shards import skeleton
+
+    tr = model.transformer
+    if ctx.rank == 0:
+        tr.save_pretrained(str(folder), safe_serialization=True)
+    parallel.barrier(ctx)
+    dtype = next(tr.parameters()).dtype
+    model.transformer = skeleton(type(tr), folder, dtype)
+    del tr
+    gc.collect()
+
+
 def measure(mode: str, args) -> dict:
     """Build, prepare and update in this process; memory relative to the resident set after
     the imports."""
@@ -172,6 +192,8 @@ def measure(mode: str, args) -> dict:
     ctx = parallel.setup(cfg)
     t0 = time.perf_counter()
     model = rd.build_model(dims, "cpu", torch.bfloat16 if mode == "lora" else torch.float32)
+    if not args.whole_start:
+        skeleton_start(model, Path(args.scratch) / f"transformer-{mode}", ctx)
     reward = rd.build_reward(dims, "cpu", torch.bfloat16, arch=arch)
     reward_arch = rd.reward_arch_of(reward)
     text_params = sum(p.numel() for m in model.text_encoders() for p in m.parameters())
@@ -218,7 +240,8 @@ def measure(mode: str, args) -> dict:
         "transformer_bytes": transformer_bytes,
         "config": {"blocks": [dims.double, dims.single], "size": args.size, "procs": args.procs[0],
                                  "rollout_steps": args.rollout_steps, "lora_rank": args.rank if mode == "lora" else None,
-                                 "threads": torch.get_num_threads()},
+                                 "threads": torch.get_num_threads(),
+                                 "start": "whole" if args.whole_start else "skeleton"},
         "transformer_params": sum(p.numel() for p in tr.parameters()), "trainable_params": sum(p.numel() for p in run.params),
         "text_encoder_params": text_params, "text_encoder_gib": text_bytes / GIB, "reward_params": reward_arch[0],
         "build_s": build_s, "prompts_encoded": run.encoded,
@@ -294,6 +317,10 @@ def parse(argv=None):
     p.add_argument("--rank", type=int, default=64, help="LoRA rank (alpha = rank)")
     p.add_argument("--rollout-steps", type=int, default=2, help="Euler steps of the rollout (default 2)")
     p.add_argument("--updates", type=int, default=2, help="updates per mode (the second has AdamW's state)")
+    p.add_argument("--whole-start", action="store_true",
+                   help="keep the built transformer whole until setup.prepare shards it (a start without a folder: it "
+                        "is resident beside the text encoders); default: the trainer's start from a folder, the "
+                        "transformer written to scratch and read as a skeleton after the prompts are encoded")
     p.add_argument("--replan", metavar="JSON", help="recompute the plan for the measurements in JSON (no new run)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--scratch", help=argparse.SUPPRESS)
@@ -362,7 +389,7 @@ def _child_argv(args, mode: str, out: str, procs: int = 1) -> list[str]:
             "--family", args.family, "--procs", str(procs),
             "--size", str(args.size), "--double", str(args.double), "--single", str(args.single),
             "--rank", str(args.rank), "--rollout-steps", str(args.rollout_steps), "--updates", str(args.updates)]
-    return argv + (["--tiny"] if args.tiny else [])
+    return argv + (["--tiny"] if args.tiny else []) + (["--whole-start"] if args.whole_start else [])
 
 
 def _free_port() -> int:

@@ -64,6 +64,8 @@ def test_real_dims_family_on_two_gloo_processes(tmp_path, family):
     assert one["procs"] == 1 and two["procs"] == 2 and [r["rank"] for r in two["ranks"]] == [0, 1]
     assert two["measured_gib"] == max(r["measured_gib"] for r in two["ranks"])
     assert 0 < two["transformer_bytes"] <= 0.6 * one["transformer_bytes"]
+    # the trainer's start from a folder: the transformer read as a skeleton after the prompts
+    assert one["config"]["start"] == two["config"]["start"] == "skeleton"
     assert "real_plan_720" not in result  # FLUX.1-dev's whole-model plan belongs to --family flux
 
 
