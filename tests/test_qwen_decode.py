@@ -6,14 +6,9 @@ of the real layout), sensitive to a skipped block and to a non-empty causal cach
 without gradient left as diffusers runs it; ``srpo plan``'s count of it
 (``QwenImageModel.plan_decode``) on meta tensors against real ones, and the memory it saves."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from own_process import measured
 from diffusers import AutoencoderKLQwenImage
 
 import srpo.models.qwen_image as qi
@@ -221,12 +216,7 @@ def test_the_checkpointed_decode_takes_a_fraction_of_the_full_decodes_memory():
     """256 x 256 on the narrow VAE, measured in a process of its own whose allocator hands every
     block over 64 KiB back at its free (``MALLOC_MMAP_THRESHOLD_``), so that its resident peak
     follows the live tensors; the saving as planned."""
-    code = ("import json, sys; sys.path.insert(0, 'tests'); from test_qwen_decode import decode_memory; "
-            "print(json.dumps(decode_memory(256)))")
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).parent.parent)
-    m = json.loads(run.stdout.strip().splitlines()[-1])
+    m = measured("test_qwen_decode", "decode_memory(256)")
     print("peak MiB: full decode {full:.0f} (plan {plan_full:.0f}), checkpointed {checkpointed:.0f} "
           "(plan {plan_checkpointed:.0f})".format(**m))
     assert m["full"] > 2 * m["checkpointed"]

@@ -5,14 +5,11 @@ layout), sensitive to a wrong causal cache and to a needed chunk decoded without
 memory it saves, measured; ``srpo plan``'s count of it (``WanModel.plan_decode``) against the
 decoder's saved tensors."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from own_process import measured
 from diffusers import AutoencoderKLWan
 
 from srpo.bench.measure import peak_memory
@@ -149,12 +146,7 @@ def test_the_checkpointed_decode_takes_a_fraction_of_the_full_decodes_memory():
     """21 latent frames (81 frames, Wan's default count) at 64 x 64 on the narrow VAE, measured in
     a process of its own whose allocator hands every block over 64 KiB back at its free
     (``MALLOC_MMAP_THRESHOLD_``), so that its resident peak follows the live tensors."""
-    code = ("import json, sys; sys.path.insert(0, 'tests'); from test_wan_decode import decode_memory; "
-            "print(json.dumps(decode_memory(21, 64, 64)))")
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).parent.parent)
-    m = json.loads(run.stdout.strip().splitlines()[-1])
+    m = measured("test_wan_decode", "decode_memory(21, 64, 64)")
     print("peak MiB: full decode {full:.0f} (plan {plan_full:.0f}), chunked {chunked:.0f} (plan {plan_chunked:.0f})"
           .format(**m))
     assert m["full"] > 3 * m["chunked"]
