@@ -154,18 +154,16 @@ def _dims(family: str, tiny: bool, double: int, single: int):
 
 def skeleton_start(model, folder: Path, ctx) -> None:
     """The trainer's start from a folder (:func:`srpo.parallel.skeleton_start`): the built
-    transformer's random weights written as a diffusers folder (rank 0; the others wait), then
-    replaced by a skeleton of it (:func:`srpo.shards.skeleton`), so that ``setup.prepare``
+    transformer's random weights written as a diffusers folder (rank 0, whose turn comes first),
+    then replaced by a skeleton of it (:func:`srpo.shards.skeleton`), so that ``setup.prepare``
     encodes the prompts first and only then reads the transformer, each rank its FSDP shards."""
     import gc
 
-    from srpo import parallel
     from srpo.shards import skeleton
 
     tr = model.transformer
     if ctx.rank == 0:
         tr.save_pretrained(str(folder), safe_serialization=True)
-    parallel.barrier(ctx)
     dtype = next(tr.parameters()).dtype
     model.transformer = skeleton(type(tr), folder, dtype)
     del tr
@@ -191,9 +189,17 @@ def measure(mode: str, args) -> dict:
                     reward_dtype="bfloat16", reward_autocast="bf16", family=args.family, procs=args.procs[0])
     ctx = parallel.setup(cfg)
     t0 = time.perf_counter()
-    model = rd.build_model(dims, "cpu", torch.bfloat16 if mode == "lora" else torch.float32)
-    if not args.whole_start:
-        skeleton_start(model, Path(args.scratch) / f"transformer-{mode}", ctx)
+    model = None
+    # one rank at a time builds the random model (the same seed: the same weights) and, from a
+    # folder, keeps only a skeleton of its transformer, so that no two whole random models are
+    # ever resident together (the trainer never builds one: it reads its shards)
+    for turn in range(1 if args.whole_start else ctx.world):
+        if args.whole_start or turn == ctx.rank:
+            model = rd.build_model(dims, "cpu", torch.bfloat16 if mode == "lora" else torch.float32)
+            if not args.whole_start:
+                skeleton_start(model, Path(args.scratch) / f"transformer-{mode}", ctx)
+        if not args.whole_start:
+            parallel.barrier(ctx)
     reward = rd.build_reward(dims, "cpu", torch.bfloat16, arch=arch)
     reward_arch = rd.reward_arch_of(reward)
     text_params = sum(p.numel() for m in model.text_encoders() for p in m.parameters())

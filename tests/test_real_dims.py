@@ -73,3 +73,21 @@ def test_real_dims_unknown_family_exits_2(capsys):
     with pytest.raises(SystemExit) as e:
         real_dims.main(["--family", "sdxl"])
     assert e.value.code == 2 and "unknown family sdxl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["flux", "flux2", "qwen_image", "sd3", "z_image"])
+def test_real_width_build_decodes_at_the_flagships_scale(family):
+    """The real-width build swaps the twin's VAE for the flagship's: the model's pixels per latent
+    follow it (8, every flagship pipeline's ``vae_scale_factor``), so a 256-pixel sample's latents
+    decode to 256 pixels, not to the twin's scale."""
+    from dataclasses import replace
+
+    import torch
+
+    from srpo.bench import real_dims as rd
+    from srpo.models.real_dims import build_model
+
+    model = build_model(replace(rd.REAL, model=family).blocks(1, 1 if family in ("flux", "flux2") else 0), "meta",
+                        torch.float32, torch.float32)
+    assert model.vae_scale_factor == 8
+    assert model.pixel_size(torch.empty(model.latent_shape(1, 256, 256), device="meta")) == (256, 256)

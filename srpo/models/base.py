@@ -312,10 +312,19 @@ class FlowModel:
 
     transformer: nn.Module
     vae: nn.Module
-    vae_scale_factor: int = 8
     frames: int | None = None  # video families: frames per sample (rollout.frames); None: images
     autocast_dtype: torch.dtype | None = None  # set by set_precision
     cfg_gradient = "both"  # true CFG in a gradient forward: both passes with gradient, or "cond" only
+
+    @staticmethod
+    def vae_scale(vae) -> int:
+        """Pixels per latent of ``vae`` along a side (an ``AutoencoderKL``'s: 2 per level after the first)."""
+        return 2 ** (len(vae.config.block_out_channels) - 1)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent of the model's VAE along a side (follows a replaced ``self.vae``)."""
+        return self.vae_scale(self.vae)
 
     @classmethod
     def is_twin(cls) -> bool:

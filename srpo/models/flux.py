@@ -90,7 +90,6 @@ class FluxModel(FlowModel):
         self.max_sequence_length = max_sequence_length
         self.shift = REFERENCE_SHIFT if shift is None else float(shift)
         self.quantize_timesteps = True if quantize_timesteps is None else bool(quantize_timesteps)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.guidance_mode = "embedded" if transformer.config.guidance_embeds else "none"
         self._check_compatible()
 
@@ -123,7 +122,7 @@ class FluxModel(FlowModel):
 
     @classmethod
     def plan_of(cls, name, transformer, vae, text_params: int, max_len: int, height: int, width: int) -> PlanParts:
-        factor = 2 ** len(vae.config.block_out_channels)  # the VAE's factor x the 2x2 packing
+        factor = cls.vae_scale(vae) * 2  # the VAE's factor x the 2x2 packing
         return PlanParts(name, transformer, vae, vae_sizes(vae), int(text_params), int(max_len),
                          (height // factor) * (width // factor))
 

@@ -162,7 +162,6 @@ class Flux2Base(FlowModel):
         self.shift = None if shift is None else float(shift)
         # off by default: both pipelines feed the unquantised scheduler timestep
         self.quantize_timesteps = bool(quantize_timesteps)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._check_compatible()
 
     def _check_compatible(self) -> None:
@@ -187,7 +186,7 @@ class Flux2Base(FlowModel):
     @classmethod
     def plan_of(cls, name, transformer, vae, text_params: int, max_len: int, height: int, width: int,
                 distilled: bool = False) -> PlanParts:
-        n = 2 ** len(vae.config.block_out_channels)  # VAE factor x the 2x2 patchify
+        n = cls.vae_scale(vae) * 2  # VAE factor x the 2x2 patchify
         return PlanParts(name=name, transformer=transformer, vae=vae, vae_config=vae_sizes(vae),
                          text_encoders=int(text_params), text_tokens=int(max_len),
                          image_tokens=(height // n) * (width // n), guidance_mode="none" if distilled else None)

@@ -98,6 +98,10 @@ class QwenImageModel(FlowModel):
     default_guidance = 4.0  # true_cfg_scale of QwenImagePipeline and of the Qwen-Image / -2512 model cards
     cfg_batched = False  # the pipeline runs the passes apart (the prompts' and the negative's lengths differ)
 
+    @staticmethod
+    def vae_scale(vae) -> int:
+        return 2 ** len(vae.temperal_downsample)  # the causal 3-D VAE: one halving per level
+
     def __init__(self, transformer, vae, text_encoder, tokenizer, scheduler,
                  max_sequence_length: int = MAX_SEQUENCE_LENGTH, negative_prompt: str = NEGATIVE_PROMPT,
                  shift: float | None = None, quantize_timesteps: bool | None = None,
@@ -111,7 +115,6 @@ class QwenImageModel(FlowModel):
         self.shift = None if shift is None else float(shift)
         # off by default: QwenImagePipeline feeds the unquantised t / 1000
         self.quantize_timesteps = bool(quantize_timesteps)
-        self.vae_scale_factor = 2 ** len(vae.temperal_downsample)
         # decode with gradient block by block under activation checkpointing (decode_checkpointed);
         # off: AutoencoderKLQwenImage.decode with every activation kept for the backward
         self.decode_checkpointing = decode_option(decode_checkpointing)

@@ -83,7 +83,6 @@ class SD3Model(FlowModel):
         self.shift = None if shift is None else float(shift)
         # off by default: StableDiffusion3Pipeline feeds the unquantised scheduler timestep 1000 sigma
         self.quantize_timesteps = bool(quantize_timesteps)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._check_compatible()
 
     def _check_compatible(self) -> None:
@@ -140,7 +139,7 @@ class SD3Model(FlowModel):
 
     @classmethod
     def plan_of(cls, name, transformer, vae, text_params: int, max_len: int, height: int, width: int) -> PlanParts:
-        n = 2 ** (len(vae.config.block_out_channels) - 1) * transformer.config.patch_size
+        n = cls.vae_scale(vae) * transformer.config.patch_size
         return PlanParts(name=name, transformer=transformer, vae=vae, vae_config=vae_sizes(vae),
                          text_encoders=int(text_params), text_tokens=CLIP_TOKENS + int(max_len),
                          image_tokens=(height // n) * (width // n))

@@ -91,6 +91,10 @@ class WanModel(FlowModel):
     default_guidance = 5.0  # WanPipeline's guidance_scale
     cfg_batched = False  # the pipeline calls the transformer once per branch
 
+    @staticmethod
+    def vae_scale(vae) -> int:
+        return int(vae.config.scale_factor_spatial)
+
     def __init__(self, transformer, vae, text_encoder, tokenizer, scheduler,
                  max_sequence_length: int = MAX_SEQUENCE_LENGTH, negative_prompt: str = "",
                  expand_timesteps: bool = False, shift: float | None = None,
@@ -118,7 +122,6 @@ class WanModel(FlowModel):
         self.expand_timesteps = bool(expand_timesteps)  # a pipeline config entry: handed back to WanPipeline
         self.shift = None if shift is None else float(shift)
         self.quantize_timesteps = bool(quantize_timesteps)  # off: WanPipeline feeds the unquantised 1000 sigma
-        self.vae_scale_factor = int(vae.config.scale_factor_spatial)
         self.vae_scale_factor_temporal = int(vae.config.scale_factor_temporal)
         self.frames = DEFAULT_FRAMES
         # decode with gradient chunk by chunk under activation checkpointing (decode_chunks); off:

@@ -129,7 +129,6 @@ class ZImageModel(FlowModel):
         self.shift = None if shift is None else float(shift)
         # off by default: ZImagePipeline feeds the unquantised (1000 - t) / 1000
         self.quantize_timesteps = bool(quantize_timesteps)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._check_compatible()
 
     def _check_compatible(self) -> None:
@@ -181,7 +180,7 @@ class ZImageModel(FlowModel):
     def plan_of(cls, name, transformer, vae, text_params: int, max_len: int, height: int, width: int,
                 guidance_mode: str | None = None) -> PlanParts:
         tc = transformer.config
-        n = 2 ** (len(vae.config.block_out_channels) - 1) * tc.all_patch_size[0]
+        n = cls.vae_scale(vae) * tc.all_patch_size[0]
         return PlanParts(
             name=name, transformer=transformer, vae=vae, vae_config=vae_sizes(vae), text_encoders=int(text_params),
             text_tokens=-(-int(max_len) // SEQ_MULTI_OF) * SEQ_MULTI_OF, image_tokens=(height // n) * (width // n),
