@@ -25,7 +25,9 @@ fp16 is slower than fp32): bf16 frozen parts and transformer autocast, the rewar
 under bf16 autocast, fp32 master weights.
 
 Measured: the process's peak resident memory (VmHWM, reset through ``/proc/self/clear_refs``)
-minus its resident memory after the imports, for each update (the second has AdamW's state
+less its file-backed pages (RssFile: code paged in, file maps; not tensors), minus the same after
+the imports, with glibc's mmap threshold fixed at 64 KiB so that freed tensors leave the
+resident set (``--glibc-heap``: glibc's default), for each update (the second has AdamW's state
 resident, as every later update; ``measured_gib`` is the largest); its parts: bytes of
 parameters, gradients and optimizer state counted from the tensors, tensors autograd holds for
 backward per component (saved-tensor hooks, checkpointed regions count their inputs) and the
@@ -51,6 +53,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout witho
 from srpo.bench.measure import reset_peak, status_kb  # noqa: E402
 
 GIB = 1024**3
+MMAP_THRESHOLD = 65536  # the measuring processes' MALLOC_MMAP_THRESHOLD_ (see _child_env)
+
+
+def anon(field: str = "VmRSS") -> int:
+    """Bytes of ``field`` (VmRSS: resident now; VmHWM: its peak) less the file-backed pages
+    resident now (RssFile: shared libraries' code paged in as kernels first run, safetensors maps),
+    which are not tensors (file pages only grow here, so the peak's are at most today's)."""
+    return (status_kb(field) - status_kb("RssFile")) * 1024
 
 
 # ---------------------------------------------------------------------- instruments
@@ -97,7 +107,7 @@ class Phases:
     def enter(self, name: str) -> None:
         if name == self.phase:
             return
-        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), status_kb("VmHWM") * 1024)
+        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), anon("VmHWM"))
         reset_peak(trim=False)
         self.phase = name
 
@@ -182,7 +192,7 @@ def measure(mode: str, args) -> dict:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     reset_peak()
-    base = status_kb("VmRSS") * 1024
+    base = anon()
     dims = _dims(args.family, args.tiny, args.double, args.single)
     arch = rd.tiny_reward_arch(args.scratch) if args.tiny else dims.reward_arch
     cfg = rd.config(mode, args.size, args.rollout_steps, "cpu", rank=args.rank, tiny=args.tiny,
@@ -207,7 +217,7 @@ def measure(mode: str, args) -> dict:
     build_s = time.perf_counter() - t0
     reset_peak()
     run = rd.prepare_run(cfg, model, reward, ctx)
-    start_peak = status_kb("VmHWM") * 1024 - base  # the text encoders' visit: prepare and encode the prompts
+    start_peak = anon("VmHWM") - base  # the text encoders' visit: prepare and encode the prompts
     tr = model.transformer
     transformer_bytes = _bytes(tr.parameters())  # this rank's: its FSDP shards (base and trainable)
     static = {
@@ -220,7 +230,7 @@ def measure(mode: str, args) -> dict:
     updates = []
     for step in range(args.updates):
         reset_peak()
-        before = status_kb("VmRSS") * 1024 - base
+        before = anon() - base
         phases = Phases(model, reward, run.optimizer)
         t1 = time.perf_counter()
         with torch.autograd.graph.saved_tensors_hooks(phases.pack, phases.unpack):
@@ -247,7 +257,9 @@ def measure(mode: str, args) -> dict:
         "config": {"blocks": [dims.double, dims.single], "size": args.size, "procs": args.procs[0],
                                  "rollout_steps": args.rollout_steps, "lora_rank": args.rank if mode == "lora" else None,
                                  "threads": torch.get_num_threads(),
-                                 "start": "whole" if args.whole_start else "skeleton"},
+                                 "start": "whole" if args.whole_start else "skeleton",
+                                 "memory": "glibc heap, file pages counted" if args.glibc_heap else
+                                 "anonymous, mmap threshold 64 KiB"},
         "transformer_params": sum(p.numel() for p in tr.parameters()), "trainable_params": sum(p.numel() for p in run.params),
         "text_encoder_params": text_params, "text_encoder_gib": text_bytes / GIB, "reward_params": reward_arch[0],
         "build_s": build_s, "prompts_encoded": run.encoded,
@@ -327,6 +339,10 @@ def parse(argv=None):
                    help="keep the built transformer whole until setup.prepare shards it (a start without a folder: it "
                         "is resident beside the text encoders); default: the trainer's start from a folder, the "
                         "transformer written to scratch and read as a skeleton after the prompts are encoded")
+    p.add_argument("--glibc-heap", action="store_true",
+                   help="leave glibc's heap as it is in the measuring processes (default: MALLOC_MMAP_THRESHOLD_="
+                        f"{MMAP_THRESHOLD}, every block of 64 KiB or more its own mapping, given back when freed, so "
+                        "the resident peak is the tensors live at once, not the heap glibc keeps after a phase)")
     p.add_argument("--replan", metavar="JSON", help="recompute the plan for the measurements in JSON (no new run)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--scratch", help=argparse.SUPPRESS)
@@ -395,7 +411,19 @@ def _child_argv(args, mode: str, out: str, procs: int = 1) -> list[str]:
             "--family", args.family, "--procs", str(procs),
             "--size", str(args.size), "--double", str(args.double), "--single", str(args.single),
             "--rank", str(args.rank), "--rollout-steps", str(args.rollout_steps), "--updates", str(args.updates)]
-    return argv + (["--tiny"] if args.tiny else []) + (["--whole-start"] if args.whole_start else [])
+    return argv + (["--tiny"] if args.tiny else []) + (["--whole-start"] if args.whole_start else []) + (
+        ["--glibc-heap"] if args.glibc_heap else [])
+
+
+def _child_env(args, **extra) -> dict:
+    """The measuring processes' environment: glibc's mmap threshold fixed at 64 KiB (unless
+    ``--glibc-heap``): by default glibc raises it up to 32 MiB as large blocks are freed, after
+    which activations of a few MiB come from a heap that keeps the pages a phase freed, and the
+    resident peak of a later phase counts them again."""
+    env = dict(os.environ, **extra)
+    if not args.glibc_heap:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
+    return env
 
 
 def _free_port() -> int:
@@ -412,10 +440,10 @@ def run_cell(args, mode: str, out: str, procs: int) -> dict:
     them; ``parallel.setup`` joins it). The result is the largest rank's: its peak
     (``measured_gib``) and its transformer bytes; ``ranks`` holds each rank's peak."""
     if procs == 1:
-        subprocess.run(_child_argv(args, mode, out), check=True)
+        subprocess.run(_child_argv(args, mode, out), check=True, env=_child_env(args))
         return json.loads(Path(out).read_text())
-    env = dict(os.environ, WORLD_SIZE=str(procs), LOCAL_WORLD_SIZE=str(procs), MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()))
+    env = _child_env(args, WORLD_SIZE=str(procs), LOCAL_WORLD_SIZE=str(procs), MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(_free_port()))
     ranks = [subprocess.Popen(_child_argv(args, mode, out, procs), env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
              for r in range(procs)]
     codes = [r.wait() for r in ranks]

@@ -365,7 +365,10 @@ def _weight_files(folder: Path, index, shapes: dict) -> dict[str, Path]:
 def encode_each(encode, prompts: list[str]) -> list:
     """``encode([p])`` for every prompt, each its own forward (features as if alone), run in
     threads that the streamed encoders' hooks keep in lock step: each layer is read once for
-    the whole list. Exceptions are raised in the caller (the first one)."""
+    the whole list. One thread runs at a time (it holds the scheduler's lock, which it gives up
+    only while it waits for a layer), so what is not thread-safe is never run by two at once: a
+    fast tokenizer's truncation and padding set-up ("Already borrowed"). Exceptions are raised in
+    the caller (the first one)."""
     if len(prompts) < 2:
         return [encode([p]) for p in prompts]
     out: list = [None] * len(prompts)
@@ -378,7 +381,7 @@ def encode_each(encode, prompts: list[str]) -> list:
         SCHEDULER.join()
         try:
             start.wait()  # every thread counted before any layer is read
-            with torch.set_grad_enabled(grad):
+            with SCHEDULER.cond, torch.set_grad_enabled(grad):
                 out[i] = encode([p])
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller
             errors.append(e)

@@ -18,6 +18,7 @@ def test_real_dims_tiny_writes_measured_and_planned(tmp_path):
     assert set(result["modes"]) == {"lora", "full"}
     for mode, r in result["modes"].items():
         assert r["mode"] == mode and r["prompts_encoded"] == 1
+        assert r["config"]["memory"] == "anonymous, mmap threshold 64 KiB"  # freed tensors leave the resident set
         assert r["static_gib"]["text encoders (released)"] == 0  # released before the update, as the trainer does
         assert r["measured_gib"] > 0 and r["planned_gib"] > 0
         assert r["plan_over_measured"] == pytest.approx(r["planned_gib"] / r["measured_gib"])
@@ -91,3 +92,14 @@ def test_real_width_build_decodes_at_the_flagships_scale(family):
                         torch.float32, torch.float32)
     assert model.vae_scale_factor == 8
     assert model.pixel_size(torch.empty(model.latent_shape(1, 256, 256), device="meta")) == (256, 256)
+
+
+def test_measuring_processes_fix_glibcs_mmap_threshold(monkeypatch):
+    """Children measure with MALLOC_MMAP_THRESHOLD_ fixed (glibc then maps every block of 64 KiB
+    or more and gives it back at free); ``--glibc-heap`` leaves glibc's default."""
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    env = real_dims._child_env(real_dims.parse(["--tiny"]), RANK="1")
+    assert env["MALLOC_MMAP_THRESHOLD_"] == "65536" and env["RANK"] == "1"
+    heap = real_dims.parse(["--tiny", "--glibc-heap"])
+    assert "MALLOC_MMAP_THRESHOLD_" not in real_dims._child_env(heap)
+    assert "--glibc-heap" in real_dims._child_argv(heap, "lora", "/tmp/x.json")

@@ -164,3 +164,46 @@ def test_a_flux2_run_from_a_folder_trains_the_same_weights_streamed(folders, tmp
         runs[on] = load_file(str(next((tmp_path / on / "final").rglob("*.safetensors"))))
     a, b = runs["true"], runs["false"]
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _Overlap:
+    """A tokenizer that counts how many threads are inside it at once (it lingers, giving the
+    others their chance); everything else is the tokenizer's own."""
+
+    def __init__(self, tokenizer):
+        import threading
+
+        self.tokenizer, self.lock, self.inside, self.most = tokenizer, threading.Lock(), 0, 0
+
+    def __call__(self, *args, **kwargs):
+        import time
+
+        with self.lock:
+            self.inside += 1
+            self.most = max(self.most, self.inside)
+        try:
+            time.sleep(0.02)
+            return self.tokenizer(*args, **kwargs)
+        finally:
+            with self.lock:
+                self.inside -= 1
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_a_batch_never_tokenizes_in_two_threads_at_once(folders):
+    """A fast tokenizer is not thread-safe (its truncation set-up raises "Already borrowed" when
+    two threads overlap): the lock-step batch runs one thread at a time, and still reads each
+    layer once and gives each prompt its features alone."""
+    path, cls, saved = folders["flux"]
+    streamed = cls.load(path, stream_text_encoders=True, max_sequence_length=saved.max_sequence_length)
+    alone = {p: streamed.encode_prompts([p]) for p in PROMPTS}
+    streamed.tokenizer, streamed.tokenizer_2 = _Overlap(streamed.tokenizer), _Overlap(streamed.tokenizer_2)
+    reads = [e._stream.reads for e in streamed.text_encoders()]
+    batched = streaming.encode_each(streamed.encode_prompts, PROMPTS)
+    assert streamed.tokenizer.most == streamed.tokenizer_2.most == 1
+    assert [e._stream.reads - r for e, r in zip(streamed.text_encoders(), reads)] == [
+        len(streaming._units(e)) for e in streamed.text_encoders()]
+    for p, b in zip(PROMPTS, batched):
+        assert all(torch.equal(alone[p][k], b[k]) for k in alone[p]), p
