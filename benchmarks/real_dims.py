@@ -58,9 +58,48 @@ MMAP_THRESHOLD = 65536  # the measuring processes' MALLOC_MMAP_THRESHOLD_ (see _
 
 def anon(field: str = "VmRSS") -> int:
     """Bytes of ``field`` (VmRSS: resident now; VmHWM: its peak) less the file-backed pages
-    resident now (RssFile: shared libraries' code paged in as kernels first run, safetensors maps),
-    which are not tensors (file pages only grow here, so the peak's are at most today's)."""
+    resident now (RssFile: shared libraries' code paged in as kernels first run), which are not
+    tensors. Within an update no file is unmapped, so the peak's file pages are at most today's;
+    across a read of safetensors files (mapped, then unmapped) see :class:`Sampler`."""
     return (status_kb(field) - status_kb("RssFile")) * 1024
+
+
+class Sampler:
+    """The peak of anonymous resident memory over a stretch that maps and unmaps files (the
+    transformer's read from safetensors: its pages are the file's, resident while it is mapped):
+    RssAnon + RssShmem polled every millisecond, and VmHWM less the most file pages seen (also a
+    lower bound of it, exact where the peak is brief); the larger of the two."""
+
+    def __init__(self):
+        import threading
+
+        self.anon = self.file = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _read(self) -> None:
+        with open("/proc/self/status") as f:
+            kb = {k: int(v.split()[0]) for k, _, v in (line.partition(":") for line in f)
+                  if k in ("RssAnon", "RssShmem", "RssFile")}
+        self.anon = max(self.anon, (kb["RssAnon"] + kb["RssShmem"]) * 1024)
+        self.file = max(self.file, kb["RssFile"] * 1024)
+
+    def _poll(self) -> None:
+        while not self.stop.wait(0.001):
+            self._read()
+
+    def __enter__(self):
+        self._read()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self._read()
+
+    def peak(self) -> int:
+        return max(self.anon, status_kb("VmHWM") * 1024 - self.file)
 
 
 # ---------------------------------------------------------------------- instruments
@@ -216,8 +255,9 @@ def measure(mode: str, args) -> dict:
     text_bytes = _bytes(p for m in model.text_encoders() for p in m.parameters())
     build_s = time.perf_counter() - t0
     reset_peak()
-    run = rd.prepare_run(cfg, model, reward, ctx)
-    start_peak = anon("VmHWM") - base  # the text encoders' visit: prepare and encode the prompts
+    with Sampler() as start:  # the text encoders' visit (prepare and encode the prompts), the transformer's read
+        run = rd.prepare_run(cfg, model, reward, ctx)
+    start_peak = start.peak() - base
     tr = model.transformer
     transformer_bytes = _bytes(tr.parameters())  # this rank's: its FSDP shards (base and trainable)
     static = {

@@ -51,6 +51,8 @@ class Sizes:
     vae_checkpointing: bool = True  # the family's decoder recomputes activations under checkpointing
     largest_weight: int = 0  # elements of the largest transformer weight (one-tensor optimizer temporaries)
     largest_lora: int = 0  # elements of the largest LoRA adapter matrix
+    neighbour_block: int | None = None  # parameters of the largest block next to a largest one (the
+    # block FSDP gathers beside it; 0: the only block; None: as large as it)
     experts: int = 1  # transformers held (Wan2.2-A14B: 2); ``transformer`` counts them all, one runs per forward
     untrained: int = 0  # of ``transformer``'s parameters, those of experts that do not train (frozen)
     frames: int = 1  # video: frames the decoder makes per sample
@@ -72,6 +74,14 @@ def _lora_params(transformer: nn.Module, rank: int, target_modules: list[str]) -
             total += rank * (m.in_features + m.out_features)
             largest = max(largest, rank * max(m.in_features, m.out_features))
     return total, largest
+
+
+def _neighbour(counts: list[int]) -> int:
+    """Of the blocks (parameter ``counts``, in order), the largest next to one of the largest: the
+    block FSDP has gathered beside it at the peak (0 with a single block)."""
+    big = max(counts)
+    return max((counts[j] for i, c in enumerate(counts) if c == big for j in (i - 1, i + 1)
+                if 0 <= j < len(counts)), default=0)
 
 
 def model_sizes(cfg, parts=None) -> Sizes:
@@ -98,6 +108,7 @@ def model_sizes(cfg, parts=None) -> Sizes:
     chans = list(reversed(vae_cfg["block_out_channels"]))
     levels = [(c, 2**i) for i, c in enumerate(chans)]
     blocks_ = blocks(tr)
+    counts = [sum(p.numel() for p in b.parameters()) for b in blocks_]
     tc = tr.config
     n_tr = sum(p.numel() for p in tr.parameters())  # one expert
     trained = parts.experts if parts.trained_experts is None else parts.trained_experts
@@ -107,7 +118,7 @@ def model_sizes(cfg, parts=None) -> Sizes:
         name=parts.name, transformer=n_tr * parts.experts, blocks=len(blocks_), experts=parts.experts,
         untrained=n_tr * (parts.experts - trained), frames=parts.frames,
         reward_images=_scored_frames(cfg, parts.frames),
-        largest_block=max(sum(p.numel() for p in b.parameters()) for b in blocks_),
+        largest_block=max(counts), neighbour_block=_neighbour(counts),
         root=n_tr - sum(p.numel() for b in blocks_ for p in b.parameters()),
         hidden=parts.hidden or tc.num_attention_heads * tc.attention_head_dim,
         lora_params=lora_params * trained, largest_lora=largest_lora,
@@ -223,7 +234,7 @@ def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, heig
              offload_text: bool = False, release_text: bool = False, device: str = "cuda",
              optimizer: str = "adamw", sync_once: bool = False, quantize: str = "none",
              fused_adamw: bool = False, shard_reward: bool = False, stream_text: bool = False,
-             text_batch: int = 1) -> dict[str, float]:
+             text_batch: int = 1, reshard: bool = True) -> dict[str, float]:
     """Expected peak bytes per device by component (and ``total``); ``device``: ``cuda`` (a
     CUDA context, foreach AdamW, the caching allocator) or ``cpu`` (process memory).
 
@@ -239,6 +250,9 @@ def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, heig
     ``fused_adamw``: AdamW's fused kernel (``train.adamw``), which allocates no step temporaries.
     ``shard_reward``: under FSDP the reward's image tower is sharded too (``parallel.shard_reward``):
     each rank holds its share and gathers two of its blocks at a time (one prefetched).
+    ``reshard``: FSDP frees a block's gathered weights after its forward
+    (``parallel.reshard_after_forward``), so they count only while the transformer runs; the
+    reward tower's gathered blocks only while the reward runs.
     ``stream_text``: released encoders are streamed at the start (``memory.stream_text_encoders``):
     they hold their parts outside the layers and one layer, and ``text_batch`` prompts'
     activations (``memory.text_encode_batch``), not the whole encoders."""
@@ -272,8 +286,10 @@ def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, heig
         # live: two buffers, two unsharded. In backward the buffer is freed at once: three, and
         # the block's gradients.
         block_bytes = min(act_bytes, model_bytes if lora else 4)
-        out["FSDP gathered blocks (2) with their all-gather buffers + block grads"] = s.largest_block * max(
-            4 * block_bytes, 3 * block_bytes + (0 if lora else 4))
+        # The other block is the largest block's larger neighbour (gathered beside it; none alone).
+        big, near = s.largest_block, s.largest_block if s.neighbour_block is None else s.neighbour_block
+        gathered = max(2 * block_bytes * (big + near), (2 * block_bytes + (0 if lora else 4)) * big + block_bytes * near)
+        out["FSDP gathered blocks (2) with their all-gather buffers + block grads"] = gathered
         out["FSDP unsharded root"] = s.root * (model_bytes if lora else 4)
     text = model_bytes * s.text_encoders
     out["text encoders"] = 0 if offload_text or release_text else text
@@ -284,7 +300,11 @@ def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, heig
         out["reward: gathered tower blocks (2)"] = reward_bytes * 2 * tower / max(s.reward_layers, 1)
     else:
         out["reward model"] = reward_bytes * s.reward
-    static = sum(out.values())
+    # gathered blocks live while their module runs (resharded after its forward and its backward);
+    # kept gathered after the forward (``reshard``: false), the transformer's stay all along
+    t_gathered = out.get("FSDP gathered blocks (2) with their all-gather buffers + block grads", 0) if reshard else 0
+    r_gathered = out.get("reward: gathered tower blocks (2)", 0)
+    static = sum(out.values()) - t_gathered - r_gathered
 
     t_held, t_block = _transformer_parts(s, batch * s.gradient_passes, act_bytes, checkpointing)
     if s.decode is not None:  # the family's own count of its decode (Wan: chunked and checkpointed)
@@ -299,14 +319,16 @@ def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, heig
     # (of experts, the one a forward runs)
     fp32_weights = ((trainable + (s.transformer if model_bytes == 4 else 0)) if lora else s.transformer) // s.experts
     copies = act_bytes * fp32_weights if act_bytes < 4 and strategy != "fsdp" else 0
-    phases = {"transformer forward": t_held + t_block + copies, "reward": t_held + v_held + reward_acts,
-              "VAE decode backward": t_held + v_held + v_block, "transformer backward": t_held + t_block}
+    phases = {"transformer forward": t_held + t_block + copies + t_gathered,
+              "reward": t_held + v_held + reward_acts + r_gathered,
+              "VAE decode backward": t_held + v_held + v_block, "transformer backward": t_held + t_block + t_gathered}
     out["activations: transformer"] = t_held + t_block
     out["activations: VAE decode"] = v_held + v_block
     out["activations: reward"] = reward_acts
     out["autocast copies of fp32 weights"] = copies
     peak = max(phases, key=phases.get)
-    out[f"not live at once (peak: {peak})"] = phases[peak] - (t_held + t_block + v_held + v_block + reward_acts + copies)
+    out[f"not live at once (peak: {peak})"] = phases[peak] - (t_held + t_block + v_held + v_block + reward_acts + copies
+                                                              + t_gathered + r_gathered)
     if device == "cuda":
         out["CUDA context + workspaces"] = OVERHEAD
         static += OVERHEAD
@@ -358,4 +380,4 @@ def estimate_for(cfg, s: Sizes, gpus: int, strategy: str | None = None, lora: bo
                     shard_reward=cfg.parallel.shard_reward,
                     stream_text=wanted(cfg.memory.stream_text_encoders, cfg.memory.release_text_encoders,
                                        cfg.model.path),
-                    text_batch=cfg.memory.text_encode_batch)
+                    text_batch=cfg.memory.text_encode_batch, reshard=cfg.parallel.reshard_after_forward)

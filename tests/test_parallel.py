@@ -182,6 +182,44 @@ def test_plan_flux_dev_full_needs_fsdp_on_8_gpus_lora_fits_one():
     assert total(1, "none", True) < 80  # LoRA on one GPU
 
 
+def test_plan_counts_gathered_blocks_only_while_their_module_runs():
+    """FSDP frees a block's gathered weights after its forward and after its backward
+    (parallel.reshard_after_forward, the default), so they count in the transformer's phases, the
+    reward tower's in the reward's, not beside the VAE decoder's backward. At 1536 x 1536 FLUX.1's
+    decode backward is the peak: kept gathered (reshard false) adds exactly the gathered row there;
+    at 256 x 256 the transformer's phases are the peak and the two layouts plan the same."""
+    row = "FSDP gathered blocks (2) with their all-gather buffers + block grads"
+    for side, peak in ((1536, "VAE decode backward"), (256, "transformer forward")):
+        totals = {}
+        for reshard in (True, False):
+            cfg = load_config(FLUX_DEV_CFG | {"rollout": {"height": side, "width": side},
+                                              "parallel": {"strategy": "fsdp", "reshard_after_forward": reshard}})
+            totals[reshard] = plan.estimate_for(cfg, plan.model_sizes(cfg), 8, "fsdp", True, device="cpu")
+        parts = totals[True]
+        assert f"not live at once (peak: {peak})" in parts
+        totals = {k: v["total"] for k, v in totals.items()}
+        if peak == "VAE decode backward":
+            assert totals[False] - totals[True] == pytest.approx(parts[row])
+        else:
+            assert totals[False] == pytest.approx(totals[True])
+
+
+def test_plan_gathers_the_largest_block_beside_its_larger_neighbour():
+    """FSDP holds a block gathered beside the next one (its buffer and weights each): the plan's
+    second block is the largest block's larger neighbour, none for a lone block. FLUX.1-dev's
+    double blocks neighbour double blocks; a 1 + 1 build's double block a single one."""
+    from dataclasses import replace
+
+    assert plan._neighbour([5, 5, 5, 2, 2]) == 5 and plan._neighbour([5, 2]) == 2 and plan._neighbour([5]) == 0
+    cfg = load_config(FLUX_DEV_CFG)
+    s = plan.model_sizes(cfg)
+    assert s.neighbour_block == s.largest_block  # 19 double blocks in a row
+    row = "FSDP gathered blocks (2) with their all-gather buffers + block grads"
+    for near, lora, expected in ((None, True, 2 * 2 * 2), (0, True, 2 * 2), (0, False, 2 * 2 + 4)):
+        parts = plan.estimate_for(cfg, replace(s, neighbour_block=near), 8, "fsdp", lora)
+        assert parts[row] == expected * s.largest_block, (near, lora)  # bf16 gathers; full: + its fp32 gradient
+
+
 def test_plan_start_is_the_encoders_beside_the_vae_and_reward_alone():
     """With the text encoders released, the prompts are encoded while the transformer is still a
     skeleton (srpo/shards.py; tests/test_sharded_start.py checks the order): the start holds the
