@@ -241,7 +241,8 @@ def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, heig
     Activations of a gradient step are not all live at once: the peak is the largest of the
     transformer's forward (its held inputs, one block, autocast's copies of the weights), the
     reward (transformer and VAE held, the ViT's tensors), the VAE decoder's backward (both held,
-    one decoder block recomputed) and the transformer's backward. The text encoders, when
+    one decoder block recomputed), the transformer's backward and the optimizer's step (its
+    temporaries, when nothing else is). The text encoders, when
     released (or offloaded), count where they are resident: at the start, beside the VAE and the
     reward alone (the transformer is a skeleton until the prompts are encoded and the encoders
     freed; then each rank reads its shards, or one process the whole), or between updates. ``sync_once``: gradients are reduced once
@@ -304,7 +305,7 @@ def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, heig
     # kept gathered after the forward (``reshard``: false), the transformer's stay all along
     t_gathered = out.get("FSDP gathered blocks (2) with their all-gather buffers + block grads", 0) if reshard else 0
     r_gathered = out.get("reward: gathered tower blocks (2)", 0)
-    static = sum(out.values()) - t_gathered - r_gathered
+    static = sum(out.values()) - t_gathered - r_gathered - temporaries  # the step's temporaries: in its own phase
 
     t_held, t_block = _transformer_parts(s, batch * s.gradient_passes, act_bytes, checkpointing)
     if s.decode is not None:  # the family's own count of its decode (Wan: chunked and checkpointed)
@@ -321,14 +322,15 @@ def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, heig
     copies = act_bytes * fp32_weights if act_bytes < 4 and strategy != "fsdp" else 0
     phases = {"transformer forward": t_held + t_block + copies + t_gathered,
               "reward": t_held + v_held + reward_acts + r_gathered,
-              "VAE decode backward": t_held + v_held + v_block, "transformer backward": t_held + t_block + t_gathered}
+              "VAE decode backward": t_held + v_held + v_block, "transformer backward": t_held + t_block + t_gathered,
+              "optimizer step": temporaries}  # after the backward: no activations, nothing gathered
     out["activations: transformer"] = t_held + t_block
     out["activations: VAE decode"] = v_held + v_block
     out["activations: reward"] = reward_acts
     out["autocast copies of fp32 weights"] = copies
     peak = max(phases, key=phases.get)
     out[f"not live at once (peak: {peak})"] = phases[peak] - (t_held + t_block + v_held + v_block + reward_acts + copies
-                                                              + t_gathered + r_gathered)
+                                                              + t_gathered + r_gathered + temporaries)
     if device == "cuda":
         out["CUDA context + workspaces"] = OVERHEAD
         static += OVERHEAD
@@ -342,7 +344,7 @@ def estimate(s: Sizes, *, gpus: int, strategy: str, lora: bool, batch: int, heig
     if release_text:  # encoded at the start while the transformer is a skeleton (srpo.shards: read after)
         start = model_bytes * s.vae + reward_bytes * s.reward + text + (OVERHEAD if device == "cuda" else 0)
     elif offload_text:  # a new prompt brings the encoders over between updates: gradients freed
-        start = static - 4 * trainable / shard - temporaries + text
+        start = static - 4 * trainable / shard + text
     if start is not None:
         subtotal = max(subtotal, start)
     frag = FRAGMENTATION[device]

@@ -220,6 +220,28 @@ def test_plan_gathers_the_largest_block_beside_its_larger_neighbour():
         assert parts[row] == expected * s.largest_block, (near, lora)  # bf16 gathers; full: + its fp32 gradient
 
 
+def test_plan_counts_adamws_step_temporaries_in_the_step_alone():
+    """AdamW's step temporaries (foreach: one per trainable element) exist only in the step, after
+    the backward has freed the activations and the gathered blocks: the plan's peak is the larger
+    of the two, not their sum (fused AdamW has none)."""
+    from dataclasses import asdict
+
+    cfg = load_config(FLUX_DEV_CFG)
+    s = plan.model_sizes(cfg)
+    kw = dict(gpus=8, strategy="fsdp", lora=False, batch=1, height=720, width=720, model_bytes=2, reward_bytes=2,
+              act_bytes=2, release_text=True, device="cuda")
+    fused = plan.estimate(plan.Sizes(**asdict(s)), fused_adamw=True, **kw)
+    foreach = plan.estimate(s, fused_adamw=False, **kw)
+    temp = foreach["optimizer-step temporaries"]
+    assert fused["optimizer-step temporaries"] == 0 and temp == 4 * s.transformer / 8
+    frag = plan.FRAGMENTATION["cuda"]
+    before = next(v for k, v in fused.items() if k.startswith("not live at once"))
+    acts = sum(v for k, v in fused.items() if k.startswith(("activations", "FSDP gathered", "reward: gathered",
+                                                            "autocast copies"))) + before  # the peak phase's
+    assert foreach["total"] == pytest.approx(fused["total"] + frag * max(0.0, temp - acts))
+    assert foreach["total"] < fused["total"] + frag * temp
+
+
 def test_plan_start_is_the_encoders_beside_the_vae_and_reward_alone():
     """With the text encoders released, the prompts are encoded while the transformer is still a
     skeleton (srpo/shards.py; tests/test_sharded_start.py checks the order): the start holds the
