@@ -224,13 +224,11 @@ def test_plan_counts_adamws_step_temporaries_in_the_step_alone():
     """AdamW's step temporaries (foreach: one per trainable element) exist only in the step, after
     the backward has freed the activations and the gathered blocks: the plan's peak is the larger
     of the two, not their sum (fused AdamW has none)."""
-    from dataclasses import asdict
-
     cfg = load_config(FLUX_DEV_CFG)
     s = plan.model_sizes(cfg)
     kw = dict(gpus=8, strategy="fsdp", lora=False, batch=1, height=720, width=720, model_bytes=2, reward_bytes=2,
               act_bytes=2, release_text=True, device="cuda")
-    fused = plan.estimate(plan.Sizes(**asdict(s)), fused_adamw=True, **kw)
+    fused = plan.estimate(s, fused_adamw=True, **kw)
     foreach = plan.estimate(s, fused_adamw=False, **kw)
     temp = foreach["optimizer-step temporaries"]
     assert fused["optimizer-step temporaries"] == 0 and temp == 4 * s.transformer / 8
